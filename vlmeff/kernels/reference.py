@@ -1,0 +1,28 @@
+"""Pure-PyTorch reference of the gather-and-merge op: the CPU path and the test oracle of the Triton kernel."""
+import torch
+
+
+def gather_merge_reference(x, index, offsets, weight=None):
+    """Weighted segment mean of gathered rows.
+
+    x: [B, N, D] tokens. index: [B, M] int64 rows of x, grouped by output token. offsets: [B, K + 1] int64,
+    output token k of batch b averages rows index[b, offsets[b, k]:offsets[b, k + 1]]; entries of index past
+    offsets[b, K] belong to no output (dropped tokens). weight: [B, M] per-member weights (token sizes or
+    scores), or None for weight 1.
+    Returns (out [B, K, D] in x.dtype, total [B, K] float32 = sum of member weights; an empty segment gives a
+    zero row and total 0). Accumulates in float32.
+    """
+    B, N, D = x.shape
+    M = index.shape[1]
+    K = offsets.shape[1] - 1
+    # output slot of each member: the segment whose [start, end) holds its position; K for dropped members
+    pos = torch.arange(M, device=x.device).expand(B, M)
+    slot = torch.searchsorted(offsets[:, 1:].contiguous(), pos.contiguous(), right=True).clamp_max(K)
+    w = torch.ones(B, M, device=x.device, dtype=torch.float32) if weight is None else weight.float()
+    rows = torch.gather(x, 1, index[..., None].expand(B, M, D)).float() * w[..., None]
+    out = torch.zeros(B, K + 1, D, device=x.device, dtype=torch.float32)
+    out.scatter_add_(1, slot[..., None].expand(B, M, D), rows)
+    total = torch.zeros(B, K + 1, device=x.device, dtype=torch.float32).scatter_add_(1, slot, w)
+    out, total = out[:, :K], total[:, :K]
+    out = out / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    return out.to(x.dtype), total
