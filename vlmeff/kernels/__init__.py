@@ -25,3 +25,15 @@ def gather_merge(x, index, offsets, weight=None):
     """See `gather_merge_reference` for the contract. Returns (out [B, K, D], total_weight [B, K] float32)."""
     validate_segments(x, index, offsets, weight)
     return gather_merge_reference(x, index, offsets, weight)
+
+
+def segments_from_assignment(dst, num_out):
+    """(index [B, N], offsets [B, num_out + 1]) for `gather_merge` from dst [B, N] int64: each token's output slot
+    in [0, num_out), or -1 to drop it. Members are sorted by slot (stably, so they keep their order); dropped
+    tokens come after offsets[:, -1]. No host synchronisation."""
+    slot = torch.where(dst < 0, num_out, dst)
+    index = slot.argsort(dim=1, stable=True)
+    counts = torch.zeros(dst.shape[0], num_out + 1, dtype=torch.long, device=dst.device)
+    counts.scatter_add_(1, slot, torch.ones_like(slot))
+    offsets = torch.nn.functional.pad(counts[:, :num_out].cumsum(dim=1), (1, 0))
+    return index, offsets

@@ -1,0 +1,187 @@
+"""The patch API on ViTs: timm VisionTransformer and the HF towers CLIP, SigLIP, DINOv2."""
+import copy
+
+import pytest
+import torch
+
+import vlmeff
+from models import images, run, tiny_clip, tiny_dinov2, tiny_siglip, tiny_timm_vit
+
+CLS_MODELS = {"timm": tiny_timm_vit, "timm-reg": lambda: tiny_timm_vit(reg_tokens=2, qk_norm=True),
+              "clip": tiny_clip, "dinov2": tiny_dinov2}
+ALL_MODELS = {**CLS_MODELS, "siglip": tiny_siglip}
+PREFIX = {"timm": 1, "timm-reg": 3, "clip": 1, "dinov2": 1, "siglip": 0}
+
+
+def applicable(cases):
+    """(model name, *case) for every model the case's method applies to ([CLS] methods skip SigLIP)."""
+    return [(name, *case) for name in ALL_MODELS for case in cases if not (case[0] == "cls" and name == "siglip")]
+
+
+@pytest.mark.parametrize("name,method,kwargs", applicable([
+    ("cls", dict(keep=1.0)), ("cls", dict(keep=64, reduce="merge")), ("cls", dict(keep=1.0, score_layers=0)),
+    ("random", dict(keep=1.0)), ("pool", dict(keep=64)), ("tome", dict(r=0))]))
+def test_full_budget_is_bit_identical(name, method, kwargs):
+    model, x = ALL_MODELS[name](), images()
+    before = run(model, x)
+    with vlmeff.patch(model, method=method, **kwargs):
+        assert torch.equal(run(model, x), before)
+    assert torch.equal(run(model, x), before)
+
+
+@pytest.mark.parametrize("name,method,kwargs,expected", applicable([
+    ("cls", dict(keep=16, layer=1), 16), ("cls", dict(keep=0.25, reduce="merge"), 16),
+    ("random", dict(keep=10, layer=0), 10), ("pool", dict(keep=16), 16), ("pool", dict(keep=20), 20),
+    ("tome", dict(r=4), 64 - 16), ("tome", dict(keep=16), None)]))
+def test_token_counts_follow_the_budget(name, method, kwargs, expected):
+    model = ALL_MODELS[name]()
+    h = vlmeff.patch(model, method=method, **kwargs)
+    out = run(model, images(3))
+    counts = h.stats["visual_tokens"]
+    assert counts["input"] == [64] * 3
+    final = list(counts.values())[-1]
+    assert len(set(final)) == 1
+    if expected is not None:
+        assert final[0] == expected
+    else:
+        assert 16 <= final[0] < 20        # constant r = ceil(48 / 4) brings 64 tokens to 16
+    if out.dim() == 3:                    # HF towers return the reduced sequence
+        assert out.shape[1] == final[0] + PREFIX[name]
+    assert 0 < h.stats["flops"] < h.stats["flops_unpatched"]
+
+
+def test_tome_schedule_per_layer_and_pool_grid():
+    model = tiny_clip()
+    h = vlmeff.patch(model, method="tome", r=[8, 0, 4, 2])
+    run(model, images())
+    assert h.stats["visual_tokens"] == {"input": [64, 64], "layer 0": [56, 56], "layer 2": [52, 52], "layer 3": [50, 50]}
+    h.unpatch()
+    h = vlmeff.patch(model, method="pool", keep=20)      # 8 x 8 -> 4 x 5 cells
+    run(model, images())
+    assert h.stats["visual_tokens"]["after layer 1"] == [20, 20]
+
+
+def eager_cls_rows(model, x, layer):
+    """Oracle: the [CLS] row of layer `layer`'s full attention matrix, head-mean, from an eager run."""
+    model = copy.deepcopy(model)
+    if hasattr(model, "config"):
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            attn = model(pixel_values=x, output_attentions=True).attentions[layer]
+    else:
+        seen = {}
+        block = model.blocks[layer].attn
+        block.fused_attn = False
+        block.attn_drop.register_forward_hook(lambda m, i, o: seen.setdefault("attn", o))
+        with torch.no_grad():
+            model(x)
+        attn = seen["attn"]
+    return attn[:, :, 0].mean(dim=1)
+
+
+@pytest.mark.parametrize("name", CLS_MODELS)
+@pytest.mark.parametrize("layer,score_layers", [(1, None), (2, 0)])
+def test_cls_scores_match_eager_oracle(name, layer, score_layers):
+    model, x = CLS_MODELS[name](), images()
+    layers = [layer] if score_layers is None else range(score_layers, layer + 1)
+    oracle = sum(eager_cls_rows(model, x, i) for i in layers)[:, PREFIX[name]:]
+    h = vlmeff.patch(model, method="cls", keep=8, layer=layer, score_layers=score_layers)
+    run(model, x)
+    torch.testing.assert_close(h.stats["scores"], oracle, atol=1e-5, rtol=0)
+    assert torch.equal(h.stats["kept"], oracle.topk(8).indices.sort().values)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_unpatch_restores_and_context_manager(name):
+    model, x = ALL_MODELS[name](), images()
+    before = run(model, x)
+    method = "random" if name == "siglip" else "cls"
+    h = vlmeff.patch(model, method=method, keep=8)
+    assert not torch.equal(run(model, x), before)
+    with pytest.raises(RuntimeError, match="already patched"):
+        vlmeff.patch(model, method="tome", r=2)
+    h.unpatch()
+    assert torch.equal(run(model, x), before)
+    assert not model._forward_hooks and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with vlmeff.patch(model, method="tome", r=4):
+        assert not torch.equal(run(model, x), before)
+    assert torch.equal(run(model, x), before)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_two_models_patched_differently_do_not_interfere():
+    a, b, c, x = tiny_timm_vit(), tiny_timm_vit(), tiny_timm_vit(), images()
+    ref_c = run(c, x)
+    alone_a = vlmeff.patch(a, method="cls", keep=8)
+    out_a = run(a, x)
+    alone_a.unpatch()
+    alone_b = vlmeff.patch(b, method="tome", r=6)
+    out_b = run(b, x)
+    alone_b.unpatch()
+    ha, hb = vlmeff.patch(a, method="cls", keep=8), vlmeff.patch(b, method="tome", r=6)
+    assert torch.equal(run(a, x), out_a) and torch.equal(run(b, x), out_b) and torch.equal(run(c, x), ref_c)
+    assert ha.stats["visual_tokens"]["after layer 1"] == [8, 8]
+    assert hb.stats["visual_tokens"]["layer 3"] == [40, 40]
+
+
+@pytest.mark.parametrize("method,kwargs", [("cls", dict(keep=8)), ("cls", dict(keep=8, reduce="merge")),
+                                           ("tome", dict(r=6)), ("pool", dict(keep=9)), ("random", dict(keep=5))])
+def test_batch_equals_samples_one_by_one(method, kwargs):
+    model, x = tiny_clip(), images(3)
+    with vlmeff.patch(model, method=method, **kwargs):
+        batched = run(model, x)
+        single = torch.cat([run(model, x[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_tracks_sizes_and_changes_output():
+    model, x = tiny_clip(), images()
+    with vlmeff.patch(model, method="cls", keep=8) as drop:
+        dropped = run(model, x)
+    with vlmeff.patch(model, method="cls", keep=8, reduce="merge") as merge:
+        merged = run(model, x)
+    assert merge.stats["visual_tokens"] == drop.stats["visual_tokens"]
+    assert not torch.equal(dropped, merged)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(method="cls", keep=0), ValueError, "count must be >= 1"),
+    (dict(method="cls", keep=1.5), ValueError, r"ratio must lie in \(0, 1\]"),
+    (dict(method="cls", keep=65), ValueError, "exceeds the 64 visual tokens"),
+    (dict(method="cls", keep="half"), TypeError, "int token count"),
+    (dict(method="cls"), ValueError, "needs keep"),
+    (dict(method="tome", r=-1), ValueError, "int >= 0"),
+    (dict(method="tome", r=[1, 2]), ValueError, "list of 4 ints"),
+    (dict(method="tome"), ValueError, "needs r"),
+    (dict(method="magic", keep=8), ValueError, "unknown method 'magic'; available: cls, pool, random, tome"),
+    (dict(method="cls", keep=8, ratio=3), TypeError, "valid options: layer, reduce, score_layers"),
+    (dict(method="cls", keep=8, reduce="sum"), ValueError, "accepted: drop, merge"),
+    (dict(method="cls", keep=8, layer=4), ValueError, r"layer index in \[-4, 3\]"),
+    (dict(method="cls", keep=8, layer=1, score_layers=2), ValueError, "start <= end"),
+])
+def test_bad_input_is_a_clear_error(kwargs, error, match):
+    model = tiny_timm_vit()
+    with pytest.raises(error, match=match):
+        vlmeff.patch(model, **kwargs)
+    assert not hasattr(model, "_vlmeff_patch")
+
+
+def test_unsupported_objects_name_the_supported_families():
+    with pytest.raises(vlmeff.UnsupportedModelError, match="supported families: .*CLIPVisionModel"):
+        vlmeff.patch("not a model", method="cls", keep=8)
+    with pytest.raises(vlmeff.UnsupportedModelError, match="Linear is not a supported model"):
+        vlmeff.patch(torch.nn.Linear(2, 2), method="cls", keep=8)
+
+
+def test_cls_on_siglip_names_alternatives():
+    with pytest.raises(ValueError, match="SiglipVisionModel does not have; methods that work on it: pool, random, tome"):
+        vlmeff.patch(tiny_siglip(), method="cls", keep=8)
+
+
+def test_method_records():
+    names = [m.name for m in vlmeff.methods()]
+    assert {"cls", "tome", "random", "pool"} <= set(names)
+    info = vlmeff.method_info("tome")
+    assert info.paper.startswith("ToMe") and "vision encoder" in info.acts_in and "vit" in info.model_kinds
+    with pytest.raises(ValueError, match="unknown method"):
+        vlmeff.method_info("nope")

@@ -1,0 +1,185 @@
+"""Token reduction inside a vision transformer, through hooks and instance-level forward overrides.
+
+Sites: `cls`, `random` and `pool` reduce the tokens once, on the output of layer `layer`; `tome` merges r tokens
+between the attention and MLP branches of every layer. Prefix tokens ([CLS], registers) are never reduced.
+"""
+import math
+import numbers
+
+import torch
+
+from ..pruners import (bipartite_soft_matching, cls_attention, drop_tokens, merge_into_kept, pool_assignment,
+                       random_scores, reduce_by_assignment, resolve_keep, topk_keep_indices)
+
+
+def default_layer(depth):
+    """Prune after a quarter of the layers (layer 3 of 12), early enough to save most of the compute."""
+    return depth // 4
+
+
+def _layer_index(layer, depth, name="layer"):
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not -depth <= layer < depth:
+        raise ValueError(f"{name}={layer!r}: expected a layer index in [{-depth}, {depth - 1}] for this {depth}-layer model")
+    return layer % depth
+
+
+def tome_schedule(r, keep, n_patches, depth):
+    """Tokens merged per layer: r (int for every layer, or a list with one entry per layer), or, with r None,
+    the constant r that brings n_patches down to `keep` over the depth (ToMe caps each layer at half)."""
+    if r is None:
+        if keep is None:
+            raise ValueError("method 'tome' needs r (tokens merged per layer) or keep (tokens left at the end)")
+        if n_patches is None:
+            raise ValueError("this model's token count is not fixed; give method 'tome' an explicit r")
+        r = math.ceil((n_patches - resolve_keep(keep, n_patches)) / depth)
+    schedule = [r] * depth if isinstance(r, numbers.Integral) and not isinstance(r, bool) else list(r)
+    if len(schedule) != depth or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0
+                                     for v in schedule):
+        raise ValueError(f"r={r!r}: expected an int >= 0 or a list of {depth} ints >= 0 (one per layer)")
+    return schedule
+
+
+class ViTReduction:
+    """Installs `method` on a ViT adapter's layers and records `patch.stats` on every forward."""
+
+    def __init__(self, patch, adapter, method, keep, options):
+        self.patch, self.adapter, self.method, self.keep, self.options = patch, adapter, method, keep, options
+        self.depth = len(adapter.layers)
+        self.prefix = adapter.num_prefix_tokens
+        grid = adapter.grid
+        self.n_patches = grid[0] * grid[1] if grid else None
+        if method == "tome":
+            self.schedule = tome_schedule(options["r"], keep, self.n_patches, self.depth)
+        else:
+            if keep is None:
+                raise ValueError(f"method {method!r} needs keep (an int count or a ratio in (0, 1])")
+            if self.n_patches is not None:
+                resolve_keep(keep, self.n_patches)
+            layer = default_layer(self.depth) if options["layer"] is None else options["layer"]
+            self.layer = _layer_index(layer, self.depth)
+            self.score_layers = self._score_layers(options.get("score_layers"))
+        self.captured = {}
+        self.state = {}
+
+    def _score_layers(self, spec):
+        if self.method != "cls":
+            return []
+        if spec is None:
+            return [self.layer]
+        start, end = (spec, self.layer) if isinstance(spec, numbers.Integral) else tuple(spec)
+        start, end = _layer_index(start, self.depth, "score_layers"), _layer_index(end, self.depth, "score_layers")
+        if not start <= end <= self.layer:
+            raise ValueError(f"score_layers={spec!r}: need start <= end <= the pruning layer {self.layer}")
+        return list(range(start, end + 1))
+
+    # -- installation -------------------------------------------------------------------------------------------
+    def install(self):
+        a, p = self.adapter, self.patch
+        p.hook(a.layers[0].register_forward_pre_hook(self._start))
+        for i, layer in enumerate(a.layers):
+            p.hook(layer.register_forward_pre_hook(self._count(i)))
+        p.hook(a.layers[-1].register_forward_hook(self._finish))
+        if self.method == "tome":
+            for i, r in enumerate(self.schedule):
+                if r > 0:
+                    self._capture(i, keys_only=True)
+                    p.override_forward(a.layers[i], self._tome_forward(i, r))
+            return
+        for i in self.score_layers:
+            self._capture(i)
+        if self.options.get("reduce") == "merge" and self.layer not in self.score_layers:
+            self._capture(self.layer, keys_only=True)
+        p.hook(a.layers[self.layer].register_forward_hook(self._reduce_after_layer))
+
+    def _capture(self, i, keys_only=False):
+        """Keep layer i's keys [B, H, N, d] (and the [CLS] query [B, H, 1, d]) as its attention computes them."""
+        q_mod, k_mod, to_heads, scale = self.adapter.qk_modules(i)
+        if not keys_only:
+            self.patch.hook(q_mod.register_forward_hook(
+                lambda m, args, out: self.captured.__setitem__(("q", i), to_heads(out)[:, :, :1])))
+        self.patch.hook(k_mod.register_forward_hook(
+            lambda m, args, out: self.captured.__setitem__(("k", i), to_heads(out))))
+        self.captured[("scale", i)] = scale
+
+    # -- per-forward state --------------------------------------------------------------------------------------
+    def _start(self, module, args):
+        x = args[0]
+        n_patches = x.shape[1] - self.prefix
+        if self.method != "tome":
+            self.state = {"k": resolve_keep(self.keep, n_patches)}
+        else:
+            self.state = {}
+        self.state.update(sizes=None, batch=x.shape[0], tokens=[], visual={"input": [n_patches] * x.shape[0]})
+        self.captured = {key: v for key, v in self.captured.items() if key[0] == "scale"}
+
+    def _count(self, i):
+        def hook(module, args):
+            self.state["tokens"].append(args[0].shape[1])
+        return hook
+
+    def _finish(self, module, args, out):
+        s, a = self.state, self.adapter
+        n0 = s["visual"]["input"][0] + self.prefix
+        self.patch.stats = {
+            "visual_tokens": s["visual"],
+            "flops": s["batch"] * a.flops(s["tokens"]),
+            "flops_unpatched": s["batch"] * a.flops([n0] * self.depth),
+        }
+        # for inspection and plots: patch-token scores [B, N] and kept patch indices [B, K] of the last forward
+        self.patch.stats.update({key: s[key] for key in ("scores", "kept") if key in s})
+        self.captured = {key: v for key, v in self.captured.items() if key[0] == "scale"}
+
+    def _record(self, stage, x):
+        self.state["visual"][stage] = [x.shape[1] - self.prefix] * x.shape[0]
+
+    # -- reductions ---------------------------------------------------------------------------------------------
+    def _reduce_after_layer(self, module, args, out):
+        x, p, k = out, self.prefix, self.state["k"]
+        B, N, _ = x.shape
+        prefix_idx = torch.arange(p, device=x.device).expand(B, p)
+        if self.method == "pool":
+            h, w = self.adapter.patch_grid(N - p)
+            cells, (hp, wp) = pool_assignment(h, w, k, device=x.device)
+            dst = torch.cat([torch.arange(p, device=x.device), p + cells]).expand(B, N)
+            x, sizes = reduce_by_assignment(x, dst, p + hp * wp, self.state["sizes"])
+        else:
+            scores = self._scores(x)[:, p:]
+            kept = topk_keep_indices(scores, k)
+            self.state.update(scores=scores, kept=kept)
+            keep_idx = torch.cat([prefix_idx, p + kept], dim=1)
+            if self.options["reduce"] == "merge":
+                metric = self.captured[("k", self.layer)].mean(dim=1)
+                targets = torch.arange(p + k, device=x.device).expand(B, -1) >= p
+                x, sizes = merge_into_kept(x, keep_idx, metric, self.state["sizes"], targets)
+            else:
+                x, sizes = drop_tokens(x, keep_idx, self.state["sizes"])
+        self.state["sizes"] = sizes
+        self._record(f"after layer {self.layer}", x)
+        return x
+
+    def _scores(self, x):
+        if self.method == "random":
+            # one seeded draw shared by the batch: an image's subset does not depend on its batch neighbours
+            gen = torch.Generator().manual_seed(self.options["seed"])
+            return random_scores(1, x.shape[1], generator=gen).to(x.device).expand(x.shape[0], -1)
+        total = 0
+        for i in self.score_layers:
+            total = total + cls_attention(self.captured[("q", i)], self.captured[("k", i)], self.captured[("scale", i)])
+        return total
+
+    def _tome_forward(self, i, r):
+        prop_attn = self.options["prop_attn"]
+
+        def merge(x):
+            dst, n_out = bipartite_soft_matching(self.captured[("k", i)].mean(dim=1), r, self.prefix)
+            x, self.state["sizes"] = reduce_by_assignment(x, dst, n_out, self.state["sizes"])
+            self._record(f"layer {i}", x)
+            return x
+
+        def forward(x, *args, **kwargs):
+            # extra arguments (a None attention mask from the HF encoder loop) carry nothing for vision towers
+            sizes = self.state["sizes"]
+            bias = sizes.log()[:, None, None, :].to(x.dtype) if prop_attn and sizes is not None else None
+            return self.adapter.run_block(i, x, bias, merge)
+
+        return forward

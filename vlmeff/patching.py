@@ -1,0 +1,58 @@
+"""`Patch`: the handle returned by `vlmeff.patch`; owns every hook and instance-level override it installed."""
+
+
+class Patch:
+    """A patch applied to one model instance.
+
+    `config`: method, keep and resolved options. `stats`: filled by every forward: `visual_tokens` maps each
+    stage ("input", "after layer i", ...) to the visual-token count per image, `flops` / `flops_unpatched` the
+    estimated FLOPs of the patched layers with and without the patch. `unpatch()` (or leaving a `with` block)
+    removes everything, restoring the model's original, bit-identical outputs.
+    """
+
+    ATTR = "_vlmeff_patch"
+
+    def __init__(self, model, config):
+        existing = getattr(model, self.ATTR, None)
+        if existing is not None:
+            raise RuntimeError(f"{type(model).__name__} is already patched with method {existing.config['method']!r}; "
+                               "call .unpatch() on that patch first")
+        self.model = model
+        self.config = config
+        self.stats = {}
+        self._handles = []
+        self._overridden = []
+        setattr(model, self.ATTR, self)
+
+    def hook(self, handle):
+        self._handles.append(handle)
+
+    def override_forward(self, module, forward):
+        """Replace `module.forward` on this instance only (the class stays untouched)."""
+        module.forward = forward
+        self._overridden.append(module)
+
+    @property
+    def active(self):
+        return getattr(self.model, self.ATTR, None) is self
+
+    def unpatch(self):
+        if not self.active:
+            return
+        for handle in self._handles:
+            handle.remove()
+        for module in self._overridden:
+            del module.forward
+        self._handles.clear()
+        self._overridden.clear()
+        delattr(self.model, self.ATTR)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.unpatch()
+
+    def __repr__(self):
+        options = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"Patch({type(self.model).__name__}, {options}{'' if self.active else ', removed'})"
