@@ -1,4 +1,5 @@
 """`vlmeff.patch`: one line to make a loaded model cheaper, one line (`.unpatch()`) to undo it."""
+from .engine.lvlm import PreLLMReduction
 from .engine.vit import ViTReduction
 from .errors import UnsupportedModelError
 from .models import find_adapter
@@ -20,11 +21,15 @@ def patch(model, method="cls", keep=None, **options):
     if keep is not None:
         check_keep(keep)
     adapter = find_adapter(model)
+    if adapter.kind not in info.model_kinds:
+        usable = [m.name for m in methods() if adapter.kind in m.model_kinds]
+        raise ValueError(f"method {method!r} does not act on {adapter.family}; methods that do: {', '.join(usable)}")
     if info.needs_cls and not adapter.has_cls:
-        usable = [m.name for m in methods() if not m.needs_cls and set(m.model_kinds) & {"vit"}]
+        usable = [m.name for m in methods() if not m.needs_cls and adapter.kind in m.model_kinds]
         raise ValueError(f"method {method!r} reads the [CLS] token, which {adapter.family} does not have; "
                          f"methods that work on it: {', '.join(usable)}")
-    reduction = ViTReduction(None, adapter, method, keep, options)
+    engine = ViTReduction if adapter.kind == "vit" else PreLLMReduction
+    reduction = engine(None, adapter, method, keep, options)
     handle = Patch(model, {"method": method, "keep": keep, **options})
     reduction.patch = handle
     try:

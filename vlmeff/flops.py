@@ -12,3 +12,29 @@ def layer_flops(n, dim, attn_dim, mlp_dim, mlp_mats=2, kv_dim=None, n_kv=None):
     n_kv = n if n_kv is None else n_kv
     macs = 2 * n * dim * attn_dim + 2 * n * dim * kv_dim + 2 * n * n_kv * attn_dim + mlp_mats * n * dim * mlp_dim
     return 2 * macs
+
+
+def llm_dims(text_config):
+    """(layers, dim, attn_dim, kv_dim, mlp_dim, mlp_mats) of a decoder-only LM config; MoE MLPs count the
+    experts each token runs (top-k routed + shared)."""
+    c = text_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    if getattr(c, "num_experts", None) or getattr(c, "n_routed_experts", None):
+        per_token = getattr(c, "num_experts_per_tok", 1)
+        mlp_dim = c.moe_intermediate_size * per_token + (getattr(c, "shared_expert_intermediate_size", 0) or 0)
+    else:
+        mlp_dim = c.intermediate_size
+    return c.num_hidden_layers, c.hidden_size, c.num_attention_heads * head_dim, kv_heads * head_dim, mlp_dim, 3
+
+
+def llm_prefill_flops(text_config, n):
+    """Prefill FLOPs of the LM's decoder layers on a prompt of n tokens (causal attention counted in full)."""
+    layers, dim, attn_dim, kv_dim, mlp_dim, mats = llm_dims(text_config)
+    return layers * layer_flops(n, dim, attn_dim, mlp_dim, mats, kv_dim=kv_dim)
+
+
+def kv_cache_bytes(text_config, n, bytes_per_value):
+    """Bytes of the K and V caches of n tokens over all layers."""
+    layers, _, _, kv_dim, _, _ = llm_dims(text_config)
+    return 2 * layers * n * kv_dim * bytes_per_value

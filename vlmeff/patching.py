@@ -27,10 +27,12 @@ class Patch:
     def hook(self, handle):
         self._handles.append(handle)
 
-    def override_forward(self, module, forward):
-        """Replace `module.forward` on this instance only (the class stays untouched)."""
-        module.forward = forward
-        self._overridden.append(module)
+    def override(self, obj, name, fn):
+        """Set `obj.<name>` (a method such as forward or generate) on this instance only; the class is untouched."""
+        if name in vars(obj):
+            raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on this instance by other code")
+        setattr(obj, name, fn)
+        self._overridden.append((obj, name))
 
     @property
     def active(self):
@@ -41,8 +43,8 @@ class Patch:
             return
         for handle in self._handles:
             handle.remove()
-        for module in self._overridden:
-            del module.forward
+        for obj, name in self._overridden:
+            delattr(obj, name)
         self._handles.clear()
         self._overridden.clear()
         delattr(self.model, self.ATTR)

@@ -27,18 +27,18 @@ def register(info):
 
 register(MethodInfo(
     "cls", "Keep the patches the [CLS] token attends to most (FasterVLM; VTC-CLS with score_layers)",
-    "FasterVLM arXiv 2412.01818; VTC-CLS arXiv 2412.05819", ("vision encoder",), ("vit",),
-    {"layer": None, "score_layers": None, "reduce": "drop"}, needs_cls=True))
+    "FasterVLM arXiv 2412.01818; VTC-CLS arXiv 2412.05819", ("vision encoder", "before LLM"), ("vit", "lvlm"),
+    {"layer": None, "score_layers": None, "reduce": "drop", "positions": None}, needs_cls=True))
 register(MethodInfo(
     "tome", "Merge the r most similar token pairs in every layer by bipartite soft matching",
     "ToMe: Token Merging, Bolya et al., ICLR 2023", ("vision encoder",), ("vit",),
     {"r": None, "prop_attn": True}))
 register(MethodInfo(
-    "random", "Keep a uniformly random subset of patches (baseline)", "baseline", ("vision encoder",), ("vit",),
-    {"layer": None, "reduce": "drop", "seed": 0}))
+    "random", "Keep a uniformly random subset of patches (baseline)", "baseline", ("vision encoder", "before LLM"),
+    ("vit", "lvlm"), {"layer": None, "reduce": "drop", "seed": 0, "positions": None}))
 register(MethodInfo(
-    "pool", "Average-pool the patch grid down to the budget (baseline)", "baseline", ("vision encoder",), ("vit",),
-    {"layer": None}))
+    "pool", "Average-pool the patch grid down to the budget (baseline)", "baseline", ("vision encoder", "before LLM"),
+    ("vit", "lvlm"), {"layer": None, "positions": None}))
 
 REDUCE_MODES = ("drop", "merge")
 

@@ -8,8 +8,9 @@ import numbers
 
 import torch
 
-from ..pruners import (bipartite_soft_matching, cls_attention, drop_tokens, merge_into_kept, pool_assignment,
-                       random_scores, reduce_by_assignment, resolve_keep, topk_keep_indices)
+from ..pruners import (bipartite_soft_matching, drop_tokens, merge_into_kept, pool_assignment, random_scores,
+                       reduce_by_assignment, resolve_keep, topk_keep_indices)
+from .capture import QKCapture
 
 
 def default_layer(depth):
@@ -43,6 +44,8 @@ class ViTReduction:
     """Installs `method` on a ViT adapter's layers and records `patch.stats` on every forward."""
 
     def __init__(self, patch, adapter, method, keep, options):
+        if options.get("positions") is not None:
+            raise ValueError("positions applies to LVLMs (prompt positions of kept visual tokens), not to a ViT")
         self.patch, self.adapter, self.method, self.keep, self.options = patch, adapter, method, keep, options
         self.depth = len(adapter.layers)
         self.prefix = adapter.num_prefix_tokens
@@ -58,7 +61,6 @@ class ViTReduction:
             layer = default_layer(self.depth) if options["layer"] is None else options["layer"]
             self.layer = _layer_index(layer, self.depth)
             self.score_layers = self._score_layers(options.get("score_layers"))
-        self.captured = {}
         self.state = {}
 
     def _score_layers(self, spec):
@@ -80,26 +82,15 @@ class ViTReduction:
             p.hook(layer.register_forward_pre_hook(self._count(i)))
         p.hook(a.layers[-1].register_forward_hook(self._finish))
         if self.method == "tome":
-            for i, r in enumerate(self.schedule):
-                if r > 0:
-                    self._capture(i, keys_only=True)
-                    p.override_forward(a.layers[i], self._tome_forward(i, r))
+            merging = [i for i, r in enumerate(self.schedule) if r > 0]
+            self.keys = QKCapture(p, a, merging, keys_only=True)
+            for i in merging:
+                p.override(a.layers[i], "forward", self._tome_forward(i, self.schedule[i]))
             return
-        for i in self.score_layers:
-            self._capture(i)
-        if self.options.get("reduce") == "merge" and self.layer not in self.score_layers:
-            self._capture(self.layer, keys_only=True)
+        self.cls = QKCapture(p, a, self.score_layers)
+        merge_metric = self.options.get("reduce") == "merge" and self.layer not in self.score_layers
+        self.keys = QKCapture(p, a, [self.layer], keys_only=True) if merge_metric else self.cls
         p.hook(a.layers[self.layer].register_forward_hook(self._reduce_after_layer))
-
-    def _capture(self, i, keys_only=False):
-        """Keep layer i's keys [B, H, N, d] (and the [CLS] query [B, H, 1, d]) as its attention computes them."""
-        q_mod, k_mod, to_heads, scale = self.adapter.qk_modules(i)
-        if not keys_only:
-            self.patch.hook(q_mod.register_forward_hook(
-                lambda m, args, out: self.captured.__setitem__(("q", i), to_heads(out)[:, :, :1])))
-        self.patch.hook(k_mod.register_forward_hook(
-            lambda m, args, out: self.captured.__setitem__(("k", i), to_heads(out))))
-        self.captured[("scale", i)] = scale
 
     # -- per-forward state --------------------------------------------------------------------------------------
     def _start(self, module, args):
@@ -110,7 +101,6 @@ class ViTReduction:
         else:
             self.state = {}
         self.state.update(sizes=None, batch=x.shape[0], tokens=[], visual={"input": [n_patches] * x.shape[0]})
-        self.captured = {key: v for key, v in self.captured.items() if key[0] == "scale"}
 
     def _count(self, i):
         def hook(module, args):
@@ -127,7 +117,8 @@ class ViTReduction:
         }
         # for inspection and plots: patch-token scores [B, N] and kept patch indices [B, K] of the last forward
         self.patch.stats.update({key: s[key] for key in ("scores", "kept") if key in s})
-        self.captured = {key: v for key, v in self.captured.items() if key[0] == "scale"}
+        for capture in {id(c): c for c in (getattr(self, "cls", None), self.keys) if c is not None}.values():
+            capture.clear()      # release the layer activations held for scoring
 
     def _record(self, stage, x):
         self.state["visual"][stage] = [x.shape[1] - self.prefix] * x.shape[0]
@@ -148,7 +139,7 @@ class ViTReduction:
             self.state.update(scores=scores, kept=kept)
             keep_idx = torch.cat([prefix_idx, p + kept], dim=1)
             if self.options["reduce"] == "merge":
-                metric = self.captured[("k", self.layer)].mean(dim=1)
+                metric = self.keys.keys(self.layer).mean(dim=1)
                 targets = torch.arange(p + k, device=x.device).expand(B, -1) >= p
                 x, sizes = merge_into_kept(x, keep_idx, metric, self.state["sizes"], targets)
             else:
@@ -162,16 +153,13 @@ class ViTReduction:
             # one seeded draw shared by the batch: an image's subset does not depend on its batch neighbours
             gen = torch.Generator().manual_seed(self.options["seed"])
             return random_scores(1, x.shape[1], generator=gen).to(x.device).expand(x.shape[0], -1)
-        total = 0
-        for i in self.score_layers:
-            total = total + cls_attention(self.captured[("q", i)], self.captured[("k", i)], self.captured[("scale", i)])
-        return total
+        return self.cls.cls_scores()
 
     def _tome_forward(self, i, r):
         prop_attn = self.options["prop_attn"]
 
         def merge(x):
-            dst, n_out = bipartite_soft_matching(self.captured[("k", i)].mean(dim=1), r, self.prefix)
+            dst, n_out = bipartite_soft_matching(self.keys.keys(i).mean(dim=1), r, self.prefix)
             x, self.state["sizes"] = reduce_by_assignment(x, dst, n_out, self.state["sizes"])
             self._record(f"layer {i}", x)
             return x

@@ -3,19 +3,22 @@ import torch.nn as nn
 
 from ..errors import UnsupportedModelError
 from .hf_vision import HFViTAdapter
+from .llava import LlavaAdapter
 from .timm_vit import TimmViTAdapter
 
-# class name -> (adapter, kind); matched by name so that optional libraries need not be importable
-VIT_FAMILIES = {
+# class name -> adapter; matched by name (and the defining package) so no optional library must be importable
+FAMILIES = {
     "VisionTransformer": TimmViTAdapter,
     "CLIPVisionModel": HFViTAdapter,
     "SiglipVisionModel": HFViTAdapter,
     "Dinov2Model": HFViTAdapter,
+    "LlavaForConditionalGeneration": LlavaAdapter,
 }
+PACKAGES = {"VisionTransformer": "timm."}
 
 
 def supported_families():
-    return sorted(VIT_FAMILIES)
+    return sorted(FAMILIES)
 
 
 def find_adapter(model):
@@ -24,8 +27,9 @@ def find_adapter(model):
         raise UnsupportedModelError(
             f"vlmeff.patch expects a loaded torch model (nn.Module), got {type(model).__name__}; "
             f"supported families: {', '.join(supported_families())}")
-    adapter = VIT_FAMILIES.get(type(model).__name__)
-    if adapter is None:
+    name = type(model).__name__
+    adapter = FAMILIES.get(name)
+    if adapter is None or not type(model).__module__.startswith(PACKAGES.get(name, "")):
         raise UnsupportedModelError(
             f"{type(model).__name__} is not a supported model; supported families: {', '.join(supported_families())}")
     return adapter(model)

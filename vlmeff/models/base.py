@@ -14,6 +14,7 @@ class ViTAdapter:
     """
 
     family = "vit"
+    kind = "vit"
     grid = None
 
     def __init__(self, model):

@@ -1,0 +1,9 @@
+"""Run the Triton kernels in Triton's interpreter on CPU-only machines. Triton reads TRITON_INTERPRET when a kernel
+is decorated, i.e. when `vlmeff.kernels.triton_gather_merge` is first imported (lazily, at the first call), so it
+is set here, before any test runs. On a GPU machine the compiled kernels run instead; an explicit value wins."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

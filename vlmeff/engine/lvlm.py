@@ -1,0 +1,215 @@
+"""Visual-token reduction before the LLM of an LVLM.
+
+The instance's `forward` and `generate` are wrapped: when pixel values come in, the wrapper runs the model's own
+vision encoder, scores and reduces each image's feature block, removes the dropped image placeholders from the
+prompt (ids, mask, positions and other per-token inputs, re-padded), and calls the original method with the
+reduced features as `mm_encoder_outputs`. The LLM itself is untouched: it keeps its attention kernel, and its
+KV cache holds only the kept tokens. `generate` returns the caller's original prompt followed by the new tokens,
+so `out[:, inputs["input_ids"].shape[1]:]` still slices the answer.
+"""
+import functools
+import inspect
+
+import torch
+
+from ..flops import kv_cache_bytes, llm_prefill_flops
+from ..pruners import (drop_tokens, merge_into_kept, pool_assignment, random_scores, reduce_by_assignment,
+                       resolve_keep, topk_keep_indices)
+from .capture import QKCapture
+
+POSITION_MODES = ("compact", "original")
+
+
+class PreLLMReduction:
+    def __init__(self, patch, adapter, method, keep, options):
+        if keep is None:
+            raise ValueError(f"method {method!r} needs keep (an int count per image or a ratio in (0, 1])")
+        if options.get("layer") is not None:
+            raise ValueError(f"layer={options['layer']!r}: on {adapter.family} the visual tokens are reduced at the "
+                             f"tower's feature layer (tower layer {adapter.score_layer}); leave layer unset")
+        positions = options.get("positions") or "compact"
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions={positions!r}; accepted: {', '.join(POSITION_MODES)}")
+        self.patch, self.adapter, self.method, self.keep, self.options = patch, adapter, method, keep, options
+        self.positions = "original" if adapter.mrope else positions
+        self.score_layers = self._score_layers(options.get("score_layers"))
+
+    def _score_layers(self, spec):
+        last = self.adapter.score_layer
+        if self.method != "cls":
+            return []
+        if spec is None:
+            return [last]
+        start = spec if isinstance(spec, int) else spec[0]
+        end = last if isinstance(spec, int) else spec[1] % (len(self.adapter.tower.layers))
+        start %= len(self.adapter.tower.layers)
+        if not start <= end <= last:
+            raise ValueError(f"score_layers={spec!r}: need start <= end <= the feature layer's tower layer {last}")
+        return list(range(start, end + 1))
+
+    def install(self):
+        a, p, model = self.adapter, self.patch, self.adapter.model
+        if self.method == "cls":
+            self.cls = QKCapture(p, a.tower, self.score_layers)
+        if self.options.get("reduce") == "merge":
+            self.keys = QKCapture(p, a.tower, [a.score_layer], keys_only=True)
+        forward, generate = model.forward, model.generate
+        self.forward_signature = inspect.signature(forward)
+
+        @functools.wraps(forward)
+        def patched_forward(*args, **kwargs):
+            kwargs = self._as_kwargs(args, kwargs)
+            if kwargs.get("pixel_values") is None:
+                return forward(**kwargs)
+            return forward(**self.reduce_inputs(kwargs))
+
+        @functools.wraps(generate)
+        def patched_generate(*args, **kwargs):
+            if args:                                   # generate(input_ids, ...)
+                kwargs["input_ids"], args = args[0], args[1:]
+            if kwargs.get("pixel_values") is None:
+                return generate(*args, **kwargs)
+            prompt = kwargs["input_ids"]
+            reduced = self.reduce_inputs(kwargs)
+            out = generate(*args, **reduced)
+            sequences = out if torch.is_tensor(out) else out.sequences
+            sequences = torch.cat([prompt, sequences[:, reduced["input_ids"].shape[1]:]], dim=1)
+            if torch.is_tensor(out):
+                return sequences
+            out.sequences = sequences
+            return out
+
+        p.override(model, "forward", patched_forward)
+        p.override(model, "generate", patched_generate)
+
+    def _as_kwargs(self, args, kwargs):
+        names = [n for n, prm in self.forward_signature.parameters.items() if prm.kind == prm.POSITIONAL_OR_KEYWORD]
+        return {**dict(zip(names, args)), **kwargs}
+
+    # -- the reduction ------------------------------------------------------------------------------------------
+    def reduce_inputs(self, kwargs):
+        """kwargs of a forward/generate call with pixel values -> kwargs with reduced features and prompt."""
+        a = self.adapter
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            raise ValueError("vlmeff finds image placeholders in input_ids; pass input_ids, not inputs_embeds")
+        kwargs = dict(kwargs)
+        image_kwargs = {k: kwargs.pop(k) for k in a.image_kwargs if k in kwargs}
+        features = a.encode(image_kwargs)
+        kept_features, kept_rows = self._reduce_images(features)
+        keep = self._keep_mask(ids, [f.shape[0] for f in features], kept_rows)
+        mask = kwargs.get("attention_mask")
+        lengths_before = (ids.shape[1] * torch.ones(ids.shape[0]) if mask is None else mask.sum(dim=1)).tolist()
+        kwargs = self._shrink(kwargs, keep)
+        kwargs["mm_encoder_outputs"] = a.encoder_outputs(kept_features)
+        mask = kwargs.get("attention_mask")
+        ids = kwargs["input_ids"]
+        lengths = (ids.shape[1] * torch.ones(ids.shape[0]) if mask is None else mask.sum(dim=1)).tolist()
+        self._record(features, kept_features, kept_rows, lengths_before, lengths)
+        return kwargs
+
+    def _reduce_images(self, features):
+        """Per image: reduced features [k_i, D] and the feature rows [k_i] whose placeholders stay."""
+        by_size = {}
+        for i, f in enumerate(features):
+            by_size.setdefault(f.shape[0], []).append(i)
+        a = self.adapter
+        scores = a.tower_rows_to_features(self.cls.cls_scores()) if self.method == "cls" else None
+        metric = None
+        if self.options.get("reduce") == "merge":
+            metric = a.tower_rows_to_features(self.keys.keys(a.score_layer).mean(dim=1))
+        kept, rows = [None] * len(features), [None] * len(features)
+        self.last_scores = [None] * len(features)
+        for members in by_size.values():
+            x = torch.stack([features[i] for i in members])
+            out, kept_rows = self._reduce_block(x, None if scores is None else scores[members],
+                                                None if metric is None else metric[members])
+            for j, i in enumerate(members):
+                kept[i], rows[i] = out[j], kept_rows[j]
+                self.last_scores[i] = None if scores is None else scores[i]
+        return kept, rows
+
+    def _reduce_block(self, x, scores, metric):
+        """x [n, N, D] features of n equally sized images, their scores [n, N] and merge metric [n, N, C]
+        -> (reduced [n, k, D], kept rows [n, k])."""
+        n, N, _ = x.shape
+        p = self.adapter.feature_prefix
+        k = resolve_keep(self.keep, N - p)
+        prefix = torch.arange(p, device=x.device).expand(n, p)
+        if self.method == "pool":
+            h, w = self.adapter.feature_grid(N - p)
+            cells, (hp, wp) = pool_assignment(h, w, k, device=x.device)
+            dst = torch.cat([torch.arange(p, device=x.device), p + cells]).expand(n, N)
+            out, _ = reduce_by_assignment(x, dst, p + hp * wp)
+            first = torch.full((hp * wp,), N, device=x.device).scatter_reduce(0, cells, torch.arange(h * w, device=x.device), "amin")
+            return out, torch.cat([prefix, p + first.expand(n, -1)], dim=1)
+        if self.method == "random":
+            gen = torch.Generator().manual_seed(self.options["seed"])
+            scores = random_scores(1, N, generator=gen).to(x.device).expand(n, -1)
+        rows = torch.cat([prefix, p + topk_keep_indices(scores[:, p:], k)], dim=1)
+        if metric is not None:
+            targets = torch.arange(p + k, device=x.device).expand(n, -1) >= p
+            out, _ = merge_into_kept(x, rows, metric, targets=targets)
+        else:
+            out, _ = drop_tokens(x, rows)
+        return out, rows
+
+    def _keep_mask(self, ids, counts, kept_slots):
+        """[B, L] bool: text tokens and the placeholders of kept feature rows."""
+        is_image = ids == self.adapter.image_token_id
+        positions = is_image.flatten().nonzero().squeeze(1)
+        if positions.numel() != sum(counts):
+            raise ValueError(f"the prompt has {positions.numel()} image placeholders but the images give "
+                             f"{sum(counts)} features; build inputs with the model's processor")
+        keep = ~is_image.flatten()
+        for run, rows in zip(positions.split(counts), kept_slots):
+            keep[run[rows]] = True
+        return keep.view_as(ids)
+
+    def _shrink(self, kwargs, keep):
+        """Drop the tokens where keep is False from every per-token input, re-padding rows to one length."""
+        ids = kwargs["input_ids"]
+        B, L = ids.shape
+        mask = kwargs.get("attention_mask")
+        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        if self.positions == "original" and kwargs.get("position_ids") is None and not self.adapter.mrope:
+            kwargs["position_ids"] = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+        if self.adapter.mrope and kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = self.adapter.positions(kwargs)
+        keep = keep & valid
+        if bool(keep.eq(valid).all()):
+            return kwargs                              # nothing removed: the prompt stays as it is
+        lengths = keep.sum(dim=1)
+        new_len = int(lengths.max())
+        left = mask is None or not bool((mask[:, -1] == 0).any())
+        order = keep.long().argsort(dim=1, descending=True, stable=True)          # kept tokens first, in order
+        rank = torch.arange(new_len, device=ids.device).expand(B, -1)
+        if left:
+            rank = rank - (new_len - lengths)[:, None]
+        filled = (rank >= 0) & (rank < lengths[:, None])
+        src = order.gather(1, rank.clamp(0, L - 1))
+        for name, value in list(kwargs.items()):
+            if torch.is_tensor(value) and value.dim() >= 2 and value.shape[-2:] == (B, L) and name != "attention_mask":
+                gathered = value.gather(-1, src.expand(*value.shape[:-2], B, new_len))
+                pad = self.adapter.pad_token_id if name == "input_ids" else 0
+                kwargs[name] = gathered.masked_fill(~filled.expand_as(gathered), pad)
+        needs_mask = mask is not None or bool((lengths != new_len).any())
+        kwargs["attention_mask"] = filled.to(mask.dtype if mask is not None else torch.long) if needs_mask else None
+        return kwargs
+
+    def _record(self, features, kept, rows, lengths_before, lengths):
+        cfg, nbytes = self.adapter.text_config, kept[0].element_size()
+        stats = {
+            "visual_tokens": {"input": [f.shape[0] for f in features], "before LLM": [k.shape[0] for k in kept]},
+            "prefill_flops": sum(llm_prefill_flops(cfg, n) for n in lengths),
+            "prefill_flops_unpatched": sum(llm_prefill_flops(cfg, n) for n in lengths_before),
+            "kv_cache_bytes": sum(kv_cache_bytes(cfg, n, nbytes) for n in lengths),
+            "kv_cache_bytes_unpatched": sum(kv_cache_bytes(cfg, n, nbytes) for n in lengths_before),
+            "kept": rows,                   # per image: the feature rows kept (for plots of kept patches)
+            "scores": self.last_scores,     # per image: the feature rows' scores, None for score-free methods
+        }
+        stats["flops"], stats["flops_unpatched"] = stats["prefill_flops"], stats["prefill_flops_unpatched"]
+        self.patch.stats = stats
+        for capture in (getattr(self, "cls", None), getattr(self, "keys", None)):
+            if capture is not None:
+                capture.clear()
