@@ -30,6 +30,11 @@ register(MethodInfo(
     "FasterVLM arXiv 2412.01818; VTC-CLS arXiv 2412.05819", ("vision encoder", "before LLM"), ("vit", "lvlm"),
     {"layer": None, "score_layers": None, "reduce": "drop", "positions": None}, needs_cls=True))
 register(MethodInfo(
+    "received", "Keep the patches that receive the most attention, mean over all queries (towers without [CLS])",
+    "attention-received scoring as in VFlowOpt's context map / Zero-TPrune's first step, simplified",
+    ("vision encoder", "before LLM"), ("vit", "lvlm"),
+    {"layer": None, "score_layers": None, "reduce": "drop", "positions": None}))
+register(MethodInfo(
     "tome", "Merge the r most similar token pairs in every layer by bipartite soft matching",
     "ToMe: Token Merging, Bolya et al., ICLR 2023", ("vision encoder",), ("vit",),
     {"r": None, "prop_attn": True}))

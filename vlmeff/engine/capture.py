@@ -1,19 +1,22 @@
 """Capture q/k of chosen ViT layers as the model computes them (no eager attention, no N x N matrix)."""
-from ..pruners import cls_attention
+from ..pruners.scores import cls_attention, received_attention
 
 
 class QKCapture:
-    """Forward hooks that keep, for each layer in `layers`, the keys [B, H, N, d] and (unless keys_only) the
-    [CLS] query [B, H, 1, d] of the latest forward. The hooks stay until the owning patch is removed."""
+    """Forward hooks that keep, for each layer in `layers`, the keys [B, H, N, d] and the queries [B, H, Q, d]
+    of the latest forward: Q = 1 ([CLS] row) for queries="cls", all tokens for "all", none for None.
+    The hooks stay until the owning patch is removed."""
 
-    def __init__(self, patch, vit_adapter, layers, keys_only=False):
+    def __init__(self, patch, vit_adapter, layers, queries="cls"):
         self.layers = list(layers)
         self.store = {}
         self.scale = {}
         for i in self.layers:
             q_mod, k_mod, to_heads, self.scale[i] = vit_adapter.qk_modules(i)
-            if not keys_only:
+            if queries == "cls":
                 patch.hook(q_mod.register_forward_hook(self._keeper(("q", i), lambda t, f=to_heads: f(t)[:, :, :1])))
+            elif queries == "all":
+                patch.hook(q_mod.register_forward_hook(self._keeper(("q", i), to_heads)))
             patch.hook(k_mod.register_forward_hook(self._keeper(("k", i), to_heads)))
 
     def _keeper(self, key, transform):
@@ -28,5 +31,39 @@ class QKCapture:
         """[CLS] -> token attention [B, N], head-mean, summed over the captured layers (VTC-CLS ensemble)."""
         return sum(cls_attention(self.store[("q", i)], self.store[("k", i)], self.scale[i]) for i in self.layers)
 
+    def received_scores(self):
+        """Mean attention received [B, N], summed over the captured layers."""
+        return sum(received_attention(self.store[("q", i)], self.store[("k", i)], self.scale[i]) for i in self.layers)
+
     def clear(self):
         self.store.clear()
+
+
+class TowerCapture:
+    """What the pre-LLM engine reads from a tower whose layers a ViT adapter describes: per-image scores of the
+    tower tokens at `layers` and the key metric at `metric_layer`, mapped to feature rows by `to_rows`
+    ([n_img, T, ...] -> [n_img, N, ...])."""
+
+    def __init__(self, patch, vit_adapter, scorer, layers, metric_layer, to_rows):
+        self.scorer, self.metric_layer, self.to_rows = scorer, metric_layer, to_rows
+        queries = {"cls": "cls", "received": "all"}.get(scorer)
+        self.qk = QKCapture(patch, vit_adapter, layers if scorer else [], queries=queries)
+        self.metric_qk = None
+        if metric_layer is not None:
+            reuse = scorer and metric_layer in self.qk.layers
+            self.metric_qk = self.qk if reuse else QKCapture(patch, vit_adapter, [metric_layer], queries=None)
+
+    def scores(self):
+        """Per-image scores of the feature rows [n_img, N], or None for score-free methods."""
+        if self.scorer is None:
+            return None
+        return self.to_rows(self.qk.cls_scores() if self.scorer == "cls" else self.qk.received_scores())
+
+    def metric(self):
+        """Per-image merge metric [n_img, N, C]: the metric layer's keys averaged over heads."""
+        return self.to_rows(self.metric_qk.keys(self.metric_layer).mean(dim=1))
+
+    def clear(self):
+        self.qk.clear()
+        if self.metric_qk is not None:
+            self.metric_qk.clear()

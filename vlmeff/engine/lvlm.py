@@ -15,9 +15,9 @@ import torch
 from ..flops import kv_cache_bytes, llm_prefill_flops
 from ..pruners import (drop_tokens, merge_into_kept, pool_assignment, random_scores, reduce_by_assignment,
                        resolve_keep, topk_keep_indices)
-from .capture import QKCapture
 
 POSITION_MODES = ("compact", "original")
+SCORERS = {"cls": "cls", "received": "received"}     # method -> what the adapter's capture scores
 
 
 class PreLLMReduction:
@@ -36,7 +36,7 @@ class PreLLMReduction:
 
     def _score_layers(self, spec):
         last = self.adapter.score_layer
-        if self.method != "cls":
+        if SCORERS.get(self.method) is None:
             return []
         if spec is None:
             return [last]
@@ -49,10 +49,7 @@ class PreLLMReduction:
 
     def install(self):
         a, p, model = self.adapter, self.patch, self.adapter.model
-        if self.method == "cls":
-            self.cls = QKCapture(p, a.tower, self.score_layers)
-        if self.options.get("reduce") == "merge":
-            self.keys = QKCapture(p, a.tower, [a.score_layer], keys_only=True)
+        self.capture = a.capture(p, SCORERS.get(self.method), self.score_layers, self.options.get("reduce") == "merge")
         forward, generate = model.forward, model.generate
         self.forward_signature = inspect.signature(forward)
 
@@ -67,11 +64,15 @@ class PreLLMReduction:
         def patched_generate(*args, **kwargs):
             if args:                                   # generate(input_ids, ...)
                 kwargs["input_ids"], args = args[0], args[1:]
-            if kwargs.get("pixel_values") is None:
-                return generate(*args, **kwargs)
-            prompt = kwargs["input_ids"]
-            reduced = self.reduce_inputs(kwargs)
+            prompt = kwargs.get("input_ids")
+            if kwargs.get("pixel_values") is not None:
+                reduced = self.reduce_inputs(kwargs)
+            else:
+                reduced = self._continue_conversation(kwargs)
             out = generate(*args, **reduced)
+            if reduced is kwargs:
+                return out
+            # hand back the caller's prompt followed by the new tokens
             sequences = out if torch.is_tensor(out) else out.sequences
             sequences = torch.cat([prompt, sequences[:, reduced["input_ids"].shape[1]:]], dim=1)
             if torch.is_tensor(out):
@@ -81,6 +82,30 @@ class PreLLMReduction:
 
         p.override(model, "forward", patched_forward)
         p.override(model, "generate", patched_generate)
+
+    def _continue_conversation(self, kwargs):
+        """A follow-up turn on the KV cache of a reduced prompt: the caller's ids start with the full prompt of
+        the last reduced call, the cache holds its reduced form, so swap that prefix for the reduced one.
+        Returns kwargs unchanged when the call is not such a continuation."""
+        last, ids = getattr(self, "last_prompt", None), kwargs.get("input_ids")
+        if last is None or kwargs.get("past_key_values") is None or ids is None:
+            return kwargs
+        full, reduced, reduced_mask, reduced_positions = last
+        L = full.shape[1]
+        if ids.shape[0] != full.shape[0] or ids.shape[1] < L or not torch.equal(ids[:, :L], full):
+            return kwargs
+        kwargs = dict(kwargs, input_ids=torch.cat([reduced, ids[:, L:]], dim=1))
+        mask = kwargs.get("attention_mask")
+        if mask is not None or reduced_mask is not None:
+            head = torch.ones_like(reduced) if reduced_mask is None else reduced_mask
+            tail = torch.ones_like(ids[:, L:]) if mask is None else mask[:, L:]
+            kwargs["attention_mask"] = torch.cat([head.to(tail.dtype), tail], dim=1)
+        if reduced_positions is not None and kwargs.get("position_ids") is None:
+            # the cache holds original positions: continue the caller's numbering after the prompt
+            valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+            tail = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)[..., L:]
+            kwargs["position_ids"] = torch.cat([reduced_positions, tail.expand(*reduced_positions.shape[:-1], -1)], -1)
+        return kwargs
 
     def _as_kwargs(self, args, kwargs):
         names = [n for n, prm in self.forward_signature.parameters.items() if prm.kind == prm.POSITIONAL_OR_KEYWORD]
@@ -100,8 +125,10 @@ class PreLLMReduction:
         keep = self._keep_mask(ids, [f.shape[0] for f in features], kept_rows)
         mask = kwargs.get("attention_mask")
         lengths_before = (ids.shape[1] * torch.ones(ids.shape[0]) if mask is None else mask.sum(dim=1)).tolist()
+        full_ids = ids
         kwargs = self._shrink(kwargs, keep)
         kwargs["mm_encoder_outputs"] = a.encoder_outputs(kept_features)
+        self.last_prompt = (full_ids, kwargs["input_ids"], kwargs.get("attention_mask"), kwargs.get("position_ids"))
         mask = kwargs.get("attention_mask")
         ids = kwargs["input_ids"]
         lengths = (ids.shape[1] * torch.ones(ids.shape[0]) if mask is None else mask.sum(dim=1)).tolist()
@@ -109,47 +136,47 @@ class PreLLMReduction:
         return kwargs
 
     def _reduce_images(self, features):
-        """Per image: reduced features [k_i, D] and the feature rows [k_i] whose placeholders stay."""
-        by_size = {}
-        for i, f in enumerate(features):
-            by_size.setdefault(f.shape[0], []).append(i)
-        a = self.adapter
-        scores = a.tower_rows_to_features(self.cls.cls_scores()) if self.method == "cls" else None
-        metric = None
-        if self.options.get("reduce") == "merge":
-            metric = a.tower_rows_to_features(self.keys.keys(a.score_layer).mean(dim=1))
+        """Per image: reduced features [k_i, D] and the feature rows [k_i] whose placeholders stay. Images with
+        the same row count and protected rows are reduced together in one batch."""
+        protected = self.adapter.protected_rows(features)
+        groups = {}
+        for i, (f, prot) in enumerate(zip(features, protected)):
+            groups.setdefault((f.shape[0], prot.cpu().numpy().tobytes()), []).append(i)
+        scores = self.capture.scores()
+        metric = self.capture.metric() if self.options.get("reduce") == "merge" else None
         kept, rows = [None] * len(features), [None] * len(features)
-        self.last_scores = [None] * len(features)
-        for members in by_size.values():
+        for members in groups.values():
             x = torch.stack([features[i] for i in members])
-            out, kept_rows = self._reduce_block(x, None if scores is None else scores[members],
-                                                None if metric is None else metric[members])
+            out, kept_rows = self._reduce_block(x, _stack(scores, members), _stack(metric, members),
+                                                protected[members[0]])
             for j, i in enumerate(members):
                 kept[i], rows[i] = out[j], kept_rows[j]
-                self.last_scores[i] = None if scores is None else scores[i]
+        self.last_scores = [None if scores is None else scores[i] for i in range(len(features))]
         return kept, rows
 
-    def _reduce_block(self, x, scores, metric):
-        """x [n, N, D] features of n equally sized images, their scores [n, N] and merge metric [n, N, C]
-        -> (reduced [n, k, D], kept rows [n, k])."""
+    def _reduce_block(self, x, scores, metric, protected):
+        """x [n, N, D]: n images' feature rows with scores [n, N] and merge metric [n, N, C] (or None);
+        protected [N] bool: rows always kept that take no part in the budget (e.g. [CLS], row separators).
+        Returns (reduced [n, k', D], kept rows [n, k'] in ascending order)."""
         n, N, _ = x.shape
-        p = self.adapter.feature_prefix
-        k = resolve_keep(self.keep, N - p)
-        prefix = torch.arange(p, device=x.device).expand(n, p)
+        prot, free = protected.nonzero().squeeze(1), (~protected).nonzero().squeeze(1)
+        k = resolve_keep(self.keep, free.numel())
         if self.method == "pool":
-            h, w = self.adapter.feature_grid(N - p)
+            h, w = self.adapter.feature_grid(free.numel())
             cells, (hp, wp) = pool_assignment(h, w, k, device=x.device)
-            dst = torch.cat([torch.arange(p, device=x.device), p + cells]).expand(n, N)
-            out, _ = reduce_by_assignment(x, dst, p + hp * wp)
-            first = torch.full((hp * wp,), N, device=x.device).scatter_reduce(0, cells, torch.arange(h * w, device=x.device), "amin")
-            return out, torch.cat([prefix, p + first.expand(n, -1)], dim=1)
+            group = torch.empty(N, dtype=torch.long, device=x.device)
+            group[prot] = torch.arange(prot.numel(), device=x.device)
+            group[free] = prot.numel() + cells
+            dst, rows = _order_groups(group, prot.numel() + hp * wp)
+            out, _ = reduce_by_assignment(x, dst.expand(n, N), rows.numel())
+            return out, rows.expand(n, -1)
         if self.method == "random":
             gen = torch.Generator().manual_seed(self.options["seed"])
             scores = random_scores(1, N, generator=gen).to(x.device).expand(n, -1)
-        rows = torch.cat([prefix, p + topk_keep_indices(scores[:, p:], k)], dim=1)
+        chosen = free[topk_keep_indices(scores[:, free], k)]
+        rows = torch.cat([prot.expand(n, -1), chosen], dim=1).sort(dim=1).values
         if metric is not None:
-            targets = torch.arange(p + k, device=x.device).expand(n, -1) >= p
-            out, _ = merge_into_kept(x, rows, metric, targets=targets)
+            out, _ = merge_into_kept(x, rows, metric, targets=~protected[rows])
         else:
             out, _ = drop_tokens(x, rows)
         return out, rows
@@ -210,6 +237,19 @@ class PreLLMReduction:
         }
         stats["flops"], stats["flops_unpatched"] = stats["prefill_flops"], stats["prefill_flops_unpatched"]
         self.patch.stats = stats
-        for capture in (getattr(self, "cls", None), getattr(self, "keys", None)):
-            if capture is not None:
-                capture.clear()
+        self.capture.clear()
+
+
+def _order_groups(group, num_groups):
+    """Relabel group ids [N] so that outputs follow their first member's position.
+    Returns (dst [N] new slot of every row, first [num_groups] first member row of each slot, ascending)."""
+    positions = torch.arange(group.numel(), device=group.device)
+    first = torch.full((num_groups,), group.numel(), device=group.device).scatter_reduce(0, group, positions, "amin")
+    order = first.argsort()
+    relabel = torch.empty_like(order).scatter_(0, order, torch.arange(num_groups, device=group.device))
+    return relabel[group], first[order]
+
+
+def _stack(per_image, members):
+    """Stack the entries of `members` from a per-image tensor or list, None stays None."""
+    return None if per_image is None else torch.stack([per_image[i] for i in members])

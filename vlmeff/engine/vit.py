@@ -64,7 +64,7 @@ class ViTReduction:
         self.state = {}
 
     def _score_layers(self, spec):
-        if self.method != "cls":
+        if self.method not in ("cls", "received"):
             return []
         if spec is None:
             return [self.layer]
@@ -83,13 +83,13 @@ class ViTReduction:
         p.hook(a.layers[-1].register_forward_hook(self._finish))
         if self.method == "tome":
             merging = [i for i, r in enumerate(self.schedule) if r > 0]
-            self.keys = QKCapture(p, a, merging, keys_only=True)
+            self.keys = QKCapture(p, a, merging, queries=None)
             for i in merging:
                 p.override(a.layers[i], "forward", self._tome_forward(i, self.schedule[i]))
             return
-        self.cls = QKCapture(p, a, self.score_layers)
+        self.scored = QKCapture(p, a, self.score_layers, queries="all" if self.method == "received" else "cls")
         merge_metric = self.options.get("reduce") == "merge" and self.layer not in self.score_layers
-        self.keys = QKCapture(p, a, [self.layer], keys_only=True) if merge_metric else self.cls
+        self.keys = QKCapture(p, a, [self.layer], queries=None) if merge_metric else self.scored
         p.hook(a.layers[self.layer].register_forward_hook(self._reduce_after_layer))
 
     # -- per-forward state --------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ class ViTReduction:
         }
         # for inspection and plots: patch-token scores [B, N] and kept patch indices [B, K] of the last forward
         self.patch.stats.update({key: s[key] for key in ("scores", "kept") if key in s})
-        for capture in {id(c): c for c in (getattr(self, "cls", None), self.keys) if c is not None}.values():
+        for capture in {id(c): c for c in (getattr(self, "scored", None), self.keys) if c is not None}.values():
             capture.clear()      # release the layer activations held for scoring
 
     def _record(self, stage, x):
@@ -153,7 +153,7 @@ class ViTReduction:
             # one seeded draw shared by the batch: an image's subset does not depend on its batch neighbours
             gen = torch.Generator().manual_seed(self.options["seed"])
             return random_scores(1, x.shape[1], generator=gen).to(x.device).expand(x.shape[0], -1)
-        return self.cls.cls_scores()
+        return self.scored.received_scores() if self.method == "received" else self.scored.cls_scores()
 
     def _tome_forward(self, i, r):
         prop_attn = self.options["prop_attn"]

@@ -4,8 +4,10 @@ Visual tokens: `get_image_features` returns one [N, D] feature block per image, 
 select strategy, which keeps [CLS]); each block fills a contiguous run of `image_token_id` placeholders.
 Positions are 1-D. Scores come from the tower layer whose output is the feature layer (default -2).
 """
+import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..engine.capture import TowerCapture
 from .hf_vision import HFViTAdapter
 
 
@@ -35,9 +37,19 @@ class LlavaAdapter:
         """Per-image feature blocks [N_i, D] (list) from the model's own `get_image_features`."""
         return list(self.model.model.get_image_features(**image_kwargs, return_dict=True).pooler_output)
 
+    def capture(self, patch, scorer, layers, metric):
+        """Hooks on the tower that give per-image scores ("cls", "received" or None) and, if `metric`, the merge
+        metric, both aligned with feature rows."""
+        return TowerCapture(patch, self.tower, scorer, layers, self.score_layer if metric else None,
+                            self.tower_rows_to_features)
+
     def tower_rows_to_features(self, t):
         """Align per-tower-token values [n_img, 1 + P, ...] with feature rows: drop [CLS] unless it is a feature."""
         return t[:, self.tower.num_prefix_tokens - self.feature_prefix:]
+
+    def protected_rows(self, features):
+        """Per image, bool [N_i]: rows kept regardless of the budget (here the [CLS] row of "full" features)."""
+        return [torch.arange(f.shape[0], device=f.device) < self.feature_prefix for f in features]
 
     def feature_grid(self, n):
         return self.tower.patch_grid(n)
