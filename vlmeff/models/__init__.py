@@ -4,6 +4,7 @@ import torch.nn as nn
 from ..errors import UnsupportedModelError
 from .hf_vision import HFViTAdapter
 from .llava import LlavaAdapter
+from .qwen_vl import QwenVLAdapter
 from .timm_vit import TimmViTAdapter
 
 # class name -> adapter; matched by name (and the defining package) so no optional library must be importable
@@ -13,6 +14,8 @@ FAMILIES = {
     "SiglipVisionModel": HFViTAdapter,
     "Dinov2Model": HFViTAdapter,
     "LlavaForConditionalGeneration": LlavaAdapter,
+    **dict.fromkeys(("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                     "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"), QwenVLAdapter),
 }
 PACKAGES = {"VisionTransformer": "timm."}
 

@@ -1,0 +1,188 @@
+"""Pre-LLM visual-token reduction on LLaVA: equality at full budget, batching, cache, multi-image, multi-turn."""
+import copy
+
+import pytest
+import torch
+
+import vlmeff
+from lvlm_models import IMAGE, batch, pixels, prompt, tiny_llava
+
+GREEDY = dict(do_sample=False, suppress_tokens=[IMAGE])
+METHODS = [("cls", {}), ("cls", dict(score_layers=0)), ("cls", dict(reduce="merge")), ("received", {}),
+           ("random", {}), ("pool", {})]
+
+
+def two_samples():
+    ids, mask = batch([prompt([1, 5, 6], 1, [7, 8, 9]), prompt([1, 5], 1, [7, 8, 9, 10, 11])])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(2))
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def generate(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=4, **GREEDY, **kwargs)
+
+
+@pytest.mark.parametrize("method,options", METHODS)
+def test_full_budget_is_identical(method, options):
+    model, inputs = tiny_llava(), two_samples()
+    ref_logits, ref_tokens = logits(model, inputs), generate(model, inputs)
+    with vlmeff.patch(model, method=method, keep=1.0, **options) as h:
+        assert torch.equal(logits(model, inputs), ref_logits)
+        assert torch.equal(generate(model, inputs), ref_tokens)
+        assert h.stats["visual_tokens"] == {"input": [16, 16], "before LLM": [16, 16]}
+    assert torch.equal(logits(model, inputs), ref_logits)
+    assert "forward" not in vars(model) and "generate" not in vars(model)
+
+
+@pytest.mark.parametrize("method,options", METHODS)
+def test_batch_equals_samples_one_by_one(method, options):
+    model, inputs = tiny_llava(), two_samples()
+    with vlmeff.patch(model, method=method, keep=5, **options) as h:
+        batched = logits(model, inputs)[:, -1]
+        tokens = generate(model, inputs)
+        for i in range(2):
+            valid = inputs["attention_mask"][i].bool()
+            alone = dict(input_ids=inputs["input_ids"][i:i + 1, valid], pixel_values=inputs["pixel_values"][i:i + 1])
+            torch.testing.assert_close(logits(model, alone)[0, -1], batched[i], atol=1e-4, rtol=1e-4)
+            new = generate(model, alone)[0, alone["input_ids"].shape[1]:]
+            assert torch.equal(new, tokens[i, inputs["input_ids"].shape[1]:])
+    # pool keeps the largest grid that fits the budget: 2 x 2 of the 4 x 4 patches
+    assert h.stats["visual_tokens"]["before LLM"] == [4 if method == "pool" else 5]
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_cached_generation_equals_recomputation(positions):
+    model, inputs = tiny_llava(), two_samples()
+    with vlmeff.patch(model, method="cls", keep=4, positions=positions):
+        cached = generate(model, inputs, return_dict_in_generate=True, output_logits=True)
+        fresh = generate(model, inputs, use_cache=False, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(cached.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(fresh.logits), atol=1e-4, rtol=1e-4)
+    # the caller's prompt comes back in front of the answer
+    assert torch.equal(cached.sequences[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
+def test_reduced_prompt_reaches_the_llm_with_the_kept_tokens():
+    model, inputs = tiny_llava(), two_samples()
+    seen = {}
+    model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    with vlmeff.patch(model, method="cls", keep=3, positions="original") as h:
+        logits(model, inputs)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    for i in range(2):
+        image_pos = (ids[i] == IMAGE).nonzero().squeeze(1)
+        kept_pos = image_pos[h.stats["kept"][i]]
+        text_pos = ((ids[i] != IMAGE) & mask[i].bool()).nonzero().squeeze(1)
+        expected = torch.cat([kept_pos, text_pos]).sort().values
+        original_positions = mask[i].cumsum(0) - 1
+        got = seen["position_ids"][i][seen["attention_mask"][i].bool()]
+        assert torch.equal(got, original_positions[expected])
+    assert seen["inputs_embeds"].shape[1] == max(int(m.sum()) for m in mask) - 13
+
+
+def test_multi_image_prompt_and_text_only_sample_in_one_batch():
+    model = tiny_llava()
+    ids, mask = batch([prompt([1, 5], 2, [7, 8]), [1, 5, 6, 7, 8, 9], prompt([1], 1, [9])])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(3))
+    with vlmeff.patch(model, method="cls", keep=0.25) as h:
+        out = logits(model, inputs)
+        tokens = generate(model, inputs)
+        text_only = generate(model, dict(input_ids=ids[1:2, mask[1].bool()]))
+    assert h.stats["visual_tokens"] == {"input": [16, 16, 16], "before LLM": [4, 4, 4]}
+    assert out.shape[1] == ids.shape[1] - 2 * 12         # the two-image sample is the longest
+    assert torch.equal(tokens[1, ids.shape[1]:], text_only[0, 6:])
+    # the multi-image sample alone gives the same answer
+    alone = dict(input_ids=ids[:1, mask[0].bool()], pixel_values=pixels(3)[:2])
+    with vlmeff.patch(model, method="cls", keep=0.25):
+        assert torch.equal(generate(model, alone)[0, alone["input_ids"].shape[1]:], tokens[0, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_multi_turn_continuation_on_the_reduced_cache(positions):
+    model, inputs = tiny_llava(), two_samples()
+    follow_up = torch.tensor([[11, 12], [13, 14]])
+    with vlmeff.patch(model, method="cls", keep=4, positions=positions):
+        first = generate(model, inputs, return_dict_in_generate=True)
+        ids2 = torch.cat([first.sequences, follow_up], dim=1)
+        mask2 = torch.cat([inputs["attention_mask"], torch.ones(2, ids2.shape[1] - inputs["attention_mask"].shape[1],
+                                                                  dtype=torch.long)], dim=1)
+        turn2 = dict(input_ids=ids2, attention_mask=mask2)
+        continued = generate(model, turn2, past_key_values=first.past_key_values)
+        recomputed = generate(model, dict(turn2, pixel_values=inputs["pixel_values"]))
+    assert torch.equal(continued, recomputed)
+
+
+def eager_cls_indices(model, pixel_values, layer, k):
+    tower = copy.deepcopy(model.model.vision_tower)
+    tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        attn = tower(pixel_values=pixel_values, output_attentions=True).attentions[layer]
+    return attn[:, :, 0, 1:].mean(dim=1).topk(k).indices.sort().values
+
+
+def test_cls_selection_matches_eager_oracle():
+    model, inputs = tiny_llava(), two_samples()
+    oracle = eager_cls_indices(model, inputs["pixel_values"], -2, 6)     # FasterVLM: layer of hidden_states[-2]
+    with vlmeff.patch(model, method="cls", keep=6) as h:
+        logits(model, inputs)
+    assert torch.equal(torch.stack(h.stats["kept"]), oracle)
+
+
+def test_full_strategy_keeps_cls_outside_the_budget():
+    model = tiny_llava(strategy="full")
+    ids, mask = batch([prompt([1, 5], 1, [7], tokens_per_image=17)])
+    with vlmeff.patch(model, method="cls", keep=4) as h:
+        logits(model, dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(1)))
+    assert h.stats["visual_tokens"] == {"input": [17], "before LLM": [5]}
+    assert h.stats["kept"][0][0] == 0
+
+
+def test_stats_report_prefill_flops_and_kv_cache():
+    model, inputs = tiny_llava(), two_samples()
+    with vlmeff.patch(model, method="cls", keep=4) as h:
+        logits(model, inputs)
+    s = h.stats
+    assert s["prefill_flops"] < s["prefill_flops_unpatched"] and s["kv_cache_bytes"] < s["kv_cache_bytes_unpatched"]
+    # K and V, 4 layers, 2 kv heads x 16 dims, fp32: 12 fewer tokens per sample
+    assert s["kv_cache_bytes_unpatched"] - s["kv_cache_bytes"] == 2 * 12 * (2 * 4 * 32 * 4)
+
+
+def test_two_patched_llavas_do_not_interfere():
+    a, b, inputs = tiny_llava(), tiny_llava(), two_samples()
+    ha = vlmeff.patch(a, method="cls", keep=3)
+    out_a = logits(a, inputs)
+    hb = vlmeff.patch(b, method="pool", keep=4)
+    assert torch.equal(logits(a, inputs), out_a)
+    logits(b, inputs)
+    assert ha.stats["visual_tokens"]["before LLM"] == [3, 3] and hb.stats["visual_tokens"]["before LLM"] == [4, 4]
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(method="cls", keep=17), ValueError, "exceeds the 16 visual tokens"),
+    (dict(method="cls", keep=4, positions="shuffled"), ValueError, "accepted: compact, original"),
+    (dict(method="cls", keep=4, layer=1), ValueError, "feature layer"),
+    (dict(method="tome", r=2), ValueError, "methods that do: cls, pool, random, received"),
+    (dict(method="cls"), ValueError, "needs keep"),
+])
+def test_bad_input_is_a_clear_error(kwargs, error, match):
+    model, inputs = tiny_llava(), two_samples()
+    with pytest.raises(error, match=match):
+        with vlmeff.patch(model, **kwargs):
+            logits(model, inputs)
+    assert not hasattr(model, "_vlmeff_patch")
+
+
+def test_inputs_embeds_and_mismatched_placeholders_are_clear_errors():
+    model, inputs = tiny_llava(), two_samples()
+    with vlmeff.patch(model, method="cls", keep=4):
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        with pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
+            model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"])
+        with pytest.raises(ValueError, match="32 image placeholders but the images give 16"):
+            model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"][:1])
