@@ -8,8 +8,8 @@ import vlmeff
 from lvlm_models import IMAGE, batch, pixels, prompt, tiny_llava
 
 GREEDY = dict(do_sample=False, suppress_tokens=[IMAGE])
-METHODS = [("cls", {}), ("cls", dict(score_layers=0)), ("cls", dict(reduce="merge")), ("received", {}),
-           ("random", {}), ("pool", {})]
+METHODS = [("cls", {}), ("cls", dict(score_layers=0)), ("cls", dict(reduce="merge")), ("visionzip", {}),
+           ("visionzip", dict(contextual=2)), ("received", {}), ("random", {}), ("pool", {})]
 
 
 def two_samples():
@@ -167,7 +167,7 @@ def test_two_patched_llavas_do_not_interfere():
     (dict(method="cls", keep=17), ValueError, "exceeds the 16 visual tokens"),
     (dict(method="cls", keep=4, positions="shuffled"), ValueError, "accepted: compact, original"),
     (dict(method="cls", keep=4, layer=1), ValueError, "feature layer"),
-    (dict(method="tome", r=2), ValueError, "methods that do: cls, pool, random, received"),
+    (dict(method="tome", r=2), ValueError, "methods that do: cls, pool, random, received, visionzip"),
     (dict(method="cls"), ValueError, "needs keep"),
 ])
 def test_bad_input_is_a_clear_error(kwargs, error, match):

@@ -30,6 +30,10 @@ register(MethodInfo(
     "FasterVLM arXiv 2412.01818; VTC-CLS arXiv 2412.05819", ("vision encoder", "before LLM"), ("vit", "lvlm"),
     {"layer": None, "score_layers": None, "reduce": "drop", "positions": None}, needs_cls=True))
 register(MethodInfo(
+    "visionzip", "Keep dominant patches by [CLS] attention and fold the rest into contextual tokens (VisionZip)",
+    "VisionZip arXiv 2412.04467", ("before LLM",), ("lvlm",),
+    {"contextual": 10 / 64, "score_layers": None, "layer": None, "positions": None}, needs_cls=True))
+register(MethodInfo(
     "received", "Keep the patches that receive the most attention, mean over all queries (towers without [CLS])",
     "attention-received scoring as in VFlowOpt's context map / Zero-TPrune's first step, simplified",
     ("vision encoder", "before LLM"), ("vit", "lvlm"),

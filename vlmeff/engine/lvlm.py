@@ -13,11 +13,11 @@ import inspect
 import torch
 
 from ..flops import kv_cache_bytes, llm_prefill_flops
-from ..pruners import (drop_tokens, merge_into_kept, pool_assignment, random_scores, reduce_by_assignment,
+from ..pruners import (contextual_merge, drop_tokens, merge_into_kept, pool_assignment, random_scores, reduce_by_assignment,
                        resolve_keep, topk_keep_indices)
 
 POSITION_MODES = ("compact", "original")
-SCORERS = {"cls": "cls", "received": "received"}     # method -> what the adapter's capture scores
+SCORERS = {"cls": "cls", "visionzip": "cls", "received": "received"}   # method -> what the capture scores
 
 
 class PreLLMReduction:
@@ -34,6 +34,10 @@ class PreLLMReduction:
         self.positions = "original" if adapter.mrope else positions
         self.score_layers = self._score_layers(options.get("score_layers"))
 
+    @property
+    def _merges(self):
+        return self.options.get("reduce") == "merge" or self.method == "visionzip"
+
     def _score_layers(self, spec):
         last = self.adapter.score_layer
         if SCORERS.get(self.method) is None:
@@ -49,7 +53,7 @@ class PreLLMReduction:
 
     def install(self):
         a, p, model = self.adapter, self.patch, self.adapter.model
-        self.capture = a.capture(p, SCORERS.get(self.method), self.score_layers, self.options.get("reduce") == "merge")
+        self.capture = a.capture(p, SCORERS.get(self.method), self.score_layers, self._merges)
         forward, generate = model.forward, model.generate
         self.forward_signature = inspect.signature(forward)
 
@@ -104,6 +108,8 @@ class PreLLMReduction:
             # the cache holds original positions: continue the caller's numbering after the prompt
             valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
             tail = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)[..., L:]
+            if reduced_positions.dim() == 3:   # M-RoPE (3, B, L): text continues past the prompt's largest position
+                tail = tail + (reduced_positions.amax(dim=(0, 2)) + 1 - valid[:, :L].sum(-1))[:, None]
             kwargs["position_ids"] = torch.cat([reduced_positions, tail.expand(*reduced_positions.shape[:-1], -1)], -1)
         return kwargs
 
@@ -141,28 +147,30 @@ class PreLLMReduction:
         protected = self.adapter.protected_rows(features)
         groups = {}
         for i, (f, prot) in enumerate(zip(features, protected)):
-            groups.setdefault((f.shape[0], prot.cpu().numpy().tobytes()), []).append(i)
+            grid = self.adapter.image_grid(i) if self.method == "pool" and hasattr(self.adapter, "image_grid") else None
+            groups.setdefault((f.shape[0], prot.cpu().numpy().tobytes(), grid), []).append(i)
         scores = self.capture.scores()
-        metric = self.capture.metric() if self.options.get("reduce") == "merge" else None
+        metric = self.capture.metric() if self._merges else None
         kept, rows = [None] * len(features), [None] * len(features)
-        for members in groups.values():
+        for (_, _, grid), members in groups.items():
             x = torch.stack([features[i] for i in members])
             out, kept_rows = self._reduce_block(x, _stack(scores, members), _stack(metric, members),
-                                                protected[members[0]])
+                                                protected[members[0]], grid)
             for j, i in enumerate(members):
                 kept[i], rows[i] = out[j], kept_rows[j]
         self.last_scores = [None if scores is None else scores[i] for i in range(len(features))]
         return kept, rows
 
-    def _reduce_block(self, x, scores, metric, protected):
+    def _reduce_block(self, x, scores, metric, protected, grid=None):
         """x [n, N, D]: n images' feature rows with scores [n, N] and merge metric [n, N, C] (or None);
-        protected [N] bool: rows always kept that take no part in the budget (e.g. [CLS], row separators).
+        protected [N] bool: rows always kept that take no part in the budget (e.g. [CLS], row separators);
+        grid: (h, w) of the free rows for `pool` when the adapter knows it per image (`image_grid(i)`).
         Returns (reduced [n, k', D], kept rows [n, k'] in ascending order)."""
         n, N, _ = x.shape
         prot, free = protected.nonzero().squeeze(1), (~protected).nonzero().squeeze(1)
         k = resolve_keep(self.keep, free.numel())
         if self.method == "pool":
-            h, w = self.adapter.feature_grid(free.numel())
+            h, w = grid or self.adapter.feature_grid(free.numel())
             cells, (hp, wp) = pool_assignment(h, w, k, device=x.device)
             group = torch.empty(N, dtype=torch.long, device=x.device)
             group[prot] = torch.arange(prot.numel(), device=x.device)
@@ -173,6 +181,8 @@ class PreLLMReduction:
         if self.method == "random":
             gen = torch.Generator().manual_seed(self.options["seed"])
             scores = random_scores(1, N, generator=gen).to(x.device).expand(n, -1)
+        if self.method == "visionzip":
+            return self._visionzip(x, scores, metric, prot, free, k)
         chosen = free[topk_keep_indices(scores[:, free], k)]
         rows = torch.cat([prot.expand(n, -1), chosen], dim=1).sort(dim=1).values
         if metric is not None:
@@ -180,6 +190,18 @@ class PreLLMReduction:
         else:
             out, _ = drop_tokens(x, rows)
         return out, rows
+
+    def _visionzip(self, x, scores, metric, prot, free, k):
+        """Dominant rows by score, the other free rows folded into `contextual` tokens (VisionZip)."""
+        n = x.shape[0]
+        c = self.options["contextual"]
+        c = min(k - 1, round(c * k) if isinstance(c, float) else c)
+        ranked = scores[:, free].argsort(dim=1, descending=True)
+        dominant = torch.cat([prot.expand(n, -1), free[ranked[:, :k - c]]], dim=1).sort(dim=1).values
+        if c <= 0:
+            return drop_tokens(x, dominant)[0], dominant
+        remaining = free[ranked[:, k - c:]].sort(dim=1).values
+        return contextual_merge(x, dominant, remaining, metric, c)
 
     def _keep_mask(self, ids, counts, kept_slots):
         """[B, L] bool: text tokens and the placeholders of kept feature rows."""

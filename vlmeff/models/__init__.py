@@ -2,8 +2,11 @@
 import torch.nn as nn
 
 from ..errors import UnsupportedModelError
+from .gemma3 import Gemma3Adapter
 from .hf_vision import HFViTAdapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .qwen_vl import QwenVLAdapter
 from .timm_vit import TimmViTAdapter
 
@@ -14,6 +17,10 @@ FAMILIES = {
     "SiglipVisionModel": HFViTAdapter,
     "Dinov2Model": HFViTAdapter,
     "LlavaForConditionalGeneration": LlavaAdapter,
+    "LlavaNextForConditionalGeneration": LlavaNextAdapter,
+    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionAdapter,
+    "InternVLForConditionalGeneration": InternVLAdapter,
+    "Gemma3ForConditionalGeneration": Gemma3Adapter,
     **dict.fromkeys(("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                      "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"), QwenVLAdapter),
 }

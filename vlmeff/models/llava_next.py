@@ -25,7 +25,6 @@ concentrated. With a ratio budget the total matches FasterVLM's per-view spread 
 `pool` is supported only on blocks that are a single view (OneVision multi-image); a base view plus a crop grid
 is not one grid. Videos (`pixel_values_videos`) are not reduced.
 """
-import math
 import sys
 
 import torch
@@ -81,9 +80,8 @@ class LlavaNextAdapter:
 
     def protected_rows(self, features):
         """Per image, bool [N_i]: the `image_newline` rows."""
-        crops = self.layout[0]
-        marks = [torch.zeros(n, self._tokens_per_crop(), 1, device=f.device) for n, f in zip(crops, features)]
-        return [p[:, 0] > 0.5 for p in self.pack(torch.cat(marks), newline=1.0)]
+        marks = torch.zeros(sum(self.layout[0]), self._tokens_per_crop(), 1, device=features[0].device)
+        return [p[:, 0] > 0.5 for p in self.pack(marks, newline=1.0)]
 
     def feature_grid(self, n):
         p = self._tokens_per_crop()
@@ -142,8 +140,3 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return [self._num_patches(size) for size in sizes]
         single = [int(n) == 1 for n in per_sample for _ in range(int(n))]
         return [self._num_patches(size) if one else 1 for size, one in zip(sizes, single)]
-
-
-def _isqrt_exact(n):
-    side = math.isqrt(n)
-    return side if side * side == n else None

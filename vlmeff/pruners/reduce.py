@@ -43,3 +43,34 @@ def merge_into_kept(x, keep_idx, metric, sizes=None, targets=None):
     nearest = sim.argmax(dim=-1)
     dst = torch.where(dst < 0, nearest, dst)
     return reduce_by_assignment(x, dst, keep_idx.shape[1], sizes)
+
+
+def contextual_merge(x, dominant, remaining, metric, contextual):
+    """VisionZip-style reduction: keep the dominant tokens and fold the remaining ones into `contextual` tokens.
+
+    x: [B, N, D]; dominant: [B, Kd] and remaining: [B, R] disjoint token indices (sorted); metric: [B, N, C].
+    Contextual targets are `contextual` of the remaining tokens at a uniform stride; every other remaining token
+    joins its most cosine-similar target, and each contextual token is target + mean(its members), as in
+    VisionZip. Returns (x' [B, Kd + contextual, D], rows [B, Kd + contextual]): each output sits at the row of
+    its dominant token or target, in ascending row order.
+    """
+    B, N, _ = x.shape
+    R = remaining.shape[1]
+    stride = torch.arange(contextual, device=x.device) * (R // contextual)
+    targets = remaining[:, stride]                                                  # [B, C]
+    rows = torch.cat([dominant, targets], dim=1).sort(dim=1).values
+    dst = keep_assignment(rows, N)
+    m = F.normalize(metric.float(), dim=-1)
+    gather = lambda idx: m.gather(1, idx[..., None].expand(-1, -1, m.shape[-1]))
+    nearest = (gather(remaining) @ gather(targets).transpose(1, 2)).argmax(dim=-1)  # [B, R] -> target
+    target_slot = dst.gather(1, targets)                                            # [B, C]
+    members = dst.gather(1, remaining) < 0                                          # not a target itself
+    dst = dst.scatter(1, remaining, torch.where(members, target_slot.gather(1, nearest), dst.gather(1, remaining)))
+    # weights: 1 for kept rows, 1 / (members of its target) for folded rows -> weighted mean x total = t + mean
+    counts = torch.zeros(B, rows.shape[1], device=x.device).scatter_add_(
+        1, target_slot.gather(1, nearest), members.float())
+    weight = torch.ones(B, N, device=x.device)
+    folded = 1 / counts.gather(1, target_slot.gather(1, nearest)).clamp_min(1)
+    weight = weight.scatter(1, remaining, torch.where(members, folded, 1.0))
+    out, total = reduce_by_assignment(x, dst, rows.shape[1], weight)
+    return (out.float() * total[..., None]).to(x.dtype), rows

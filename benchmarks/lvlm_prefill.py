@@ -1,0 +1,97 @@
+"""Prefill of a LLaVA-1.5-7B-shaped model (CLIP ViT-L/14-336 + Llama-7B dimensions, depth cut, random weights),
+unpatched vs `cls` keeping 576 -> 192 / 128 / 64 visual tokens, in one run.
+
+Prints per variant: prefill time (vision tower + LLM prefill, `logits_to_keep=1`, as generate's first step),
+measured speedup, the FLOPs ratio of tower + LLM (target: speedup >= 0.9 x FLOPs ratio), the KV-cache bytes, and
+the scoring overhead (`cls` at keep=1.0 vs unpatched; target <= 2%).
+
+    python benchmarks/lvlm_prefill.py                       # CPU: tower 4 layers, LLM 2 layers
+    python benchmarks/lvlm_prefill.py --tower-layers 24 --llm-layers 32 --dtype fp16 --batch 8   # a GPU
+"""
+import argparse
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import vlmeff
+from common import machine, time_interleaved
+from vlmeff.models.hf_vision import HFViTAdapter
+
+IMAGE_TOKEN = 32000
+BUDGETS = [192, 128, 64]
+
+
+def build(tower_layers, llm_layers, device, dtype):
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=tower_layers,
+                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=llm_layers,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, pad_token_id=0)
+    # the feature layer -2 needs at least two tower layers; LLaVA-1.5 runs all 24 and reads layer 23's output
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    return LlavaForConditionalGeneration(cfg).eval().to(device, dtype)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tower-layers", type=int, default=4)
+    parser.add_argument("--llm-layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--text-tokens", type=int, default=64, help="prompt text tokens around the image (LLaVA ~64)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+
+    torch.manual_seed(0)
+    model = build(args.tower_layers, args.llm_layers, device, dtype)
+    before, after = args.text_tokens // 2, args.text_tokens - args.text_tokens // 2
+    row = [1] + list(range(100, 100 + before - 1)) + [IMAGE_TOKEN] * 576 + list(range(200, 200 + after))
+    inputs = dict(input_ids=torch.tensor([row] * args.batch, device=device),
+                  pixel_values=torch.randn(args.batch, 3, 336, 336, device=device, dtype=dtype))
+
+    def prefill():
+        with torch.inference_mode():
+            model(**inputs, logits_to_keep=1)
+
+    variants = {"unpatched": None, "cls keep=1.0 (overhead)": 1.0, **{f"cls keep={k}": k for k in BUDGETS}}
+    patches, stats = {}, {}
+
+    def runner(keep):
+        def run():
+            if keep is None:
+                return prefill()
+            with vlmeff.patch(model, method="cls", keep=keep) as h:
+                prefill()
+            stats[keep] = h.stats
+        return run
+
+    seconds = time_interleaved({name: runner(keep) for name, keep in variants.items()}, device, rounds=args.rounds, warmup=1)
+    tower = HFViTAdapter(model.model.vision_tower)
+    tower_flops = args.batch * tower.flops([577] * len(tower.layers))
+    print(f"LLaVA-1.5-7B shape (tower {args.tower_layers}/24 layers, LLM {args.llm_layers}/32 layers), batch "
+          f"{args.batch}, {args.text_tokens} text tokens, {dtype}, {machine(device)}, median of {args.rounds} rounds")
+    print(f"{'variant':26s} {'visual':>6s} {'prefill ms':>11s} {'speedup':>8s} {'FLOPs ratio':>12s} "
+          f"{'speedup/FLOPs':>14s} {'KV MiB':>8s}")
+    base = seconds["unpatched"]
+    full = stats[1.0]
+    base_flops = tower_flops + full["prefill_flops_unpatched"]
+    print(f"{'unpatched':26s} {576:6d} {base * 1e3:11.1f} {1.0:8.2f} {1.0:12.2f} {1.0:14.2f} "
+          f"{full['kv_cache_bytes_unpatched'] / 2**20:8.1f}")
+    for name, keep in variants.items():
+        if keep is None:
+            continue
+        s = stats[keep]
+        ratio = base_flops / (tower_flops + s["prefill_flops"])
+        speedup = base / seconds[name]
+        print(f"{name:26s} {s['visual_tokens']['before LLM'][0]:6d} {seconds[name] * 1e3:11.1f} {speedup:8.2f} "
+              f"{ratio:12.2f} {speedup / ratio:14.2f} {s['kv_cache_bytes'] / 2**20:8.1f}")
+    print(f"scoring overhead at full budget: {(seconds['cls keep=1.0 (overhead)'] / base - 1) * 100:+.1f}% of the "
+          f"unpatched prefill")
+
+
+if __name__ == "__main__":
+    main()

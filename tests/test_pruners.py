@@ -1,0 +1,82 @@
+"""The pure tensor functions: selectors, reducers, ToMe matching, pooling, VisionZip contextual merge."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlmeff.pruners import (bipartite_soft_matching, contextual_merge, drop_tokens, merge_into_kept,
+                            pool_assignment, received_attention, reduce_by_assignment, resolve_keep,
+                            topk_keep_indices)
+from vlmeff.pruners.pool import pool_grid
+
+
+def test_resolve_keep_counts_and_ratios():
+    assert resolve_keep(5, 16) == 5 and resolve_keep(0.25, 16) == 4 and resolve_keep(0.01, 16) == 1
+    assert resolve_keep(1.0, 16) == 16
+    with pytest.raises(ValueError, match="exceeds the 16"):
+        resolve_keep(17, 16)
+
+
+def test_topk_keeps_original_order():
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.7]])
+    assert topk_keep_indices(scores, 3).tolist() == [[1, 3, 4]]
+
+
+def test_drop_and_merge_with_sizes():
+    x = torch.arange(12.0).view(1, 6, 2)
+    keep = torch.tensor([[0, 3]])
+    out, sizes = drop_tokens(x, keep)
+    assert torch.equal(out, x[:, [0, 3]]) and sizes.tolist() == [[1.0, 1.0]]
+    metric = torch.tensor([[[1.0, 0], [1, 0.1], [1, 0.2], [0, 1], [0.1, 1], [0.2, 1]]])
+    sizes_in = torch.tensor([[1.0, 2, 1, 1, 1, 3]])
+    out, sizes = merge_into_kept(x, keep, metric, sizes_in)
+    assert sizes.tolist() == [[4.0, 5.0]]
+    expected0 = (x[0, 0] * 1 + x[0, 1] * 2 + x[0, 2] * 1) / 4
+    expected1 = (x[0, 3] + x[0, 4] + 3 * x[0, 5]) / 5
+    torch.testing.assert_close(out[0], torch.stack([expected0, expected1]))
+
+
+def test_bipartite_matching_protects_prefix_and_merges_r():
+    torch.manual_seed(0)
+    metric = torch.randn(2, 11, 8)
+    metric[:, 4] = metric[:, 5]            # an obvious pair: a-token 4 -> b-token 5
+    dst, n_out = bipartite_soft_matching(metric, r=3, protected=2)
+    assert n_out == 8
+    assert dst[:, 0].tolist() == [0, 0] and dst[:, 1].tolist() == [1, 1]         # prefix keeps its own slots
+    assert (dst[:, 4] == dst[:, 5]).all()
+    assert all(torch.bincount(d, minlength=n_out).min() >= 1 for d in dst)       # every slot has a member
+    x = torch.randn(2, 11, 4)
+    out, sizes = reduce_by_assignment(x, dst, n_out)
+    assert sizes.sum(1).tolist() == [11.0, 11.0]
+    members = (dst[0] == dst[0, 5]).nonzero().squeeze(1)
+    assert {4, 5} <= set(members.tolist())
+    torch.testing.assert_close(out[0, dst[0, 5]], x[0, members].mean(0))
+
+
+def test_pool_grid_and_assignment():
+    assert pool_grid(8, 8, 16) == (4, 4) and pool_grid(8, 8, 20) == (4, 5) and pool_grid(4, 4, 5) == (2, 2)
+    dst, (h, w) = pool_assignment(4, 4, 4)
+    assert (h, w) == (2, 2)
+    assert dst.view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+
+
+def test_received_attention_matches_full_softmax():
+    q, k = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4)
+    full = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1)          # [B, H, N, N]
+    torch.testing.assert_close(received_attention(q, k, 0.5, chunk=3), full.mean(dim=2).mean(dim=1))
+
+
+def test_contextual_merge_matches_a_loop_oracle():
+    torch.manual_seed(0)
+    x, metric = torch.randn(1, 12, 3), torch.randn(1, 12, 5)
+    dominant, remaining = torch.tensor([[1, 4, 7]]), torch.tensor([[0, 2, 3, 5, 6, 8, 9, 10, 11]])
+    out, rows = contextual_merge(x, dominant, remaining, metric, contextual=3)
+    targets = remaining[0, torch.arange(3) * 3]                          # uniform stride 9 // 3
+    assert rows[0].tolist() == sorted(dominant[0].tolist() + targets.tolist())
+    m = F.normalize(metric[0], dim=-1)
+    groups = {int(t): [] for t in targets}
+    for r in remaining[0].tolist():
+        if r not in groups:
+            groups[int(targets[(m[r] @ m[targets].T).argmax()])].append(r)
+    for slot, row in enumerate(rows[0].tolist()):
+        expected = x[0, row] + (x[0, groups[row]].mean(0) if groups.get(row) else 0)
+        torch.testing.assert_close(out[0, slot], expected)

@@ -1,0 +1,123 @@
+"""The `vlmeff` command line.
+
+    vlmeff methods                      # the method registry
+    vlmeff showcase                     # easy-VQA accuracy and time of tiny-llava-evqa, unpatched vs patched
+"""
+import argparse
+import ast
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import vlmeff
+
+
+def parse_method(spec):
+    """'cls' or 'cls:reduce=merge,score_layers=1' -> ('cls', {'reduce': 'merge', 'score_layers': 1})."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"method option {item!r} in {spec!r} is not key=value")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return name, options
+
+
+def cmd_methods(args):
+    print(f"{'method':10s} {'acts in':28s} {'models':10s} description")
+    for m in vlmeff.methods():
+        print(f"{m.name:10s} {', '.join(m.acts_in):28s} {', '.join(m.model_kinds):10s} {m.description}")
+        print(f"{'':10s} options: {', '.join(f'{k}={v!r}' for k, v in m.options.items()) or '-'}; paper: {m.paper}")
+
+
+def evaluate_vqa(model, processor, records, images, batch_size, desc):
+    """Exact-match accuracy of generated answers over (image_id, question, answer) records, and seconds."""
+    from .zoo import ask
+    hits, start = 0, time.perf_counter()
+    for b in tqdm(range(0, len(records), batch_size), desc=desc, leave=False):
+        chunk = records[b:b + batch_size]
+        answers = ask(model, processor, [images[i] for i, _, _ in chunk], [q for _, q, _ in chunk])
+        hits += sum(p == a for p, (_, _, a) in zip(answers, chunk))
+    return hits / max(len(records), 1), time.perf_counter() - start
+
+
+def cmd_showcase(args):
+    from .data import easyvqa
+    from .zoo import load
+
+    torch.manual_seed(0)
+    model, processor = load(args.model)
+    questions, answers, image_ids = easyvqa.questions("test")
+    records = list(zip(image_ids, questions, answers))
+    records = records[:args.limit] if args.limit else records
+    images = easyvqa.load_images("test")
+    runs = [("unpatched", None, {})] + [(spec, keep, parse_method(spec)) for spec in args.methods for keep in args.budgets]
+    rows = []
+    print(f"{args.model} on {len(records)} easy-VQA test questions, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} CPU threads")
+    print(f"{'method':22s} {'keep':>7s} {'visual tokens':>13s} {'accuracy':>9s} {'ms/question':>12s} "
+          f"{'speedup':>8s} {'LLM FLOPs':>10s}")
+    for label, keep, parsed in runs:
+        patch = vlmeff.patch(model, method=parsed[0], keep=keep, **parsed[1]) if keep else contextlib.nullcontext()
+        with patch as handle:
+            accuracy, seconds = evaluate_vqa(model, processor, records, images, args.batch_size, f"{label} {keep or ''}")
+        stats = handle.stats if handle is not None else {}
+        tokens = stats.get("visual_tokens", {}).get("before LLM", [None])[0] if stats else None
+        flops = stats["prefill_flops"] / stats["prefill_flops_unpatched"] if stats else 1.0
+        row = dict(method=label, keep=keep, visual_tokens=tokens, accuracy=accuracy, n=len(records),
+                   ms_per_question=1e3 * seconds / len(records), flops_ratio=flops)
+        row["speedup"] = rows[0]["ms_per_question"] / row["ms_per_question"] if rows else 1.0
+        rows.append(row)
+        print(f"{label:22s} {keep or '-':>7} {tokens or 'all':>13} {accuracy:9.4f} {row['ms_per_question']:12.2f} "
+              f"{row['speedup']:8.2f} {flops:10.2f}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "showcase.json").write_text(json.dumps(rows, indent=1))
+        plot_accuracy(rows, out / "showcase.png", args.model)
+        print(f"wrote {out / 'showcase.json'} and {out / 'showcase.png'}")
+
+
+def plot_accuracy(rows, path, title):
+    """Accuracy against visual tokens kept, one line per method, the unpatched model as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.axhline(rows[0]["accuracy"], ls="--", color="gray", label="unpatched")
+    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+        points = sorted((r["visual_tokens"], r["accuracy"]) for r in rows if r["method"] == method)
+        ax.plot(*zip(*points), marker="o", label=method)
+    ax.set(xscale="log", xlabel="visual tokens per image", ylabel="easy-VQA accuracy", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="vlmeff", description="Training-free visual-token reduction")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("methods", help="list the methods").set_defaults(run=cmd_methods)
+    show = sub.add_parser("showcase", help="easy-VQA accuracy and time of an embedded VLM, unpatched vs patched")
+    show.add_argument("--model", default="tiny-llava-evqa")
+    show.add_argument("--methods", nargs="+", default=["cls", "random", "pool"],
+                      help="method specs, e.g. cls  cls:reduce=merge  received")
+    show.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.125, 0.0625], help="keep ratios")
+    show.add_argument("--limit", type=int, default=1000, help="first N test questions (0: all 9,673)")
+    show.add_argument("--batch-size", type=int, default=64)
+    show.add_argument("--out", default=None, help="folder for showcase.json and an accuracy plot")
+    show.set_defaults(run=cmd_showcase)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
