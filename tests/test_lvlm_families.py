@@ -48,11 +48,11 @@ def tiny_internvl():
 
 
 def tiny_gemma3():
-    """SigLIP 32 px / patch 8 (4 x 4 patches) pooled to 2 x 2 = 4 tokens per image; sliding + full LM layers."""
+    """SigLIP 64 px / patch 8 (8 x 8 patches) pooled to 4 x 4 = 16 tokens per image; sliding + full LM layers."""
     torch.manual_seed(0)
     text = dict(TEXT, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
-    cfg = Gemma3Config(vision_config=dict(**TOWER, image_size=32, patch_size=8), text_config=text,
-                       mm_tokens_per_image=4, image_token_id=IMAGE, boi_token_index=98, eoi_token_index=99)
+    cfg = Gemma3Config(vision_config=dict(**TOWER, image_size=64, patch_size=8), text_config=text,
+                       mm_tokens_per_image=16, image_token_id=IMAGE, boi_token_index=98, eoi_token_index=99)
     model = Gemma3ForConditionalGeneration(cfg).eval()
     with torch.no_grad():                       # the projector starts at zero: give the images a voice
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
@@ -92,8 +92,8 @@ def internvl_inputs(model):
 
 
 def gemma3_inputs(model):
-    ids, mask = pad_left(prompts_for([4, 4]))
-    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids, mask = pad_left(prompts_for([16, 16]))
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, token_type_ids=(ids == IMAGE).long())
 
 
@@ -213,7 +213,8 @@ def test_newline_rows_are_kept_outside_the_budget(family):
     for n_in, n_out, nl, kept in zip(counts["input"], counts["before LLM"], newlines, h.stats["kept"]):
         assert nl.numel() > 0 and n_out == 3 + nl.numel()
         assert set(nl.tolist()) <= set(kept.tolist())
-    assert counts["input"] == [70, 36] if family != "onevision_shrunk" else counts["input"][1] == 36
+    # 40 x 60 px: 16 base + 6 x 8 unpadded crop grid + 6 newlines; shrunk (anyres_max_1) to 3 x 4 + 3 newlines
+    assert counts["input"] == ([16 + 12 + 3, 36] if family == "onevision_shrunk" else [16 + 48 + 6, 36])
 
 
 def test_next_cls_scores_match_eager_oracle():
@@ -303,7 +304,7 @@ def test_gemma3_received_is_pooled_like_the_features():
     tower.set_attn_implementation("eager")
     with torch.no_grad():
         attn = tower(pixel_values=inputs["pixel_values"], output_attentions=True).attentions[-1]
-    oracle = attn.mean(dim=1).mean(dim=1).view(2, 2, 2, 2, 2).mean(dim=(2, 4)).flatten(1)   # avg-pool 2 x 2
+    oracle = attn.mean(dim=1).mean(dim=1).view(2, 4, 2, 4, 2).mean(dim=(2, 4)).flatten(1)   # avg-pool 2 x 2
     with vlmeff.patch(model, method="received", keep=2) as h:
         logits(model, inputs)
     torch.testing.assert_close(torch.stack(h.stats["scores"]), oracle, atol=1e-6, rtol=1e-5)
@@ -316,5 +317,25 @@ def test_gemma3_token_type_ids_shrink_with_the_ids():
     with vlmeff.patch(model, method="received", keep=1):
         logits(model, inputs)
     ids, types = seen["input_ids"], seen["token_type_ids"]
-    assert ids.shape == types.shape and ids.shape[1] == inputs["input_ids"].shape[1] - 3
+    assert ids.shape == types.shape and ids.shape[1] == inputs["input_ids"].shape[1] - 15
     assert torch.equal(types, (ids == IMAGE).long())
+
+
+def test_gemma3_follow_up_turn_on_the_reduced_cache():
+    """The caller's token_type_ids of turn 2 start with the full prompt's: their prefix is swapped for the reduced
+    one like the ids' (here the dropped placeholders outnumber the tokens after the image, so a stale prefix would
+    mark the new text tokens as image tokens, attending bidirectionally)."""
+    model, inputs = setup("gemma3")
+    follow_up = torch.tensor([[11, 12, 13], [13, 14, 15]])
+    with vlmeff.patch(model, method="received", keep=2):
+        first = generate(model, inputs, return_dict_in_generate=True)
+        ids2 = torch.cat([first.sequences, follow_up], dim=1)
+        grow = ids2.shape[1] - inputs["input_ids"].shape[1]
+        turn2 = dict(input_ids=ids2,
+                     attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, grow, dtype=torch.long)], 1),
+                     token_type_ids=torch.cat([inputs["token_type_ids"], torch.zeros(2, grow, dtype=torch.long)], 1))
+        kw = dict(return_dict_in_generate=True, output_logits=True)
+        continued = generate(model, turn2, past_key_values=first.past_key_values, **kw)
+        recomputed = generate(model, dict(turn2, pixel_values=inputs["pixel_values"]), **kw)
+    assert torch.equal(continued.sequences, recomputed.sequences)
+    torch.testing.assert_close(torch.stack(continued.logits), torch.stack(recomputed.logits), atol=1e-4, rtol=1e-4)

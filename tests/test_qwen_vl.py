@@ -43,28 +43,36 @@ def tiny_qwen(family):
                                                                **tokens)).eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: one intra-op thread is faster, and steadier on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request):
     return tiny_qwen(request.param)
 
 
-# samples: a list of text id lists and (h, w) images in patches
-A = [[1, 5, 6], (8, 8), [7, 8, 9]]                          # one image, 16 tokens
-B = [[1, 9], (4, 8), [10, 11], (8, 4), [12, 13, 14, 15]]    # two images of 8 tokens, grids 2 x 4 and 4 x 2
-C = [[1, 20, 21, 22, 23, 24]]                               # text only
+# samples: text id lists and images (h, w, seed), h x w patches of pixels drawn with that seed
+A = [[1, 5, 6], (8, 8, 1), [7, 8, 9]]                             # one image, 16 tokens
+B = [[1, 9], (4, 8, 2), [10, 11], (8, 4, 3), [12, 13, 14, 15]]    # two images of 8 tokens, grids 2 x 4 and 4 x 2
+C = [[1, 20, 21, 22, 23, 24]]                                     # text only
 
 
-def inputs(samples, seed=0):
+def inputs(samples):
     """Left-padded batch: input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw."""
-    gen = torch.Generator().manual_seed(seed)
     prompts, pixels, grids = [], [], []
     for sample in samples:
         ids = []
         for part in sample:
             if isinstance(part, tuple):
-                h, w = part
+                h, w, seed = part
                 ids += [START] + [IMAGE] * (h * w // 4) + [END]
-                pixels.append(torch.randn(h * w, PATCH_DIM, generator=gen))
+                pixels.append(torch.randn(h * w, PATCH_DIM, generator=torch.Generator().manual_seed(seed)))
                 grids.append([1, h, w])
             else:
                 ids += part
@@ -107,10 +115,11 @@ class Recorder:
         self.handle.remove()
 
 
-def test_full_budget_is_exact(model):
+@pytest.mark.parametrize("method,options", METHODS, ids=lambda v: v if isinstance(v, str) else str(v))
+def test_full_budget_is_exact(model, method, options):
     x = inputs([A, B, C])
     ref, ref_gen = logits(model, **x), generate(model, **x)
-    with vlmeff.patch(model, "received", keep=1.0) as p:
+    with vlmeff.patch(model, method, keep=1.0, **options) as p:
         assert torch.equal(logits(model, **x), ref)
         assert p.stats["visual_tokens"] == {"input": [16, 8, 8], "before LLM": [16, 8, 8]}
         assert torch.equal(generate(model, **x), ref_gen)
@@ -124,15 +133,7 @@ def test_batch_equals_samples_one_by_one(model, method, options):
         batched = logits(model, **x)[:, -1]
         assert p.stats["visual_tokens"] == {"input": [16, 8, 8], "before LLM": [8, 4, 4]}
         assert p.stats["prefill_flops"] < p.stats["prefill_flops_unpatched"]
-        singles = []
-        for i, sample in enumerate(samples):
-            one = inputs([sample], seed=0)
-            if "pixel_values" in one:            # the same pixels as in the batch
-                first = sum(len([q for q in s if isinstance(q, tuple)]) for s in samples[:i])
-                sizes = x["image_grid_thw"].prod(-1).tolist()
-                start = sum(sizes[:first])
-                one["pixel_values"] = x["pixel_values"][start:start + one["pixel_values"].shape[0]]
-            singles.append(logits(model, **one)[0, -1])
+        singles = [logits(model, **inputs([sample]))[0, -1] for sample in samples]
     torch.testing.assert_close(batched, torch.stack(singles), atol=1e-5, rtol=0)
     assert not torch.allclose(batched[:2], logits(model, **x)[:2, -1], atol=1e-3)   # the reduction did act
 
@@ -177,6 +178,17 @@ def test_received_matches_eager_oracle(model):
     assert len(scores) == 3
     for got, want in zip(scores, expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_score_layers_add_blocks(model):
+    """score_layers=0: blocks 0 .. score layer; each block gives every image scores summing to 1 over its patches
+    (Qwen2.5-VL's windowed blocks included), i.e. 1 / 4 over its merged rows."""
+    layers = model.model.visual.blocks
+    last = getattr(model.config.vision_config, "fullatt_block_indexes", [len(layers) - 1])[-1]
+    with vlmeff.patch(model, "received", keep=0.5, score_layers=0) as p:
+        logits(model, **inputs([A, B]))
+    for scores in p.stats["scores"]:
+        torch.testing.assert_close(scores.sum(), torch.tensor((last + 1) / 4))
 
 
 def test_kept_tokens_keep_original_positions(model):
@@ -254,9 +266,10 @@ def test_deepstack_features_follow_the_kept_rows(model):
             assert torch.equal(given.deepstack_features[j][i], out.deepstack_features[j][i][rows])
 
 
-def test_cls_raises_naming_alternatives(model):
+@pytest.mark.parametrize("method", ["cls", "visionzip"])
+def test_cls_methods_raise_naming_alternatives(model, method):
     with pytest.raises(ValueError, match="does not have.*received"):
-        vlmeff.patch(model, "cls", keep=0.5)
+        vlmeff.patch(model, method, keep=0.5)
     assert not hasattr(model, "_vlmeff_patch")
 
 

@@ -104,6 +104,10 @@ class PreLLMReduction:
             head = torch.ones_like(reduced) if reduced_mask is None else reduced_mask
             tail = torch.ones_like(ids[:, L:]) if mask is None else mask[:, L:]
             kwargs["attention_mask"] = torch.cat([head.to(tail.dtype), tail], dim=1)
+        for name, head in getattr(self, "last_extras", {}).items():     # e.g. token_type_ids: same prefix swap
+            value = kwargs.get(name)
+            if torch.is_tensor(value) and value.shape[-2:] == ids.shape:
+                kwargs[name] = torch.cat([head.to(value.dtype), value[..., L:]], dim=-1)
         if reduced_positions is not None and kwargs.get("position_ids") is None:
             # the cache holds original positions: continue the caller's numbering after the prompt
             valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
@@ -135,6 +139,8 @@ class PreLLMReduction:
         kwargs = self._shrink(kwargs, keep)
         kwargs["mm_encoder_outputs"] = a.encoder_outputs(kept_features)
         self.last_prompt = (full_ids, kwargs["input_ids"], kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        self.last_extras = {n: v for n, v in kwargs.items() if n not in ("input_ids", "attention_mask", "position_ids")
+                            and torch.is_tensor(v) and v.dim() >= 2 and v.shape[-2:] == kwargs["input_ids"].shape}
         mask = kwargs.get("attention_mask")
         ids = kwargs["input_ids"]
         lengths = (ids.shape[1] * torch.ones(ids.shape[0]) if mask is None else mask.sum(dim=1)).tolist()

@@ -59,9 +59,12 @@ def _check_layout(x, index, offsets, weight):
 def _check_values(x, index, offsets):
     """Range and monotonicity checks. They read the data (one host sync); the Triton kernel does no bounds checks."""
     N, M = x.shape[1], index.shape[1]
-    if index.numel() and (index.min() < 0 or index.max() >= N):
+    index_bad = ((index < 0) | (index >= N)).any()
+    offsets_bad = (offsets[:, 0] != 0).any() | (offsets.diff(dim=1) < 0).any() | (offsets[:, -1] > M).any()
+    index_bad, offsets_bad = torch.stack([index_bad, offsets_bad]).tolist()   # the one host sync
+    if index_bad:
         raise ValueError(f"index values must lie in [0, {N}), got [{int(index.min())}, {int(index.max())}]")
-    if (offsets[:, 0] != 0).any() or (offsets.diff(dim=1) < 0).any() or (offsets[:, -1] > M).any():
+    if offsets_bad:
         raise ValueError(f"offsets must start at 0, be non-decreasing and end at most at M={M}")
 
 

@@ -60,7 +60,8 @@ class LlavaNextAdapter:
     def encode(self, image_kwargs):
         """Per-image packed feature blocks [N_i, D] (list) from the model's own `get_image_features`."""
         out = self.model.model.get_image_features(**image_kwargs, return_dict=True)
-        self.layout = (self.crops_per_image(image_kwargs), image_kwargs["image_sizes"], self._pack_options(image_kwargs))
+        self.layout = (self.crops_per_image(image_kwargs), image_kwargs["image_sizes"],
+                       self._pack_options(image_kwargs))
         return list(out.pooler_output)
 
     def capture(self, patch, scorer, layers, metric):
@@ -105,8 +106,8 @@ class LlavaNextAdapter:
         return packed
 
     def _pack_options(self, image_kwargs):
-        strategy = image_kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
-        return {"vision_feature_select_strategy": strategy}
+        strategy = image_kwargs.get("vision_feature_select_strategy")
+        return {"vision_feature_select_strategy": strategy or self.model.config.vision_feature_select_strategy}
 
     def _tokens_per_crop(self):
         side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size

@@ -44,7 +44,6 @@ class QwenVLAdapter:
         self.visual = model.model.visual
         vcfg = self.visual.config
         self.image_token_id = cfg.image_token_id
-        self.video_token_id = getattr(cfg, "video_token_id", None)
         self.text_config = cfg.text_config
         self.pad_token_id = cfg.text_config.pad_token_id or 0
         self.merge = vcfg.spatial_merge_size
@@ -191,16 +190,23 @@ class QwenVisionCapture:
         return hook
 
     def scores(self):
-        """Per-image received attention of the feature rows (list of [N_i]), summed over the captured blocks."""
+        """Per-image received attention of the feature rows (list of [N_i]), summed over the captured blocks.
+
+        Per block: the attention each patch receives, averaged over heads and over all queries of its image
+        (a query in another window or frame gives it none), computed per attention segment (`cu_seqlens`: one
+        per image and frame, or per window in Qwen2.5-VL's windowed blocks) in query chunks; then averaged over
+        each merge group."""
         if not self.layers:
             return None
+        sizes = torch.tensor([int(g.prod()) for g in self.adapter.grids])   # images stay contiguous in any order
         total = None
         for i in self.layers:
             q, k, cu, scale = self.store[i]
             bounds = cu.tolist()
-            per_patch = torch.cat([
-                received_attention(q[None, :, a:b], k[None, :, a:b], scale, chunk=QUERY_CHUNK)[0]
+            summed = torch.cat([   # attention received, summed over the segment's queries
+                received_attention(q[None, :, a:b], k[None, :, a:b], scale, chunk=QUERY_CHUNK)[0] * (b - a)
                 for a, b in zip(bounds[:-1], bounds[1:])])
+            per_patch = summed / sizes.repeat_interleave(sizes).to(summed.device)
             total = per_patch if total is None else total + per_patch
         return self.adapter.block_rows_to_features(total)
 
