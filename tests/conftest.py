@@ -7,3 +7,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# the models under test are tiny: one thread is as fast, and it does not fight other processes for the cores
+torch.set_num_threads(1)
