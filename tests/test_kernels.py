@@ -27,7 +27,7 @@ def check_matches_reference(x, index, offsets, weight):
     out, total = gather_merge(x, index, offsets, weight)
     ref_out, ref_total = gather_merge_reference(x, index, offsets, weight)
     # the kernel sums members in the reference's order; bf16 may still differ by one ulp, because the
-    # interpreter rounds fp32 -> bf16 differently from torch (compiled kernels round to nearest even)
+    # interpreter truncates fp32 -> bf16 where torch (and compiled Triton) rounds to nearest even
     torch.testing.assert_close(out, ref_out, rtol=1e-6 if x.dtype == torch.float32 else None,
                                atol=1e-6 if x.dtype == torch.float32 else None)
     torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=1e-6)

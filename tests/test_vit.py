@@ -20,7 +20,7 @@ def applicable(cases):
 
 @pytest.mark.parametrize("name,method,kwargs", applicable([
     ("cls", dict(keep=1.0)), ("cls", dict(keep=64, reduce="merge")), ("cls", dict(keep=1.0, score_layers=0)),
-    ("random", dict(keep=1.0)), ("pool", dict(keep=64)), ("tome", dict(r=0))]))
+    ("random", dict(keep=1.0)), ("received", dict(keep=1.0)), ("pool", dict(keep=64)), ("tome", dict(r=0))]))
 def test_full_budget_is_bit_identical(name, method, kwargs):
     model, x = ALL_MODELS[name](), images()
     before = run(model, x)
@@ -31,7 +31,7 @@ def test_full_budget_is_bit_identical(name, method, kwargs):
 
 @pytest.mark.parametrize("name,method,kwargs,expected", applicable([
     ("cls", dict(keep=16, layer=1), 16), ("cls", dict(keep=0.25, reduce="merge"), 16),
-    ("random", dict(keep=10, layer=0), 10), ("pool", dict(keep=16), 16), ("pool", dict(keep=20), 20),
+    ("random", dict(keep=10, layer=0), 10), ("received", dict(keep=12), 12), ("pool", dict(keep=16), 16), ("pool", dict(keep=20), 20),
     ("tome", dict(r=4), 64 - 16), ("tome", dict(keep=16), None)]))
 def test_token_counts_follow_the_budget(name, method, kwargs, expected):
     model = ALL_MODELS[name]()
@@ -153,7 +153,7 @@ def test_merge_tracks_sizes_and_changes_output():
     (dict(method="tome", r=-1), ValueError, "int >= 0"),
     (dict(method="tome", r=[1, 2]), ValueError, "list of 4 ints"),
     (dict(method="tome"), ValueError, "needs r"),
-    (dict(method="magic", keep=8), ValueError, "unknown method 'magic'; available: cls, pool, random, tome"),
+    (dict(method="magic", keep=8), ValueError, "unknown method 'magic'; available: cls, pool, random, received, tome, visionzip"),
     (dict(method="cls", keep=8, ratio=3), TypeError, "valid options: layer, positions, reduce, score_layers"),
     (dict(method="cls", keep=8, reduce="sum"), ValueError, "accepted: drop, merge"),
     (dict(method="cls", keep=8, layer=4), ValueError, r"layer index in \[-4, 3\]"),
@@ -166,6 +166,32 @@ def test_bad_input_is_a_clear_error(kwargs, error, match):
     assert not hasattr(model, "_vlmeff_patch")
 
 
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_received_scores_match_eager_oracle(name):
+    model, x = ALL_MODELS[name](), images()
+    model_copy = copy.deepcopy(model)
+    if hasattr(model_copy, "config"):
+        model_copy.set_attn_implementation("eager")
+        with torch.no_grad():
+            attn = model_copy(pixel_values=x, output_attentions=True).attentions[1]
+    else:
+        seen = {}
+        model_copy.blocks[1].attn.fused_attn = False
+        model_copy.blocks[1].attn.attn_drop.register_forward_hook(lambda m, i, o: seen.setdefault("attn", o))
+        with torch.no_grad():
+            model_copy(x)
+        attn = seen["attn"]
+    oracle = attn.mean(dim=2).mean(dim=1)[:, PREFIX[name]:]     # mean over queries, then heads
+    h = vlmeff.patch(model, method="received", keep=8, layer=1)
+    run(model, x)
+    torch.testing.assert_close(h.stats["scores"], oracle, atol=1e-5, rtol=0)
+
+
+def test_lvlm_only_method_on_a_vit_is_a_clear_error():
+    with pytest.raises(ValueError, match="'visionzip' does not act on timm VisionTransformer; methods that do"):
+        vlmeff.patch(tiny_timm_vit(), method="visionzip", keep=8)
+
+
 def test_unsupported_objects_name_the_supported_families():
     with pytest.raises(vlmeff.UnsupportedModelError, match="supported families: .*CLIPVisionModel"):
         vlmeff.patch("not a model", method="cls", keep=8)
@@ -174,7 +200,7 @@ def test_unsupported_objects_name_the_supported_families():
 
 
 def test_cls_on_siglip_names_alternatives():
-    with pytest.raises(ValueError, match="SiglipVisionModel does not have; methods that work on it: pool, random, tome"):
+    with pytest.raises(ValueError, match="SiglipVisionModel does not have; methods that work on it: pool, random, received, tome"):
         vlmeff.patch(tiny_siglip(), method="cls", keep=8)
 
 
