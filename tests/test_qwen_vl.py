@@ -241,9 +241,9 @@ def test_pool_uses_each_images_grid(model):
             torch.testing.assert_close(given.deepstack_features[j][i], pooled(stack[i]))
 
 
-def test_deepstack_features_follow_the_kept_rows(model):
-    if not model.config.vision_config.model_type.startswith("qwen3"):
-        pytest.skip("deepstack features exist on Qwen3-VL only")
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])      # deepstack features exist on Qwen3-VL only
+def test_deepstack_features_follow_the_kept_rows(family):
+    model = tiny_qwen(family)
     x = inputs([A, B])
     with torch.no_grad():
         out = model.model.get_image_features(x["pixel_values"], x["image_grid_thw"], return_dict=True)

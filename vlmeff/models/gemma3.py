@@ -12,37 +12,17 @@ Image tokens attend to each other bidirectionally within a contiguous run (`toke
 shrinks `token_type_ids` with the ids (it gathers every [B, L] per-token tensor), so the kept tokens of an image
 stay one contiguous bidirectional run.
 """
-import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-from ..engine.capture import TowerCapture
-from .hf_vision import HFViTAdapter
+from .lvlm import LVLMAdapter
 
 
-class Gemma3Adapter:
-    family = "Gemma3ForConditionalGeneration"
-    kind = "lvlm"
+class Gemma3Adapter(LVLMAdapter):
     image_kwargs = ("pixel_values",)
-    mrope = False
+    features_as_one_tensor = True
 
     def __init__(self, model):
-        self.model = model
-        cfg = model.config
-        self.image_token_id = cfg.image_token_id
-        self.text_config = cfg.text_config
-        self.tower = HFViTAdapter(model.model.vision_tower)
-        self.has_cls = self.tower.has_cls
-        self.pad_token_id = cfg.text_config.pad_token_id or 0
+        super().__init__(model)
         self.score_layer = len(self.tower.layers) - 1          # features = post_layernorm(last layer's output)
         self.projector = model.model.multi_modal_projector
-
-    def encode(self, image_kwargs):
-        """One feature block [mm_tokens_per_image, D] per image (list)."""
-        return list(self.model.model.get_image_features(**image_kwargs, return_dict=True).pooler_output)
-
-    def capture(self, patch, scorer, layers, metric):
-        return TowerCapture(patch, self.tower, scorer, layers, self.score_layer if metric else None,
-                            self.tower_rows_to_features)
 
     def tower_rows_to_features(self, t):
         """Per-image tower values [n, P] or [n, P, C] -> [n, M] / [n, M, C], average-pooled like the features."""
@@ -52,17 +32,8 @@ class Gemma3Adapter:
         x = self.projector.avg_pool(x.reshape(x.shape[0], x.shape[1], p, p)).flatten(2)
         return x[:, 0] if squeeze else x.transpose(1, 2)
 
-    @staticmethod
-    def protected_rows(features):
-        return [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
-
     def feature_grid(self, n):
         side = self.projector.tokens_per_side
         if side * side != n:
             raise ValueError(f"{n} Gemma 3 tokens do not form the {side} x {side} grid; cannot pool them")
         return side, side
-
-    @staticmethod
-    def encoder_outputs(features):
-        # forward flattens the features before the scatter, so kept blocks of any sizes travel as one [1, K, D]
-        return {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(list(features))[None])}

@@ -19,10 +19,8 @@ applied to a map of patch indices. The merge metric (keys) is summed over the sa
 import math
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-from ..engine.capture import TowerCapture
 from .base import ViTAdapter
+from .lvlm import LVLMAdapter, tower_layer
 
 
 class InternViTAdapter(ViTAdapter):
@@ -52,36 +50,22 @@ class InternViTAdapter(ViTAdapter):
         return attn.q_norm, attn.k_norm, to_heads, attn.scale
 
 
-class InternVLAdapter:
-    family = "InternVLForConditionalGeneration"
-    kind = "lvlm"
+class InternVLAdapter(LVLMAdapter):
+    """Feature blocks: one [P / 4, D] block per tile (see the module docstring)."""
+
     image_kwargs = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy")
-    mrope = False
-    has_cls = False                  # no [CLS] among the features after the pixel shuffle
+    tower_adapter = InternViTAdapter
+    features_as_one_tensor = True
 
     def __init__(self, model):
-        self.model = model
         cfg = model.config
         if cfg.vision_feature_select_strategy != "default":
             raise ValueError(f"InternVL with vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} "
                              "is not supported (the pixel shuffle needs the [CLS]-free 'default' features)")
-        self.image_token_id = cfg.image_token_id
-        self.text_config = cfg.text_config
-        self.tower = InternViTAdapter(model.model.vision_tower)
-        self.pad_token_id = cfg.text_config.pad_token_id or 0
-        layer = cfg.vision_feature_layer
-        if not isinstance(layer, int):
-            layer = layer[-1]
-        self.score_layer = layer % (len(self.tower.layers) + 1) - 1
+        super().__init__(model)
+        self.has_cls = False         # no [CLS] among the features after the pixel shuffle
+        self.score_layer = tower_layer(cfg.vision_feature_layer, len(self.tower.layers))
         self._groups = {}
-
-    def encode(self, image_kwargs):
-        """One feature block [P / 4, D] per tile (list), from the model's own `get_image_features`."""
-        return list(self.model.model.get_image_features(**image_kwargs, return_dict=True).pooler_output)
-
-    def capture(self, patch, scorer, layers, metric):
-        return TowerCapture(patch, self.tower, scorer, layers, self.score_layer if metric else None,
-                            self.tower_rows_to_features)
 
     def shuffle_groups(self, n_patches, device=None):
         """[M, 4] long: the patch indices (raster order, [CLS] excluded) that form each feature row, read off the
@@ -100,17 +84,8 @@ class InternVLAdapter:
         groups = self.shuffle_groups(t.shape[1], t.device)
         return t[:, groups].sum(dim=2)
 
-    @staticmethod
-    def protected_rows(features):
-        return [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
-
     def feature_grid(self, n):
         side = math.isqrt(n)
         if side * side != n:
             raise ValueError(f"{n} InternVL tokens do not form a square grid; cannot pool them")
         return side, side
-
-    @staticmethod
-    def encoder_outputs(features):
-        # forward flattens the features before the scatter, so kept blocks of any sizes travel as one [1, K, D]
-        return {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(list(features))[None])}

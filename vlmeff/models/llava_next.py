@@ -28,32 +28,13 @@ is not one grid. Videos (`pixel_values_videos`) are not reduced.
 import sys
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..engine.capture import TowerCapture
-from .hf_vision import HFViTAdapter
+from .llava import LlavaAdapter
 
 
-class LlavaNextAdapter:
-    family = "LlavaNextForConditionalGeneration"
-    kind = "lvlm"
-    image_kwargs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
-    mrope = False
-
+class LlavaNextAdapter(LlavaAdapter):
     def __init__(self, model):
-        self.model = model
-        cfg = model.config
-        self.image_token_id = cfg.image_token_id
-        self.text_config = cfg.text_config
-        self.tower = HFViTAdapter(model.model.vision_tower)
-        self.has_cls = self.tower.has_cls
-        self.pad_token_id = cfg.text_config.pad_token_id or 0
-        layer = cfg.vision_feature_layer
-        if not isinstance(layer, int):
-            layer = layer[-1]        # several feature layers are concatenated; score at the deepest
-        self.score_layer = layer % (len(self.tower.layers) + 1) - 1
-        # "default" drops [CLS] from the features; "full" keeps every tower token
-        self.feature_prefix = 0 if cfg.vision_feature_select_strategy == "default" else self.tower.num_prefix_tokens
+        super().__init__(model)
         self.layout = None           # of the latest encode: (crops per image, image_sizes, packing options)
 
     # -- what the engine calls ----------------------------------------------------------------------------------
@@ -63,11 +44,6 @@ class LlavaNextAdapter:
         self.layout = (self.crops_per_image(image_kwargs), image_kwargs["image_sizes"],
                        self._pack_options(image_kwargs))
         return list(out.pooler_output)
-
-    def capture(self, patch, scorer, layers, metric):
-        """Hooks on the tower giving per-image scores / merge metric aligned with the packed rows."""
-        return TowerCapture(patch, self.tower, scorer, layers, self.score_layer if metric else None,
-                            self.tower_rows_to_features)
 
     def tower_rows_to_features(self, t):
         """Per-crop tower values [n_crops, T] or [n_crops, T, C] (all images' crops, in order) -> per image [N_i]
@@ -90,10 +66,6 @@ class LlavaNextAdapter:
             raise ValueError(f"pool on {self.family}: an image block of {n} rows is a base view plus a grid of crops "
                              f"({p} tokens per view), not one grid; use cls, received or random")
         return self.tower.patch_grid(n)
-
-    @staticmethod
-    def encoder_outputs(features):
-        return {"image": BaseModelOutputWithPooling(pooler_output=features)}
 
     # -- packing -------------------------------------------------------------------------------------------------
     def pack(self, values, newline=0.0):
@@ -129,7 +101,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     feature layer -1 and strategy "full" by default, the `anyres_max_N` shrink of large crop grids, and
     single-view blocks for the images of multi-image samples."""
 
-    family = "LlavaOnevisionForConditionalGeneration"
     image_kwargs = LlavaNextAdapter.image_kwargs + ("vision_aspect_ratio", "batch_num_images")
 
     def _pack_options(self, image_kwargs):

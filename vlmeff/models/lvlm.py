@@ -1,0 +1,69 @@
+"""What every LVLM adapter provides to the pre-LLM engine (`vlmeff.engine.lvlm`), with the defaults of a HF
+model whose `model.model.get_image_features` returns one feature block per image from a CLIP/SigLIP tower."""
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..engine.capture import TowerCapture
+from .hf_vision import HFViTAdapter
+
+
+def tower_layer(feature_layer, depth):
+    """The tower layer whose output is `hidden_states[feature_layer]` (the deepest one when several are used)."""
+    if not isinstance(feature_layer, int):
+        feature_layer = feature_layer[-1]
+    return feature_layer % (depth + 1) - 1
+
+
+class LVLMAdapter:
+    """An LVLM seen as: image feature blocks that fill runs of `image_token_id` placeholders in the prompt.
+
+    Attributes: family, image_kwargs (kwargs the vision encoder consumes, popped before the LLM call), mrope
+    (positions are M-RoPE, kept as original), image_token_id, text_config, pad_token_id, tower (a ViT adapter for
+    score capture), has_cls, score_layer (tower layer scored), feature_prefix (leading tower tokens kept as
+    features, e.g. [CLS] with the "full" strategy), features_as_one_tensor (see `encoder_outputs`). Subclasses override what their family does differently.
+    """
+
+    kind = "lvlm"
+    mrope = False
+    image_kwargs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+    tower_adapter = HFViTAdapter
+    feature_prefix = 0
+    features_as_one_tensor = False
+
+    def __init__(self, model):
+        self.model = model
+        cfg = model.config
+        self.family = type(model).__name__
+        self.image_token_id = cfg.image_token_id
+        self.text_config = cfg.text_config
+        self.pad_token_id = cfg.text_config.pad_token_id or 0
+        self.tower = self.tower_adapter(model.model.vision_tower)
+        self.has_cls = self.tower.has_cls
+
+    def encode(self, image_kwargs):
+        """Per-image feature blocks [N_i, D] (list), from the model's own `get_image_features`."""
+        return list(self.model.model.get_image_features(**image_kwargs, return_dict=True).pooler_output)
+
+    def capture(self, patch, scorer, layers, metric):
+        """Hooks on the tower giving per-image scores ("cls", "received" or None) and, if `metric`, the merge
+        metric, both aligned with feature rows by `tower_rows_to_features`."""
+        return TowerCapture(patch, self.tower, scorer, layers, self.score_layer if metric else None,
+                            self.tower_rows_to_features)
+
+    def tower_rows_to_features(self, t):
+        """Per-image tower values [n, T, ...] -> feature rows [n, N, ...]: drop prefix tokens that are not features."""
+        return t[:, self.tower.num_prefix_tokens - self.feature_prefix:]
+
+    def protected_rows(self, features):
+        """Per image, bool [N_i]: rows kept regardless of the budget (the prefix rows)."""
+        return [torch.arange(f.shape[0], device=f.device) < self.feature_prefix for f in features]
+
+    def feature_grid(self, n):
+        """(h, w) of n unprotected feature rows, for `pool`."""
+        return self.tower.patch_grid(n)
+
+    def encoder_outputs(self, features):
+        """`mm_encoder_outputs` for reduced blocks: the list of blocks, or, where forward takes a tensor
+        (`features_as_one_tensor`), all blocks as one [1, K, D] (forward flattens them before scattering)."""
+        pooled = torch.cat(list(features))[None] if self.features_as_one_tensor else list(features)
+        return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
