@@ -60,30 +60,52 @@ def cmd_showcase(args):
     records = records[:args.limit] if args.limit else records
     images = easyvqa.load_images("test")
     runs = [("unpatched", None, {})] + [(spec, keep, parse_method(spec)) for spec in args.methods for keep in args.budgets]
+    out = Path(args.out) if args.out else None
+    done = load_previous(out, args.model, len(records))
     rows = []
     print(f"{args.model} on {len(records)} easy-VQA test questions, batch {args.batch_size}, "
           f"{torch.get_num_threads()} CPU threads")
     print(f"{'method':22s} {'keep':>7s} {'visual tokens':>13s} {'accuracy':>9s} {'ms/question':>12s} "
           f"{'speedup':>8s} {'LLM FLOPs':>10s}")
     for label, keep, parsed in runs:
+        if (label, keep) in done:                # resume: results already in the output folder
+            rows.append(done[(label, keep)])
+            print_row(rows[-1])
+            continue
         patch = vlmeff.patch(model, method=parsed[0], keep=keep, **parsed[1]) if keep else contextlib.nullcontext()
         with patch as handle:
             accuracy, seconds = evaluate_vqa(model, processor, records, images, args.batch_size, f"{label} {keep or ''}")
         stats = handle.stats if handle is not None else {}
         tokens = stats.get("visual_tokens", {}).get("before LLM", [None])[0] if stats else None
         flops = stats["prefill_flops"] / stats["prefill_flops_unpatched"] if stats else 1.0
-        row = dict(method=label, keep=keep, visual_tokens=tokens, accuracy=accuracy, n=len(records),
-                   ms_per_question=1e3 * seconds / len(records), flops_ratio=flops)
+        row = dict(model=args.model, method=label, keep=keep, visual_tokens=tokens, accuracy=accuracy,
+                   n=len(records), ms_per_question=1e3 * seconds / len(records), flops_ratio=flops)
         row["speedup"] = rows[0]["ms_per_question"] / row["ms_per_question"] if rows else 1.0
         rows.append(row)
-        print(f"{label:22s} {keep or '-':>7} {tokens or 'all':>13} {accuracy:9.4f} {row['ms_per_question']:12.2f} "
-              f"{row['speedup']:8.2f} {flops:10.2f}")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "showcase.json").write_text(json.dumps(rows, indent=1))
+        print_row(row)
+        if out:                                  # after every run, so an interrupted showcase resumes
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "showcase.json").write_text(json.dumps(rows, indent=1))
+    if out:
         plot_accuracy(rows, out / "showcase.png", args.model)
         print(f"wrote {out / 'showcase.json'} and {out / 'showcase.png'}")
+
+
+def load_previous(out, model, n):
+    """(method, keep) -> row of an earlier showcase in `out`; a folder holding other results is an error."""
+    path = out / "showcase.json" if out else None
+    if path is None or not path.exists():
+        return {}
+    rows = json.loads(path.read_text())
+    if any(r.get("model") != model or r["n"] != n for r in rows):
+        raise SystemExit(f"{path} holds results of another model or question count; resume it with the same "
+                         f"--model and --limit, or choose another --out folder (results are never overwritten)")
+    return {(r["method"], r["keep"]): r for r in rows}
+
+
+def print_row(row):
+    print(f"{row['method']:22s} {row['keep'] or '-':>7} {row['visual_tokens'] or 'all':>13} {row['accuracy']:9.4f} "
+          f"{row['ms_per_question']:12.2f} {row['speedup']:8.2f} {row['flops_ratio']:10.2f}")
 
 
 def plot_accuracy(rows, path, title):
