@@ -1,8 +1,9 @@
 """Gather-and-merge of retained tokens. Every reducer in vlmeff ends in `gather_merge`.
 
 Dispatch: CUDA tensors run the fused Triton kernel; CPU tensors run it in Triton's interpreter when
-TRITON_INTERPRET=1 was set before `triton_gather_merge` was imported (tests), else the PyTorch reference; without
-triton everything runs the reference. The op is the custom op `vlmeff::gather_merge`, opaque to torch.compile.
+TRITON_INTERPRET=1 was set before `triton_gather_merge` was imported (lazily, by the first call that may use it;
+tests set it in conftest.py), else the PyTorch reference; without triton everything runs the reference.
+The op is the custom op `vlmeff::gather_merge`, opaque to torch.compile.
 """
 import os
 from typing import Optional
@@ -29,7 +30,7 @@ def _kernels():
 
 
 def _backend(x):
-    """"triton", "triton-interpret" or "reference" for x. Imports triton only where it may be used."""
+    """Which path runs x: "triton", "triton-interpret" or "reference". Imports triton only where it may be used."""
     if x.dtype not in _TRITON_DTYPES:
         return "reference"
     if x.is_cuda:

@@ -20,7 +20,7 @@ def gather_merge_reference(x, index, offsets, weight=None):
     slot = torch.searchsorted(offsets[:, 1:].contiguous(), pos.contiguous(), right=True).clamp_max(K)
     w = torch.ones(B, M, device=x.device, dtype=torch.float32) if weight is None else weight.float()
     # whole-row index_select / index_add_ over flattened batches: one index per row, where gather / scatter_add_
-    # with an index expanded over D read one per element (~10x slower on CPU). index_add_ on CPU adds in index
+    # with an index expanded over D read one per element (5-20x slower on CPU). index_add_ on CPU adds in index
     # order, so members are summed in order, as the Triton kernel does.
     batch = torch.arange(B, device=x.device)[:, None]
     rows = x.reshape(B * N, D).index_select(0, (index + batch * N).flatten()).float() * w.reshape(B * M, 1)

@@ -79,12 +79,13 @@ def gather_merge_triton(x, index, offsets, weight=None):
     block_k = min(MAX_TILE_ELEMENTS // block_d, triton.next_power_of_2(K))
     grid = (triton.cdiv(K, block_k), max(triton.cdiv(D, block_d), 1), B)   # D == 0 still writes the totals
     w = weight if weight is not None else total   # placeholder pointer, never read when HAS_WEIGHT is False
-    _gather_merge_kernel[grid](
-        x, index, offsets, w, out, total,
-        K, D,
-        x.stride(0), x.stride(1), index.stride(0), offsets.stride(0), w.stride(0),
-        out.stride(0), out.stride(1), total.stride(0),
-        HAS_WEIGHT=weight is not None, BLOCK_K=block_k, BLOCK_D=block_d,
-        num_warps=4,
-    )
+    with torch.cuda.device_of(x):   # triton launches on the current device, which need not be x's
+        _gather_merge_kernel[grid](
+            x, index, offsets, w, out, total,
+            K, D,
+            x.stride(0), x.stride(1), index.stride(0), offsets.stride(0), w.stride(0),
+            out.stride(0), out.stride(1), total.stride(0),
+            HAS_WEIGHT=weight is not None, BLOCK_K=block_k, BLOCK_D=block_d,
+            num_warps=4,
+        )
     return out, total
