@@ -39,9 +39,12 @@ def main():
     parser.add_argument("--llm-layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--text-tokens", type=int, default=64, help="prompt text tokens around the image (LLaVA ~64)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]

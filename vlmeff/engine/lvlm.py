@@ -13,8 +13,7 @@ import inspect
 import torch
 
 from ..flops import kv_cache_bytes, llm_prefill_flops
-from ..pruners import (contextual_merge, drop_tokens, merge_into_kept, pool_assignment, random_scores, reduce_by_assignment,
-                       resolve_keep, topk_keep_indices)
+from .rows import reduce_rows
 
 POSITION_MODES = ("compact", "original")
 SCORERS = {"cls": "cls", "visionzip": "cls", "received": "received"}   # method -> what the capture scores
@@ -160,54 +159,15 @@ class PreLLMReduction:
         kept, rows = [None] * len(features), [None] * len(features)
         for (_, _, grid), members in groups.items():
             x = torch.stack([features[i] for i in members])
-            out, kept_rows = self._reduce_block(x, _stack(scores, members), _stack(metric, members),
-                                                protected[members[0]], grid)
+            prot = protected[members[0]]
+            if self.method == "pool" and grid is None:
+                grid = self.adapter.feature_grid(int((~prot).sum()))
+            out, _, kept_rows = reduce_rows(self.method, self.options, x, self.keep, prot, _stack(scores, members),
+                                            _stack(metric, members), grid)
             for j, i in enumerate(members):
                 kept[i], rows[i] = out[j], kept_rows[j]
         self.last_scores = [None if scores is None else scores[i] for i in range(len(features))]
         return kept, rows
-
-    def _reduce_block(self, x, scores, metric, protected, grid=None):
-        """x [n, N, D]: n images' feature rows with scores [n, N] and merge metric [n, N, C] (or None);
-        protected [N] bool: rows always kept that take no part in the budget (e.g. [CLS], row separators);
-        grid: (h, w) of the free rows for `pool` when the adapter knows it per image (`image_grid(i)`).
-        Returns (reduced [n, k', D], kept rows [n, k'] in ascending order)."""
-        n, N, _ = x.shape
-        prot, free = protected.nonzero().squeeze(1), (~protected).nonzero().squeeze(1)
-        k = resolve_keep(self.keep, free.numel())
-        if self.method == "pool":
-            h, w = grid or self.adapter.feature_grid(free.numel())
-            cells, (hp, wp) = pool_assignment(h, w, k, device=x.device)
-            group = torch.empty(N, dtype=torch.long, device=x.device)
-            group[prot] = torch.arange(prot.numel(), device=x.device)
-            group[free] = prot.numel() + cells
-            dst, rows = _order_groups(group, prot.numel() + hp * wp)
-            out, _ = reduce_by_assignment(x, dst.expand(n, N), rows.numel())
-            return out, rows.expand(n, -1)
-        if self.method == "random":
-            gen = torch.Generator().manual_seed(self.options["seed"])
-            scores = random_scores(1, N, generator=gen).to(x.device).expand(n, -1)
-        if self.method == "visionzip":
-            return self._visionzip(x, scores, metric, prot, free, k)
-        chosen = free[topk_keep_indices(scores[:, free], k)]
-        rows = torch.cat([prot.expand(n, -1), chosen], dim=1).sort(dim=1).values
-        if metric is not None:
-            out, _ = merge_into_kept(x, rows, metric, targets=~protected[rows])
-        else:
-            out, _ = drop_tokens(x, rows)
-        return out, rows
-
-    def _visionzip(self, x, scores, metric, prot, free, k):
-        """Dominant rows by score, the other free rows folded into `contextual` tokens (VisionZip)."""
-        n = x.shape[0]
-        c = self.options["contextual"]
-        c = min(k - 1, round(c * k) if isinstance(c, float) else c)
-        ranked = scores[:, free].argsort(dim=1, descending=True)
-        dominant = torch.cat([prot.expand(n, -1), free[ranked[:, :k - c]]], dim=1).sort(dim=1).values
-        if c <= 0:
-            return drop_tokens(x, dominant)[0], dominant
-        remaining = free[ranked[:, k - c:]].sort(dim=1).values
-        return contextual_merge(x, dominant, remaining, metric, c)
 
     def _keep_mask(self, ids, counts, kept_slots):
         """[B, L] bool: text tokens and the placeholders of kept feature rows."""
@@ -266,16 +226,6 @@ class PreLLMReduction:
         stats["flops"], stats["flops_unpatched"] = stats["prefill_flops"], stats["prefill_flops_unpatched"]
         self.patch.stats = stats
         self.capture.clear()
-
-
-def _order_groups(group, num_groups):
-    """Relabel group ids [N] so that outputs follow their first member's position.
-    Returns (dst [N] new slot of every row, first [num_groups] first member row of each slot, ascending)."""
-    positions = torch.arange(group.numel(), device=group.device)
-    first = torch.full((num_groups,), group.numel(), device=group.device).scatter_reduce(0, group, positions, "amin")
-    order = first.argsort()
-    relabel = torch.empty_like(order).scatter_(0, order, torch.arange(num_groups, device=group.device))
-    return relabel[group], first[order]
 
 
 def _stack(per_image, members):

@@ -8,9 +8,9 @@ import numbers
 
 import torch
 
-from ..pruners import (bipartite_soft_matching, drop_tokens, merge_into_kept, pool_assignment, random_scores,
-                       reduce_by_assignment, resolve_keep, topk_keep_indices)
+from ..pruners import bipartite_soft_matching, reduce_by_assignment, resolve_keep
 from .capture import QKCapture
+from .rows import reduce_rows
 
 
 def default_layer(depth):
@@ -96,11 +96,7 @@ class ViTReduction:
     def _start(self, module, args):
         x = args[0]
         n_patches = x.shape[1] - self.prefix
-        if self.method != "tome":
-            self.state = {"k": resolve_keep(self.keep, n_patches)}
-        else:
-            self.state = {}
-        self.state.update(sizes=None, batch=x.shape[0], tokens=[], visual={"input": [n_patches] * x.shape[0]})
+        self.state = dict(sizes=None, batch=x.shape[0], tokens=[], visual={"input": [n_patches] * x.shape[0]})
 
     def _count(self, i):
         def hook(module, args):
@@ -125,34 +121,21 @@ class ViTReduction:
 
     # -- reductions ---------------------------------------------------------------------------------------------
     def _reduce_after_layer(self, module, args, out):
-        x, p, k = out, self.prefix, self.state["k"]
-        B, N, _ = x.shape
-        prefix_idx = torch.arange(p, device=x.device).expand(B, p)
-        if self.method == "pool":
-            h, w = self.adapter.patch_grid(N - p)
-            cells, (hp, wp) = pool_assignment(h, w, k, device=x.device)
-            dst = torch.cat([torch.arange(p, device=x.device), p + cells]).expand(B, N)
-            x, sizes = reduce_by_assignment(x, dst, p + hp * wp, self.state["sizes"])
-        else:
-            scores = self._scores(x)[:, p:]
-            kept = topk_keep_indices(scores, k)
-            self.state.update(scores=scores, kept=kept)
-            keep_idx = torch.cat([prefix_idx, p + kept], dim=1)
-            if self.options["reduce"] == "merge":
-                metric = self.keys.keys(self.layer).mean(dim=1)
-                targets = torch.arange(p + k, device=x.device).expand(B, -1) >= p
-                x, sizes = merge_into_kept(x, keep_idx, metric, self.state["sizes"], targets)
-            else:
-                x, sizes = drop_tokens(x, keep_idx, self.state["sizes"])
-        self.state["sizes"] = sizes
+        p, N = self.prefix, out.shape[1]
+        protected = torch.arange(N, device=out.device) < p
+        scores = self._scores() if self.method in ("cls", "received") else None
+        metric = self.keys.keys(self.layer).mean(dim=1) if self.options.get("reduce") == "merge" else None
+        grid = self.adapter.patch_grid(N - p) if self.method == "pool" else None
+        x, self.state["sizes"], rows = reduce_rows(self.method, self.options, out, self.keep, protected, scores,
+                                                   metric, grid, self.state["sizes"])
+        if self.method != "pool":
+            self.state["kept"] = rows[:, p:] - p
+        if scores is not None:
+            self.state["scores"] = scores[:, p:]
         self._record(f"after layer {self.layer}", x)
         return x
 
-    def _scores(self, x):
-        if self.method == "random":
-            # one seeded draw shared by the batch: an image's subset does not depend on its batch neighbours
-            gen = torch.Generator().manual_seed(self.options["seed"])
-            return random_scores(1, x.shape[1], generator=gen).to(x.device).expand(x.shape[0], -1)
+    def _scores(self):
         return self.scored.received_scores() if self.method == "received" else self.scored.cls_scores()
 
     def _tome_forward(self, i, r):

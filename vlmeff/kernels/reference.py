@@ -13,8 +13,13 @@ def gather_merge_reference(x, index, offsets, weight=None):
     zero row and total 0). Accumulates in float32.
     """
     B, N, D = x.shape
-    M = index.shape[1]
     K = offsets.shape[1] - 1
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        # members past offsets[:, -1] are dropped: skip them (reading the count is free on CPU, a sync on GPU)
+        used = int(offsets[:, -1].max()) if offsets.numel() else 0
+        index = index[:, :used]
+        weight = None if weight is None else weight[:, :used]
+    M = index.shape[1]
     # output slot of each member: the segment whose [start, end) holds its position; K for dropped members
     pos = torch.arange(M, device=x.device).expand(B, M)
     slot = torch.searchsorted(offsets[:, 1:].contiguous(), pos.contiguous(), right=True).clamp_max(K)
