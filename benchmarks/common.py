@@ -1,4 +1,5 @@
-"""Shared timing helpers: variants are timed interleaved, round after round, so that machine noise hits all alike."""
+"""Shared timing helpers: variants are timed interleaved, round after round, so that machine noise hits all alike,
+and each reports its median round (robust to both slow and lucky rounds on a shared machine)."""
 import statistics
 import time
 
@@ -11,7 +12,7 @@ def sync(device):
 
 
 def time_interleaved(fns, device, rounds=10, warmup=2):
-    """Median seconds per call of each callable in `fns` (a dict), timed in interleaved rounds."""
+    """Median seconds per call of each callable in `fns` (a dict) over interleaved rounds."""
     times = {name: [] for name in fns}
     for r in range(warmup + rounds):
         for name, fn in fns.items():

@@ -2,7 +2,8 @@
 unpatched vs `cls` keeping 576 -> 192 / 128 / 64 visual tokens, in one run.
 
 Prints per variant: prefill time (vision tower + LLM prefill, `logits_to_keep=1`, as generate's first step),
-measured speedup, the FLOPs ratio of tower + LLM (target: speedup >= 0.9 x FLOPs ratio), the KV-cache bytes, and
+measured speedup, the FLOPs ratio of tower + projector + LLM layers (target: speedup >= 0.9 x FLOPs ratio), the
+KV-cache bytes, and
 the scoring overhead (`cls` at keep=1.0 vs unpatched; target <= 2%).
 
     python benchmarks/lvlm_prefill.py                       # CPU: tower 4 layers, LLM 2 layers
@@ -74,9 +75,12 @@ def main():
 
     seconds = time_interleaved({name: runner(keep) for name, keep in variants.items()}, device, rounds=args.rounds, warmup=1)
     tower = HFViTAdapter(model.model.vision_tower)
-    tower_flops = args.batch * tower.flops([577] * len(tower.layers))
+    # tower and projector run on all 576 patches, patched or not; the FLOPs ratio counts them on both sides
+    projector = sum(2 * m.in_features * m.out_features for m in model.model.multi_modal_projector.modules()
+                    if isinstance(m, torch.nn.Linear))
+    tower_flops = args.batch * (tower.flops([577] * len(tower.layers)) + 576 * projector)
     print(f"LLaVA-1.5-7B shape (tower {args.tower_layers}/24 layers, LLM {args.llm_layers}/32 layers), batch "
-          f"{args.batch}, {args.text_tokens} text tokens, {dtype}, {machine(device)}, median of {args.rounds} rounds")
+          f"{args.batch}, {args.text_tokens} text tokens, {dtype}, {machine(device)}, median of {args.rounds} interleaved rounds")
     print(f"{'variant':26s} {'visual':>6s} {'prefill ms':>11s} {'speedup':>8s} {'FLOPs ratio':>12s} "
           f"{'speedup/FLOPs':>14s} {'KV MiB':>8s}")
     base = seconds["unpatched"]
