@@ -186,3 +186,15 @@ def test_inputs_embeds_and_mismatched_placeholders_are_clear_errors():
             model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"])
         with pytest.raises(ValueError, match="32 image placeholders but the images give 16"):
             model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"][:1])
+
+
+def test_projector_maps_only_the_kept_rows():
+    model, inputs = tiny_llava(), two_samples()
+    shapes = []
+    model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    ref = logits(model, inputs)
+    with vlmeff.patch(model, method="cls", keep=4):
+        logits(model, inputs)
+    with vlmeff.patch(model, method="cls", keep=1.0):
+        assert torch.equal(logits(model, inputs), ref)        # dropping before the row-wise projector is exact
+    assert shapes == [(2, 16, 64), (2, 4, 64), (2, 16, 64)]

@@ -1,8 +1,9 @@
 """vlmeff: training-free, one-line visual-token pruning and merging for ViTs and vision-language models."""
+from . import zoo
 from .api import patch
 from .errors import UnsupportedModelError
 from .patching import Patch
 from .registry import MethodInfo, method_info, methods
 
 __version__ = "0.1.0"
-__all__ = ["MethodInfo", "Patch", "UnsupportedModelError", "method_info", "methods", "patch"]
+__all__ = ["MethodInfo", "Patch", "UnsupportedModelError", "method_info", "methods", "patch", "zoo"]

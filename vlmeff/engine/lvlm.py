@@ -129,9 +129,13 @@ class PreLLMReduction:
             raise ValueError("vlmeff finds image placeholders in input_ids; pass input_ids, not inputs_embeds")
         kwargs = dict(kwargs)
         image_kwargs = {k: kwargs.pop(k) for k in a.image_kwargs if k in kwargs}
-        features = a.encode(image_kwargs)
-        kept_features, kept_rows = self._reduce_images(features)
-        keep = self._keep_mask(ids, [f.shape[0] for f in features], kept_rows)
+        if a.reduces_before_projector:
+            kept_features, counts, kept_rows = a.encode_reduced(image_kwargs, self._reduce_images)
+        else:
+            features = a.encode(image_kwargs)
+            kept_features, kept_rows = self._reduce_images(features)
+            counts = [f.shape[0] for f in features]
+        keep = self._keep_mask(ids, counts, kept_rows)
         mask = kwargs.get("attention_mask")
         lengths_before = (ids.shape[1] * torch.ones(ids.shape[0]) if mask is None else mask.sum(dim=1)).tolist()
         full_ids = ids
@@ -143,7 +147,7 @@ class PreLLMReduction:
         mask = kwargs.get("attention_mask")
         ids = kwargs["input_ids"]
         lengths = (ids.shape[1] * torch.ones(ids.shape[0]) if mask is None else mask.sum(dim=1)).tolist()
-        self._record(features, kept_features, kept_rows, lengths_before, lengths)
+        self._record(counts, kept_features, kept_rows, lengths_before, lengths)
         return kwargs
 
     def _reduce_images(self, features):
@@ -212,10 +216,10 @@ class PreLLMReduction:
         kwargs["attention_mask"] = filled.to(mask.dtype if mask is not None else torch.long) if needs_mask else None
         return kwargs
 
-    def _record(self, features, kept, rows, lengths_before, lengths):
+    def _record(self, counts, kept, rows, lengths_before, lengths):
         cfg, nbytes = self.adapter.text_config, kept[0].element_size()
         stats = {
-            "visual_tokens": {"input": [f.shape[0] for f in features], "before LLM": [k.shape[0] for k in kept]},
+            "visual_tokens": {"input": counts, "before LLM": [k.shape[0] for k in kept]},
             "prefill_flops": sum(llm_prefill_flops(cfg, n) for n in lengths),
             "prefill_flops_unpatched": sum(llm_prefill_flops(cfg, n) for n in lengths_before),
             "kv_cache_bytes": sum(kv_cache_bytes(cfg, n, nbytes) for n in lengths),

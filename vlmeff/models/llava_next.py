@@ -33,6 +33,7 @@ from .llava import LlavaAdapter
 
 
 class LlavaNextAdapter(LlavaAdapter):
+    reduces_before_projector = False     # blocks are packed (crops, newlines) after the projector
     def __init__(self, model):
         super().__init__(model)
         self.layout = None           # of the latest encode: (crops per image, image_sizes, packing options)

@@ -20,7 +20,8 @@ class LVLMAdapter:
     Attributes: family, image_kwargs (kwargs the vision encoder consumes, popped before the LLM call), mrope
     (positions are M-RoPE, kept as original), image_token_id, text_config, pad_token_id, tower (a ViT adapter for
     score capture), has_cls, score_layer (tower layer scored), feature_prefix (leading tower tokens kept as
-    features, e.g. [CLS] with the "full" strategy), features_as_one_tensor (see `encoder_outputs`). Subclasses override what their family does differently.
+    features, e.g. [CLS] with the "full" strategy), features_as_one_tensor (see `encoder_outputs`),
+    reduces_before_projector (the family implements `encode_reduced`). Subclasses override what their family does differently.
     """
 
     kind = "lvlm"
@@ -29,6 +30,7 @@ class LVLMAdapter:
     tower_adapter = HFViTAdapter
     feature_prefix = 0
     features_as_one_tensor = False
+    reduces_before_projector = False
 
     def __init__(self, model):
         self.model = model

@@ -32,8 +32,8 @@ QUERY_CHUNK = 256
 class QwenVLAdapter:
     kind = "lvlm"
     image_kwargs = ("pixel_values", "image_grid_thw")
-    extra_sequence_kwargs = ("mm_token_type_ids",)
     mrope = True
+    reduces_before_projector = False     # the patch merger's 2x2 grouping needs every patch
     has_cls = False
     feature_prefix = 0
 

@@ -80,7 +80,7 @@ def vision_config() -> CLIPVisionConfig:
 
 def text_config(tokenizer: PreTrainedTokenizerFast, moe: bool) -> LlamaConfig | Qwen3MoeConfig:
     common = dict(
-        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )

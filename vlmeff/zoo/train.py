@@ -5,7 +5,7 @@ Stage 1 (tower)   CLIP vision tower + linear head on its [CLS] pooled output, 24
                   partly known counts through the likelihood of its candidate set, -log sum_{c in candidates} p(c)
                   (plain cross-entropy when the label is known).
 Stage 2 (LLaVA)   tower frozen, its layer -2 patch features computed once and cached; projector + LM trained on
-                  conversations of up to 4 QA turns per image, loss on the answer tokens (word + </s>) only. The MoE
+                  conversations of up to 8 QA turns per image, loss on the answer tokens (word + </s>) only. The MoE
                   LM adds Qwen3-MoE's load-balancing loss so that the router spreads tokens over the experts.
 ViT               the stage-1 objective on a timm ViT classifier.
 
@@ -174,7 +174,7 @@ def pad_right(seqs: list[torch.Tensor], value) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value)
 
 
-def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch: int = 32, turns: int = 4) -> None:
+def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch: int = 16, turns: int = 8) -> None:
     """Stage 2: trains projector + LM on cached frozen-tower features, saves model + processor to out/name."""
     seed_all(seed)
     moe = "moe" in name
@@ -199,7 +199,7 @@ def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    sched = schedule(opt, steps, warmup=100)
+    sched = schedule(opt, steps, warmup=50)
     cfg = model.config.text_config
     model.train()
     bar, step, t0 = tqdm(total=steps, desc=f"stage 2 ({name})"), 0, time.time()
@@ -227,7 +227,7 @@ def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch
             step += 1
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step % 250 == 0 or step == steps:
+            if step % 200 == 0 or step == steps:
                 acc = first_token_accuracy(model, feats[[row[i] for i, _, _ in val]], val_ids, [a for *_, a in val], tok, asst)
                 tqdm.write(f"stage 2 ({name}) step {step}: loss {loss.item():.4f}, val first-token acc {acc:.4f} (n=1000)")
     bar.close()
@@ -283,7 +283,7 @@ def main(argv=None) -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/vlmeff-zoo-work"), help="stage-1 tower cache")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stage1-steps", type=int, default=1000)
-    p.add_argument("--stage2-steps", type=int, default=1500)
+    p.add_argument("--stage2-steps", type=int, default=800)
     p.add_argument("--vit-steps", type=int, default=1000)
     a = p.parse_args(argv)
     names = MODELS if a.model == "all" else (a.model,)
