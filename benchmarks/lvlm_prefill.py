@@ -75,24 +75,28 @@ def main():
 
     seconds = time_interleaved({name: runner(keep) for name, keep in variants.items()}, device, rounds=args.rounds, warmup=1)
     tower = HFViTAdapter(model.model.vision_tower)
-    # tower and projector run on all 576 patches, patched or not; the FLOPs ratio counts them on both sides
+    # the tower runs on all 577 tokens, patched or not; the projector maps only the rows that are kept
     projector = sum(2 * m.in_features * m.out_features for m in model.model.multi_modal_projector.modules()
                     if isinstance(m, torch.nn.Linear))
-    tower_flops = args.batch * (tower.flops([577] * len(tower.layers)) + 576 * projector)
+    tower_flops = args.batch * tower.flops([577] * len(tower.layers))
+
+    def vision_flops(kept):
+        return tower_flops + args.batch * kept * projector
+
     print(f"LLaVA-1.5-7B shape (tower {args.tower_layers}/24 layers, LLM {args.llm_layers}/32 layers), batch "
           f"{args.batch}, {args.text_tokens} text tokens, {dtype}, {machine(device)}, median of {args.rounds} interleaved rounds")
     print(f"{'variant':26s} {'visual':>6s} {'prefill ms':>11s} {'speedup':>8s} {'FLOPs ratio':>12s} "
           f"{'speedup/FLOPs':>14s} {'KV MiB':>8s}")
     base = seconds["unpatched"]
     full = stats[1.0]
-    base_flops = tower_flops + full["prefill_flops_unpatched"]
+    base_flops = vision_flops(576) + full["prefill_flops_unpatched"]
     print(f"{'unpatched':26s} {576:6d} {base * 1e3:11.1f} {1.0:8.2f} {1.0:12.2f} {1.0:14.2f} "
           f"{full['kv_cache_bytes_unpatched'] / 2**20:8.1f}")
     for name, keep in variants.items():
         if keep is None:
             continue
         s = stats[keep]
-        ratio = base_flops / (tower_flops + s["prefill_flops"])
+        ratio = base_flops / (vision_flops(s["visual_tokens"]["before LLM"][0]) + s["prefill_flops"])
         speedup = base / seconds[name]
         print(f"{name:26s} {s['visual_tokens']['before LLM'][0]:6d} {seconds[name] * 1e3:11.1f} {speedup:8.2f} "
               f"{ratio:12.2f} {speedup / ratio:14.2f} {s['kv_cache_bytes'] / 2**20:8.1f}")

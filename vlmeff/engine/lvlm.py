@@ -136,17 +136,13 @@ class PreLLMReduction:
             kept_features, kept_rows = self._reduce_images(features)
             counts = [f.shape[0] for f in features]
         keep = self._keep_mask(ids, counts, kept_rows)
-        mask = kwargs.get("attention_mask")
-        lengths_before = (ids.shape[1] * torch.ones(ids.shape[0]) if mask is None else mask.sum(dim=1)).tolist()
-        full_ids = ids
+        lengths_before = _lengths(ids, kwargs.get("attention_mask"))
         kwargs = self._shrink(kwargs, keep)
         kwargs["mm_encoder_outputs"] = a.encoder_outputs(kept_features)
-        self.last_prompt = (full_ids, kwargs["input_ids"], kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        self.last_prompt = (ids, kwargs["input_ids"], kwargs.get("attention_mask"), kwargs.get("position_ids"))
         self.last_extras = {n: v for n, v in kwargs.items() if n not in ("input_ids", "attention_mask", "position_ids")
                             and torch.is_tensor(v) and v.dim() >= 2 and v.shape[-2:] == kwargs["input_ids"].shape}
-        mask = kwargs.get("attention_mask")
-        ids = kwargs["input_ids"]
-        lengths = (ids.shape[1] * torch.ones(ids.shape[0]) if mask is None else mask.sum(dim=1)).tolist()
+        lengths = _lengths(kwargs["input_ids"], kwargs.get("attention_mask"))
         self._record(counts, kept_features, kept_rows, lengths_before, lengths)
         return kwargs
 
@@ -230,6 +226,11 @@ class PreLLMReduction:
         stats["flops"], stats["flops_unpatched"] = stats["prefill_flops"], stats["prefill_flops_unpatched"]
         self.patch.stats = stats
         self.capture.clear()
+
+
+def _lengths(ids, mask):
+    """Tokens per sample of a (padded) prompt."""
+    return [ids.shape[1]] * ids.shape[0] if mask is None else mask.sum(dim=1).tolist()
 
 
 def _stack(per_image, members):
