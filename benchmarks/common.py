@@ -14,8 +14,10 @@ def sync(device):
 def time_interleaved(fns, device, rounds=10, warmup=2):
     """Median seconds per call of each callable in `fns` (a dict) over interleaved rounds."""
     times = {name: [] for name in fns}
+    names = list(fns)
     for r in range(warmup + rounds):
-        for name, fn in fns.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:     # rotate: no variant always goes first
+            fn = fns[name]
             sync(device)
             start = time.perf_counter()
             fn()
