@@ -61,11 +61,14 @@ def test_vlm_generate_batch(vlm, test_images):
     assert (x["attention_mask"] == 0).any()  # padded
     out = model.generate(**x, max_new_tokens=3)
     new = out[:, x["input_ids"].shape[1]:]
-    assert processor.batch_decode(new, skip_special_tokens=True) == [a for *_, a in QUESTIONS]
+    answers = processor.batch_decode(new, skip_special_tokens=True)
+    assert set(answers) <= set(easyvqa.answers())
     assert (new[:, 1] == processor.tokenizer.eos_token_id).all()  # bare answer word, then EOS
-    assert zoo.ask(model, processor, [test_images[i] for i, *_ in QUESTIONS], [q for _, q, _ in QUESTIONS]) == [
-        a for *_, a in QUESTIONS
-    ]
+    assert zoo.ask(model, processor, [test_images[i] for i, *_ in QUESTIONS], [q for _, q, _ in QUESTIONS]) == answers
+    # accuracy on the first 128 test questions, a fixed sample; the models measure 0.92-0.93 on the whole split
+    qs, ans, ids = (v[:128] for v in easyvqa.questions("test"))
+    predicted = zoo.ask(model, processor, [test_images[i] for i in ids], qs)
+    assert sum(p == a for p, a in zip(predicted, ans)) / len(ans) >= 0.85
 
 
 def test_processor_round_trip(vlm, test_images, tmp_path):

@@ -5,8 +5,9 @@ Stage 1 (tower)   CLIP vision tower + linear head on its [CLS] pooled output, 24
                   partly known counts through the likelihood of its candidate set, -log sum_{c in candidates} p(c)
                   (plain cross-entropy when the label is known).
 Stage 2 (LLaVA)   tower frozen, its layer -2 patch features computed once and cached; projector + LM trained on
-                  conversations of up to 8 QA turns per image, loss on the answer tokens (word + </s>) only. The MoE
-                  LM adds Qwen3-MoE's load-balancing loss so that the router spreads tokens over the experts.
+                  all QA pairs of an image packed into one sequence of independent one-turn conversations sharing the
+                  image prefix (`encode_packs`), loss on the answer tokens (word + </s>) only. The MoE LM adds
+                  Qwen3-MoE's load-balancing loss so that the router spreads tokens over the experts.
 ViT               the stage-1 objective on a timm ViT classifier.
 
     python -m vlmeff.zoo.train --model all|tiny-llava-evqa|tiny-llava-moe-evqa|tiny-vit-evqa [--out DIR]
@@ -137,118 +138,126 @@ def tower_features(model, pixel_values: torch.Tensor, batch: int = 128) -> torch
     return torch.cat(out)
 
 
-def encode_conversations(processor, convs: list[list[tuple[str, str]]], n_image_tokens: int):
-    """Conversations (first user turn carries the image) -> token lists and answer masks, via the chat template.
+def encode_packs(processor, packs: list[list[tuple[str, str]]], n_image_tokens: int) -> list[tuple[torch.Tensor, ...]]:
+    """QA pairs about one image -> one packed sequence of independent one-turn prompts sharing the image prefix.
 
-    Returns ids: list of (L_i,) LongTensors with the <image> token expanded, and ans: list of (L_i,) bool masks over the
-    answer tokens (answer word + </s>) that the loss is taken on.
+    The chat template renders each pair as "<s><|user|> <image>x256 q ? <|assistant|> a</s>"; a pack is the shared
+    prefix (through the last <image>) followed by every pair's continuation. Each continuation restarts its positions
+    right after the prefix and (through `packed_mask`) sees only the prefix and itself, so it is trained exactly as the
+    first-turn prompt answered at inference, while the 256 image tokens are paid once per image. Returns per pack
+    (ids, pos, seg, ans), each (L,): token ids, position ids, segment (0 = prefix, k = pair k), answer mask (word + </s>).
     """
-    tok = processor.tokenizer
-    texts = []
-    for turns in convs:
-        msgs = []
-        for t, (q, a) in enumerate(turns):
-            content = ([{"type": "image"}] if t == 0 else []) + [{"type": "text", "text": q}]
-            msgs += [{"role": "user", "content": content}, {"role": "assistant", "content": a}]
-        texts.append(processor.apply_chat_template(msgs).replace(processor.image_token, processor.image_token * n_image_tokens))
-    ids, ans = [], []
-    asst, eos = tok.convert_tokens_to_ids("<|assistant|>"), tok.eos_token_id
-    for x in tok(texts, add_special_tokens=False)["input_ids"]:
-        x = torch.tensor(x)
-        a, e = (x == asst).cumsum(0), (x == eos).cumsum(0) - (x == eos).long()
-        ids.append(x)
-        ans.append((a > e) & (x != asst))  # after an <|assistant|> tag, up to and including its </s>
-    return ids, ans
+    tok, image = processor.tokenizer, processor.image_token
+    asst = tok.convert_tokens_to_ids("<|assistant|>")
+    msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}, {"role": "assistant", "content": a}]
+            for pack in packs for q, a in pack]
+    texts = [t.replace(image, image * n_image_tokens) for t in processor.apply_chat_template(msgs)]
+    enc = [torch.tensor(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+    n_prefix = int(torch.nonzero(enc[0] == processor.image_token_id).max()) + 1
+    out, k = [], 0
+    for pack in packs:
+        own, k = enc[k : k + len(pack)], k + len(pack)
+        conts = [x[n_prefix:] for x in own]
+        out.append((
+            torch.cat([own[0][:n_prefix], *conts]),
+            torch.cat([torch.arange(n_prefix)] + [torch.arange(n_prefix, n_prefix + len(c)) for c in conts]),
+            torch.cat([torch.zeros(n_prefix, dtype=torch.long)] + [torch.full((len(c),), s + 1) for s, c in enumerate(conts)]),
+            torch.cat([torch.zeros(n_prefix, dtype=torch.bool)] + [((c == asst).cumsum(0) > 0) & (c != asst) for c in conts]),
+        ))
+    return out
 
 
-def lm_forward(model, feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, router_logits: bool = False):
-    """Projector + LM on cached features. feats (B,256,D), ids/mask (B,L) -> (hidden (B,L,H), router logits or None)."""
+def collate(items: list[tuple[torch.Tensor, ...]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-pads packs -> ids, pos, seg (padding = -1), ans, each (B,L)."""
+    pad = lambda k, v: torch.nn.utils.rnn.pad_sequence([t[k] for t in items], batch_first=True, padding_value=v)  # noqa: E731
+    return pad(0, pad_id), pad(1, 0), pad(2, -1), pad(3, False)
+
+
+def packed_mask(seg: torch.Tensor) -> torch.Tensor:
+    """(B,L) segments -> (B,1,L,L) bool attention mask: causal, and a token sees the prefix (0) and its own segment."""
+    L = seg.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    return (causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])))[:, None]
+
+
+def lm_forward(model, feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor | None = None,
+               router_logits: bool = False):
+    """Projector + LM on cached features: feats (B,256,D), ids/pos (B,L), mask (B,L) or (B,1,L,L)
+    -> (hidden (B,L,H), router logits per layer or None)."""
     emb = model.get_input_embeddings()(ids)
     img = model.model.multi_modal_projector(feats).to(emb.dtype)
     emb = emb.masked_scatter((ids == model.config.image_token_id)[..., None], img)
-    out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, output_router_logits=router_logits)
+    out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
+                                     output_router_logits=router_logits)
     return out.last_hidden_state, getattr(out, "router_logits", None)
 
 
-def pad_right(seqs: list[torch.Tensor], value) -> torch.Tensor:
-    return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value)
-
-
-def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch: int = 16, turns: int = 8) -> None:
+def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch: int = 16) -> None:
     """Stage 2: trains projector + LM on cached frozen-tower features, saves model + processor to out/name."""
     seed_all(seed)
     moe = "moe" in name
     model, processor = build.build_llava(moe=moe)
     model.model.vision_tower.load_state_dict(tower_state)
     model.model.vision_tower.requires_grad_(False)
-    tok, n_img = processor.tokenizer, processor.image_processor.crop_size["height"] // processor.patch_size
-    n_img *= n_img
+    n_img = (processor.image_processor.crop_size["height"] // processor.patch_size) ** 2
+    pad_id = processor.tokenizer.pad_token_id
     tr, va = split_ids()
     images = easyvqa.load_images("train")
-    row = {i: r for r, i in enumerate(tr + va)}
     pixels = processor.image_processor([images[i] for i in tr + va], return_tensors="pt")["pixel_values"]
-    feats = tower_features(model, pixels)  # (N,256,D)
+    feats = tower_features(model, pixels)  # (N,256,D), rows in tr + va order
     qa = {i: [] for i in tr + va}
     for q, a, i in zip(*easyvqa.questions("train")):
         qa[i].append((q, a))
-    # validation: single-turn prompts of 1,000 held-out questions, scored on the first answer token
-    rng = random.Random(seed)
-    val = rng.sample([(i, q, a) for i in va for q, a in qa[i]], 1000)
-    val_ids, _ = encode_conversations(processor, [[(q, a)] for _, q, a in val], n_img)
-    asst = tok.convert_tokens_to_ids("<|assistant|>")
+    packs = encode_packs(processor, [qa[i] for i in tr + va], n_img)  # one pack per image, all its questions
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     sched = schedule(opt, steps, warmup=50)
     cfg = model.config.text_config
+    g = torch.Generator().manual_seed(seed)
+    it, bar, t0 = batches(len(tr), batch, g), tqdm(range(steps), desc=f"stage 2 ({name})"), time.time()
     model.train()
-    bar, step, t0 = tqdm(total=steps, desc=f"stage 2 ({name})"), 0, time.time()
-    while step < steps:
-        # one epoch: each image's questions shuffled and cut into conversations of <= `turns` QA pairs
-        convs = [(i, qs[k : k + turns]) for i in tr for qs in [rng.sample(qa[i], len(qa[i]))] for k in range(0, len(qs), turns)]
-        rng.shuffle(convs)
-        ids, ans = encode_conversations(processor, [c for _, c in convs], n_img)
-        for b in range(0, len(convs) - batch + 1, batch):
-            if step == steps:
-                break
-            x = pad_right(ids[b : b + batch], tok.pad_token_id)
-            m = pad_right([torch.ones_like(t) for t in ids[b : b + batch]], 0)
-            tgt = pad_right(ans[b : b + batch], False)[:, 1:]  # token t+1 is predicted at t
-            f = feats[[row[i] for i, _ in convs[b : b + batch]]]
-            h, rl = lm_forward(model, f, x, m, router_logits=moe)
-            loss = F.cross_entropy(model.lm_head(h[:, :-1][tgt]), x[:, 1:][tgt])
-            if moe:
-                aux = load_balancing_loss_func(rl, cfg.num_experts, cfg.num_experts_per_tok, m)
-                loss = loss + cfg.router_aux_loss_coef * aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step % 200 == 0 or step == steps:
-                acc = first_token_accuracy(model, feats[[row[i] for i, _, _ in val]], val_ids, [a for *_, a in val], tok, asst)
-                tqdm.write(f"stage 2 ({name}) step {step}: loss {loss.item():.4f}, val first-token acc {acc:.4f} (n=1000)")
-    bar.close()
+    for step in bar:
+        idx = next(it).tolist()
+        ids, pos, seg, ans = collate([packs[r] for r in idx], pad_id)
+        tgt = ans[:, 1:]  # token t+1 is predicted at t
+        h, rl = lm_forward(model, feats[idx], ids, packed_mask(seg), pos, router_logits=moe)
+        loss = F.cross_entropy(model.lm_head(h[:, :-1][tgt]), ids[:, 1:][tgt])
+        if moe:
+            aux = load_balancing_loss_func(rl, cfg.num_experts, cfg.num_experts_per_tok, (seg >= 0).long())
+            loss = loss + cfg.router_aux_loss_coef * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % 200 == 0 or step + 1 == steps:
+            acc, n = answer_accuracy(model, feats, packs, range(len(tr), len(tr) + len(va)), pad_id)
+            tqdm.write(f"stage 2 ({name}) step {step + 1}: loss {loss.item():.4f}, val answer acc {acc:.4f} (n={n})")
     print(f"stage 2 ({name}): {time.time() - t0:.0f} s")
     save(model.eval(), processor, out / name)
 
 
-def first_token_accuracy(model, feats, ids, answers, tok, asst, batch: int = 100) -> float:
-    """Share of prompts whose argmax token after <|assistant|> is the answer word. feats (N,256,D), ids list of (L_i,)."""
+def answer_accuracy(model, feats, packs, rows, pad_id: int, batch: int = 32) -> tuple[float, int]:
+    """Teacher-forced accuracy of the answer word (argmax right after <|assistant|>) over the packs' questions.
+
+    Each packed question is computed exactly like its one-turn prompt, so this equals the first generated token.
+    """
     model.eval()
-    hits = 0
+    hits = n = 0
+    rows = list(rows)
     with torch.no_grad():
-        for b in range(0, len(ids), batch):
-            x = pad_right(ids[b : b + batch], tok.pad_token_id)
-            m = pad_right([torch.ones_like(t) for t in ids[b : b + batch]], 0)
-            h, _ = lm_forward(model, feats[b : b + batch], x, m)
-            last = (x == asst).long().argmax(1)  # single-turn prompts: one <|assistant|> each
-            pred = model.lm_head(h[torch.arange(len(x)), last]).argmax(-1)
-            hits += sum(p == tok.convert_tokens_to_ids(a) for p, a in zip(pred.tolist(), answers[b : b + batch]))
+        for b in range(0, len(rows), batch):
+            r = rows[b : b + batch]
+            ids, pos, seg, ans = collate([packs[k] for k in r], pad_id)
+            h, _ = lm_forward(model, feats[r], ids, packed_mask(seg), pos)
+            first = ans[:, 1:] & ~ans[:, :-1]  # answer words: start of each answer span
+            first = torch.cat([torch.zeros_like(first[:, :1]), first], 1)
+            pred = model.lm_head(h[:, :-1][first[:, 1:]]).argmax(-1)
+            hits += int((pred == ids[first]).sum())
+            n += int(first.sum())
     model.train()
-    return hits / len(ids)
+    return hits / n, n
 
 
 def save(model, processor, path: Path) -> None:
@@ -284,8 +293,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stage1-steps", type=int, default=1000)
     p.add_argument("--stage2-steps", type=int, default=800)
-    p.add_argument("--vit-steps", type=int, default=1000)
+    p.add_argument("--vit-steps", type=int, default=600)
+    p.add_argument("--threads", type=int, help="torch CPU threads; 1 is much faster on a CPU shared with other jobs")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     names = MODELS if a.model == "all" else (a.model,)
     for name in names:
         if name == "tiny-vit-evqa":
