@@ -39,3 +39,15 @@ def batch(prompts, side="left"):
 
 def pixels(n, seed=0):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def generate(model, inputs, **kwargs):
+    """Greedy, 4 new tokens, never the image placeholder (a generated placeholder breaks no-cache runs)."""
+    image = getattr(model.config, "image_token_id", IMAGE)
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=4, do_sample=False, suppress_tokens=[image], **kwargs)

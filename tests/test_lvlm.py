@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import vlmeff
-from lvlm_models import IMAGE, batch, pixels, prompt, tiny_llava
+from lvlm_models import IMAGE, batch, generate, logits, pixels, prompt, tiny_llava
 
-GREEDY = dict(do_sample=False, suppress_tokens=[IMAGE])
 METHODS = [("cls", {}), ("cls", dict(score_layers=0)), ("cls", dict(reduce="merge")), ("visionzip", {}),
            ("visionzip", dict(contextual=2)), ("received", {}), ("random", {}), ("pool", {})]
 
@@ -15,16 +14,6 @@ METHODS = [("cls", {}), ("cls", dict(score_layers=0)), ("cls", dict(reduce="merg
 def two_samples():
     ids, mask = batch([prompt([1, 5, 6], 1, [7, 8, 9]), prompt([1, 5], 1, [7, 8, 9, 10, 11])])
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(2))
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def generate(model, inputs, **kwargs):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=4, **GREEDY, **kwargs)
 
 
 @pytest.mark.parametrize("method,options", METHODS)

@@ -9,9 +9,9 @@ from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3ForConditionalGe
                           LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig)
 
 import vlmeff
+from lvlm_models import generate, logits
 
 IMAGE, PAD = 100, 0
-GREEDY = dict(do_sample=False, suppress_tokens=[IMAGE])
 TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
             initializer_range=0.2)
@@ -127,16 +127,6 @@ def sample(inputs, i):
     else:
         out["pixel_values"] = inputs["pixel_values"][i:i + 1]
     return out
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def generate(model, inputs, **kwargs):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=4, **GREEDY, **kwargs)
 
 
 def newline_rows(model, inputs):
