@@ -10,6 +10,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor  # noqa: 
 
 from vlmeff import zoo  # noqa: E402
 from vlmeff.data import easyvqa  # noqa: E402
+from vlmeff.zoo import train  # noqa: E402
 
 VLMS = ["tiny-llava-evqa", "tiny-llava-moe-evqa"]
 # (test image id, question, answer): mixed templates and lengths, so the batch is left-padded
@@ -62,13 +63,13 @@ def test_vlm_generate_batch(vlm, test_images):
     out = model.generate(**x, max_new_tokens=3)
     new = out[:, x["input_ids"].shape[1]:]
     answers = processor.batch_decode(new, skip_special_tokens=True)
-    assert set(answers) <= set(easyvqa.answers())
+    assert answers == [a for *_, a in QUESTIONS]
     assert (new[:, 1] == processor.tokenizer.eos_token_id).all()  # bare answer word, then EOS
     assert zoo.ask(model, processor, [test_images[i] for i, *_ in QUESTIONS], [q for _, q, _ in QUESTIONS]) == answers
-    # accuracy on the first 128 test questions, a fixed sample; the models measure 0.92-0.93 on the whole split
+    # the first 128 test questions, a fixed sample; the models measure >= 0.99 on the whole split (docs/zoo.md)
     qs, ans, ids = (v[:128] for v in easyvqa.questions("test"))
     predicted = zoo.ask(model, processor, [test_images[i] for i in ids], qs)
-    assert sum(p == a for p, a in zip(predicted, ans)) / len(ans) >= 0.85
+    assert sum(p == a for p, a in zip(predicted, ans)) / len(ans) >= 0.97
 
 
 def test_processor_round_trip(vlm, test_images, tmp_path):
@@ -135,3 +136,45 @@ def test_easyvqa_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "easy_vqa", None)
     with pytest.raises(ImportError, match=r"pip install vlmeff\[eval\]"):
         easyvqa.questions("test")
+
+
+def test_set_nll():
+    logits = torch.randn(4, 24)
+    one = torch.nn.functional.one_hot(torch.tensor([3, 0, 23, 7]), 24).bool()
+    assert torch.allclose(train.set_nll(logits, one), torch.nn.functional.cross_entropy(logits, one.int().argmax(1)))
+    pair = one | torch.nn.functional.one_hot(torch.tensor([5, 1, 2, 8]), 24).bool()
+    p = logits.softmax(-1)
+    assert torch.allclose(train.set_nll(logits, pair), -(p * pair).sum(1).log().mean())
+
+
+def test_packed_training_sequences_equal_one_turn_prompts(test_images):
+    """Stage 2 trains every QA pair of an image in one packed sequence: each pair's logits must equal those of its own
+    one-turn prompt run through the model as at inference, also when packs of different lengths are batched."""
+    model, processor = zoo.load("tiny-llava-evqa")
+    qs, ans, ids = easyvqa.questions("test")
+    packs = {i: [(q, a) for q, a, j in zip(qs, ans, ids) if j == i] for i in (0, 1)}
+    assert len(packs[0]) != len(packs[1])
+    n_img = (64 // processor.patch_size) ** 2
+    enc = train.encode_packs(processor, list(packs.values()), n_img)
+    ids_, pos, seg, answer = train.collate(enc, processor.tokenizer.pad_token_id)
+    pixels = processor.image_processor([test_images[i] for i in packs], return_tensors="pt")["pixel_values"]
+    feats = train.tower_features(model, pixels)
+    with torch.no_grad():
+        hidden, _ = train.lm_forward(model, feats, ids_, train.packed_mask(seg), pos)
+        packed = model.lm_head(hidden)
+    n_prefix = int((seg[0] == 0).sum())
+    for b, image_id in enumerate(packs):
+        for k, (q, a) in enumerate(packs[image_id]):
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+                    {"role": "assistant", "content": a}]
+            x = processor(images=[test_images[image_id]], text=processor.apply_chat_template([msgs]), return_tensors="pt")
+            with torch.no_grad():
+                alone = model(**x).logits[0]
+            rows = seg[b] == k + 1
+            assert torch.equal(ids_[b, rows], x["input_ids"][0, n_prefix:])
+            assert torch.allclose(packed[b, rows], alone[n_prefix:], atol=1e-4)
+            assert processor.tokenizer.convert_ids_to_tokens(ids_[b, rows & answer[b]]) == [a, "</s>"]  # loss targets
+    accuracy, n = train.answer_accuracy(model.eval(), feats, enc, [0, 1], processor.tokenizer.pad_token_id)
+    records = [(i, q, a) for i in packs for q, a in packs[i]]
+    generated = zoo.ask(model.eval(), processor, [test_images[i] for i, _, _ in records], [q for _, q, _ in records])
+    assert n == len(records) and accuracy == sum(g == a for g, (_, _, a) in zip(generated, records)) / n
