@@ -51,3 +51,20 @@ def generate(model, inputs, **kwargs):
     image = getattr(model.config, "image_token_id", IMAGE)
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=4, do_sample=False, suppress_tokens=[image], **kwargs)
+
+
+class Recorder:
+    """Arguments of the latest call of a module (forward pre-hook)."""
+
+    def __init__(self, module):
+        self.args = self.kwargs = None
+        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()

@@ -9,7 +9,7 @@ from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3ForConditionalGe
                           LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig)
 
 import vlmeff
-from lvlm_models import generate, logits
+from lvlm_models import Recorder, generate, logits
 
 IMAGE, PAD = 100, 0
 TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -139,7 +139,7 @@ def newline_rows(model, inputs):
 
 # -- every family -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["scorer", "random"])
+@pytest.mark.parametrize("method", ["scorer", "random", "pool"])
 def test_full_budget_is_identical_and_unpatch_restores(family, method):
     model, inputs = setup(family)
     method = SCORER[family] if method == "scorer" else method
@@ -253,11 +253,43 @@ def test_onevision_multi_image_sample_has_single_view_blocks():
         assert [int(k[-1]) for k in h.stats["kept"]] == [16, 16]          # the newline row
 
 
-def test_pool_on_anyres_blocks_is_refused_clearly():
-    model, inputs = setup("next")
-    with vlmeff.patch(model, method="pool", keep=4):
-        with pytest.raises(ValueError, match="base view plus a grid of crops"):
-            logits(model, inputs)
+def grid_pool_oracle(block, grids, shares, newlines):
+    """Loop oracle of `pool` on a packed block: the free rows (all but newlines) are the given raster grids one
+    after another, each average-pooled to its (h', w'); outputs follow their first row, newline rows kept."""
+    free = [r for r in range(block.shape[0]) if r not in set(newlines.tolist())]
+    cell, offset, start = {}, 0, 0
+    for (h, w), (hp, wp) in zip(grids, shares):
+        for j in range(h * w):
+            cell[free[start + j]] = offset + (j // w) * hp // h * wp + (j % w) * wp // w
+        offset, start = offset + hp * wp, start + h * w
+    out, seen = [], set()
+    for r in range(block.shape[0]):
+        if r not in cell:
+            out.append(block[r])
+        elif cell[r] not in seen:
+            seen.add(cell[r])
+            out.append(block[[s for s in cell if cell[s] == cell[r]]].mean(dim=0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family", ["next", "onevision", "onevision_shrunk"])
+def test_pool_on_anyres_pools_base_view_and_crop_grid_apart(family):
+    """keep=20: image 0 has 16 base rows + a 6 x 8 crop grid (3 x 4 when shrunk), image 1 16 + 4 x 4; the budget is
+    split over the two grids in proportion to their sizes (largest remainders)."""
+    model, inputs = setup(family)
+    with torch.no_grad():
+        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    newlines = newline_rows(model, inputs)
+    with vlmeff.patch(model, method="pool", keep=20) as h, Recorder(model.model) as rec:
+        logits(model, inputs)
+    given = rec.kwargs["mm_encoder_outputs"]["image"].pooler_output
+    crop_grid = (3, 4) if family == "onevision_shrunk" else (6, 8)
+    shares = {(6, 8): [(2, 2), (3, 5)], (3, 4): [(3, 3), (3, 3)]}[crop_grid]    # budgets 5 + 15, 11 + 9
+    expected = [grid_pool_oracle(packed[0], [(4, 4), crop_grid], shares, newlines[0]),
+                grid_pool_oracle(packed[1], [(4, 4), (4, 4)], [(3, 3), (3, 3)], newlines[1])]   # budgets 10 + 10
+    assert h.stats["visual_tokens"]["before LLM"] == [e.shape[0] for e in expected]
+    for g, e in zip(given, expected):
+        torch.testing.assert_close(g, e)
 
 
 # -- InternVL -----------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from vlmeff.pruners import (bipartite_soft_matching, contextual_merge, drop_tokens, merge_into_kept,
                             pool_assignment, received_attention, reduce_by_assignment, resolve_keep,
                             topk_keep_indices)
-from vlmeff.pruners.pool import pool_grid
+from vlmeff.pruners.pool import pool_grid, pool_views, split_budget
 
 
 def test_resolve_keep_counts_and_ratios():
@@ -57,6 +57,17 @@ def test_pool_grid_and_assignment():
     dst, (h, w) = pool_assignment(4, 4, 4)
     assert (h, w) == (2, 2)
     assert dst.view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+
+
+def test_pool_views_split_the_budget_by_size():
+    assert split_budget([16, 48], 20) == [5, 15] and split_budget([16, 48], 64) == [16, 48]
+    assert split_budget([1000, 1, 1], 3) == [1, 1, 1] and sum(split_budget([7, 5, 3], 11)) == 11
+    with pytest.raises(ValueError, match="at least one token per grid: 2 grids, budget 1"):
+        split_budget([4, 4], 1)
+    dst, n = pool_views([(4, 4)], 4)
+    assert n == 4 and torch.equal(dst, pool_assignment(4, 4, 4)[0])
+    dst, n = pool_views([(2, 2), (2, 4)], 3)                       # budgets 1 + 2: one cell, then 1 x 2 cells
+    assert n == 3 and dst.tolist() == [0, 0, 0, 0, 1, 1, 2, 2, 1, 1, 2, 2]
 
 
 def test_received_attention_matches_full_softmax():

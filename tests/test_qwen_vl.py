@@ -8,6 +8,7 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
 from transformers.vision_utils import get_vision_window_index
 
 import vlmeff
+from lvlm_models import Recorder
 from vlmeff.pruners import pool_assignment
 
 IMAGE, VIDEO, START, END, PAD = 100, 101, 98, 99, 0
@@ -87,23 +88,6 @@ def logits(model, **kwargs):
 def generate(model, **kwargs):
     with torch.no_grad():
         return model.generate(**kwargs, max_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE])
-
-
-class Recorder:
-    """Arguments of the latest call of a module (forward pre-hook)."""
-
-    def __init__(self, module):
-        self.args = self.kwargs = None
-        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        self.args, self.kwargs = args, kwargs
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 @pytest.mark.parametrize("method,options", METHODS, ids=lambda v: v if isinstance(v, str) else str(v))

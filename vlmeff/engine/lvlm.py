@@ -152,18 +152,15 @@ class PreLLMReduction:
         protected = self.adapter.protected_rows(features)
         groups = {}
         for i, (f, prot) in enumerate(zip(features, protected)):
-            grid = self.adapter.image_grid(i) if self.method == "pool" and hasattr(self.adapter, "image_grid") else None
-            groups.setdefault((f.shape[0], prot.cpu().numpy().tobytes(), grid), []).append(i)
+            grids = self.adapter.image_grids(i, prot) if self.method == "pool" else None
+            groups.setdefault((f.shape[0], prot.cpu().numpy().tobytes(), grids), []).append(i)
         scores = self.capture.scores()
         metric = self.capture.metric() if self._merges else None
         kept, rows = [None] * len(features), [None] * len(features)
-        for (_, _, grid), members in groups.items():
+        for (_, _, grids), members in groups.items():
             x = torch.stack([features[i] for i in members])
-            prot = protected[members[0]]
-            if self.method == "pool" and grid is None:
-                grid = self.adapter.feature_grid(int((~prot).sum()))
-            out, _, kept_rows = reduce_rows(self.method, self.options, x, self.keep, prot, _stack(scores, members),
-                                            _stack(metric, members), grid)
+            out, _, kept_rows = reduce_rows(self.method, self.options, x, self.keep, protected[members[0]],
+                                            _stack(scores, members), _stack(metric, members), grids)
             for j, i in enumerate(members):
                 kept[i], rows[i] = out[j], kept_rows[j]
         self.last_scores = [None if scores is None else scores[i] for i in range(len(features))]

@@ -2,16 +2,17 @@
 used by both the ViT engine (hidden states after a layer) and the pre-LLM engine (feature blocks)."""
 import torch
 
-from ..pruners import (contextual_merge, drop_tokens, merge_into_kept, pool_assignment, random_scores,
-                       reduce_by_assignment, resolve_keep, topk_keep_indices)
+from ..pruners import (contextual_merge, drop_tokens, merge_into_kept, pool_views, random_scores, reduce_by_assignment,
+                       resolve_keep, topk_keep_indices)
 
 
-def reduce_rows(method, options, x, keep, protected, scores=None, metric=None, grid=None, sizes=None):
+def reduce_rows(method, options, x, keep, protected, scores=None, metric=None, grids=None, sizes=None):
     """Reduce x [n, N, D] with `method` ("cls", "received", "random", "pool" or "visionzip").
 
     protected [N] bool: rows always kept, outside the budget ([CLS], registers, row separators); keep: the
     budget over the other rows (count or ratio); scores [n, N] for scored methods; metric [n, N, C] for merges
-    (options["reduce"] == "merge", visionzip); grid (h, w) of the unprotected rows for pool; sizes [n, N] or None.
+    (options["reduce"] == "merge", visionzip); grids for pool: the (h, w) grids that the unprotected rows form one
+    after another, pooled apart with the budget split in proportion to their sizes; sizes [n, N] or None.
     Returns (x' [n, K, D], sizes' [n, K] or None, rows [n, K]: the kept row (or the first member) of every
     output, ascending).
     """
@@ -19,11 +20,11 @@ def reduce_rows(method, options, x, keep, protected, scores=None, metric=None, g
     prot, free = protected.nonzero().squeeze(1), (~protected).nonzero().squeeze(1)
     k = resolve_keep(keep, free.numel())
     if method == "pool":
-        cells, (hp, wp) = pool_assignment(*grid, k, device=x.device)
+        cells, n_cells = pool_views(grids, k, device=x.device)
         group = torch.empty(N, dtype=torch.long, device=x.device)
         group[prot] = torch.arange(prot.numel(), device=x.device)
         group[free] = prot.numel() + cells
-        dst, rows = _order_groups(group, prot.numel() + hp * wp)
+        dst, rows = _order_groups(group, prot.numel() + n_cells)
         out, sizes = reduce_by_assignment(x, dst.expand(n, N), rows.numel(), sizes)
         return out, sizes, rows.expand(n, -1)
     if method == "random":

@@ -125,9 +125,9 @@ class ViTReduction:
         protected = torch.arange(N, device=out.device) < p
         scores = self._scores() if self.method in ("cls", "received") else None
         metric = self.keys.keys(self.layer).mean(dim=1) if self.options.get("reduce") == "merge" else None
-        grid = self.adapter.patch_grid(N - p) if self.method == "pool" else None
+        grids = (self.adapter.patch_grid(N - p),) if self.method == "pool" else None
         x, self.state["sizes"], rows = reduce_rows(self.method, self.options, out, self.keep, protected, scores,
-                                                   metric, grid, self.state["sizes"])
+                                                   metric, grids, self.state["sizes"])
         if self.method != "pool":
             self.state["kept"] = rows[:, p:] - p
         if scores is not None:

@@ -32,8 +32,9 @@ class Gemma3Adapter(LVLMAdapter):
         x = self.projector.avg_pool(x.reshape(x.shape[0], x.shape[1], p, p)).flatten(2)
         return x[:, 0] if squeeze else x.transpose(1, 2)
 
-    def feature_grid(self, n):
+    def image_grids(self, i, protected):
+        n = int((~protected).sum())
         side = self.projector.tokens_per_side
         if side * side != n:
             raise ValueError(f"{n} Gemma 3 tokens do not form the {side} x {side} grid; cannot pool them")
-        return side, side
+        return ((side, side),)

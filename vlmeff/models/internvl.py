@@ -84,8 +84,9 @@ class InternVLAdapter(LVLMAdapter):
         groups = self.shuffle_groups(t.shape[1], t.device)
         return t[:, groups].sum(dim=2)
 
-    def feature_grid(self, n):
+    def image_grids(self, i, protected):
+        n = int((~protected).sum())
         side = math.isqrt(n)
         if side * side != n:
             raise ValueError(f"{n} InternVL tokens do not form a square grid; cannot pool them")
-        return side, side
+        return ((side, side),)

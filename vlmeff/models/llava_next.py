@@ -22,8 +22,8 @@ not defined on the packed block, and (3) [CLS] attention is a softmax within eac
 different views are on one scale and a global top-k simply gives more tokens to views whose attention is more
 concentrated. With a ratio budget the total matches FasterVLM's per-view spread up to rounding.
 
-`pool` is supported only on blocks that are a single view (OneVision multi-image); a base view plus a crop grid
-is not one grid. Videos (`pixel_values_videos`) are not reduced.
+`pool` average-pools the base view and the packed crop grid separately (newline rows kept), the budget split
+between them in proportion to their rows. Videos (`pixel_values_videos`) are not reduced.
 """
 import sys
 
@@ -61,12 +61,13 @@ class LlavaNextAdapter(LlavaAdapter):
         marks = torch.zeros(sum(self.layout[0]), self._tokens_per_crop(), 1, device=features[0].device)
         return [p[:, 0] > 0.5 for p in self.pack(marks, newline=1.0)]
 
-    def feature_grid(self, n):
+    def image_grids(self, i, protected):
+        """The base view's patch grid, then, for a block with crops, the unpadded crop grid: a newline row ends each
+        of its rows (a single-view block ends with one newline row and has no crop grid)."""
         p = self._tokens_per_crop()
-        if n != p:
-            raise ValueError(f"pool on {self.family}: an image block of {n} rows is a base view plus a grid of crops "
-                             f"({p} tokens per view), not one grid; use cls, received or random")
-        return self.tower.patch_grid(n)
+        rows = int(protected[p:].sum())
+        cols = (protected.numel() - p) // rows - 1 if rows else 0
+        return (self.tower.patch_grid(p),) + (((rows, cols),) if cols > 0 else ())
 
     # -- packing -------------------------------------------------------------------------------------------------
     def pack(self, values, newline=0.0):

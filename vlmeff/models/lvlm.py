@@ -60,9 +60,10 @@ class LVLMAdapter:
         """Per image, bool [N_i]: rows kept regardless of the budget (the prefix rows)."""
         return [torch.arange(f.shape[0], device=f.device) < self.feature_prefix for f in features]
 
-    def feature_grid(self, n):
-        """(h, w) of n unprotected feature rows, for `pool`."""
-        return self.tower.patch_grid(n)
+    def image_grids(self, i, protected):
+        """For `pool`: the (h, w) grids that image i's unprotected feature rows form one after another (protected:
+        its bool [N_i] from `protected_rows`)."""
+        return (self.tower.patch_grid(int((~protected).sum())),)
 
     def encoder_outputs(self, features):
         """`mm_encoder_outputs` for reduced blocks: the list of blocks, or, where forward takes a tensor

@@ -90,18 +90,10 @@ class QwenVLAdapter:
     def protected_rows(self, features):
         return [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
 
-    def image_grid(self, i):
-        """(rows, cols) of image i's feature rows: the merged grid of its frames stacked vertically."""
+    def image_grids(self, i, protected):
+        """Image i's feature rows as one grid: the merged grid of its frames stacked vertically."""
         t, h, w = (int(v) for v in self.grids[i])
-        return t * (h // self.merge), w // self.merge
-
-    def feature_grid(self, n):
-        """(rows, cols) of an image with n feature rows in the latest call (ValueError if images with n rows
-        have different grids and the caller did not say which image)."""
-        grids = {self.image_grid(i) for i in range(len(self.grids)) if self._rows(i) == n}
-        if len(grids) != 1:
-            raise ValueError(f"no single grid for images of {n} visual tokens in this call: {sorted(grids)}")
-        return grids.pop()
+        return ((t * (h // self.merge), w // self.merge),)
 
     def _rows(self, i):
         return int(self.grids[i].prod()) // self.merge ** 2
