@@ -156,11 +156,11 @@ def test_packed_training_sequences_equal_one_turn_prompts(test_images):
     assert len(packs[0]) != len(packs[1])
     n_img = (64 // processor.patch_size) ** 2
     enc = train.encode_packs(processor, list(packs.values()), n_img)
-    ids_, pos, seg, answer = train.collate(enc, processor.tokenizer.pad_token_id)
+    tokens, pos, seg, answer = train.collate(enc, processor.tokenizer.pad_token_id)
     pixels = processor.image_processor([test_images[i] for i in packs], return_tensors="pt")["pixel_values"]
     feats = train.tower_features(model, pixels)
     with torch.no_grad():
-        hidden, _ = train.lm_forward(model, feats, ids_, train.packed_mask(seg), pos)
+        hidden, _ = train.lm_forward(model, feats, tokens, train.packed_mask(seg), pos)
         packed = model.lm_head(hidden)
     n_prefix = int((seg[0] == 0).sum())
     for b, image_id in enumerate(packs):
@@ -171,9 +171,9 @@ def test_packed_training_sequences_equal_one_turn_prompts(test_images):
             with torch.no_grad():
                 alone = model(**x).logits[0]
             rows = seg[b] == k + 1
-            assert torch.equal(ids_[b, rows], x["input_ids"][0, n_prefix:])
+            assert torch.equal(tokens[b, rows], x["input_ids"][0, n_prefix:])
             assert torch.allclose(packed[b, rows], alone[n_prefix:], atol=1e-4)
-            assert processor.tokenizer.convert_ids_to_tokens(ids_[b, rows & answer[b]]) == [a, "</s>"]  # loss targets
+            assert processor.tokenizer.convert_ids_to_tokens(tokens[b, rows & answer[b]]) == [a, "</s>"]  # loss targets
     accuracy, n = train.answer_accuracy(model.eval(), feats, enc, [0, 1], processor.tokenizer.pad_token_id)
     records = [(i, q, a) for i in packs for q, a in packs[i]]
     generated = zoo.ask(model.eval(), processor, [test_images[i] for i, _, _ in records], [q for _, q, _ in records])
