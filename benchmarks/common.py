@@ -5,6 +5,24 @@ import time
 
 import torch
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_device_args(parser, cuda_dtype):
+    """--device, --dtype (default `cuda_dtype` on CUDA, fp32 on CPU) and --threads."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help=f"default {cuda_dtype} on CUDA, fp32 on CPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.set_defaults(cuda_dtype=cuda_dtype)
+
+
+def device_and_dtype(args):
+    """Applies --threads; (device, dtype) from --device and --dtype."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    return device, DTYPES[args.dtype or (args.cuda_dtype if device.type == "cuda" else "fp32")]
+
 
 def sync(device):
     if device.type == "cuda":

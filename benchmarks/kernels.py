@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import machine
+from common import add_device_args, device_and_dtype, machine
 from vlmeff.kernels import gather_merge, segments_from_assignment
 from vlmeff.kernels.attention_rows import attention_rows
 from vlmeff.kernels.reference import gather_merge_reference
@@ -127,18 +127,11 @@ def bench_attention_rows(args, device, dtype):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                        help="default bf16 on CUDA, fp32 on CPU")
+    add_device_args(parser, cuda_dtype="bf16")
     parser.add_argument("--rounds", type=int, default=None, help="default 20 on CUDA, 7 on CPU")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, hidden 1024 only")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    device, dtype = device_and_dtype(args)
     args.rounds = args.rounds or (20 if device.type == "cuda" else 7)
     torch.manual_seed(0)
     print(f"{machine(device)}, torch {torch.__version__}")

@@ -15,7 +15,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vlmeff
-from common import machine, time_interleaved
+from common import add_device_args, device_and_dtype, machine, time_interleaved
 from vlmeff.models.hf_vision import HFViTAdapter
 
 IMAGE_TOKEN = 32000
@@ -35,20 +35,14 @@ def build(tower_layers, llm_layers, device, dtype):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_args(parser, cuda_dtype="fp16")
     parser.add_argument("--tower-layers", type=int, default=4)
     parser.add_argument("--llm-layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--text-tokens", type=int, default=64, help="prompt text tokens around the image (LLaVA ~64)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    device, dtype = device_and_dtype(args)
 
     torch.manual_seed(0)
     model = build(args.tower_layers, args.llm_layers, device, dtype)

@@ -12,7 +12,7 @@ import timm
 import torch
 
 import vlmeff
-from common import machine, time_interleaved
+from common import add_device_args, device_and_dtype, machine, time_interleaved
 
 VARIANTS = {
     "cls keep=1.0 (overhead)": dict(method="cls", keep=1.0),
@@ -25,18 +25,12 @@ VARIANTS = {
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_args(parser, cuda_dtype="fp16")
     parser.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 64 on CUDA")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default fp32 on CPU, fp16 on CUDA")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device, dtype = device_and_dtype(args)
     batch = args.batch or (64 if device.type == "cuda" else 8)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
 
     torch.manual_seed(0)
     models = {name: timm.create_model("vit_base_patch16_224", pretrained=False).eval().to(device, dtype)
