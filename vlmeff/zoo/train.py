@@ -70,6 +70,14 @@ def schedule(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
+def optimize(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, loss: torch.Tensor) -> None:
+    """One optimiser step on loss, then one scheduler step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def batches(n: int, size: int, g: torch.Generator):
     """Endless random batches of indices into range(n), one permutation per epoch."""
     while True:
@@ -93,10 +101,7 @@ def train_classifier(net, head_fn, pixels, allowed, val_pixels, val_allowed, ste
         x = pixels[idx]
         x = torch.where(torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)
         loss = set_nll(head_fn(x), allowed[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimize(opt, sched, loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % 200 == 0 or step + 1 == steps:
             net.eval()
@@ -228,10 +233,7 @@ def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch
         if moe:
             aux = load_balancing_loss_func(rl, cfg.num_experts, cfg.num_experts_per_tok, (seg >= 0).long())
             loss = loss + cfg.router_aux_loss_coef * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimize(opt, sched, loss)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 200 == 0 or step + 1 == steps:
             acc, n = answer_accuracy(model, feats, packs, range(len(tr), len(tr) + len(va)), pad_id)
