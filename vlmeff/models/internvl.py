@@ -83,10 +83,3 @@ class InternVLAdapter(LVLMAdapter):
         t = t[:, self.tower.num_prefix_tokens:]
         groups = self.shuffle_groups(t.shape[1], t.device)
         return t[:, groups].sum(dim=2)
-
-    def image_grids(self, i, protected):
-        n = int((~protected).sum())
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"{n} InternVL tokens do not form a square grid; cannot pool them")
-        return ((side, side),)
