@@ -3,8 +3,9 @@ unpatched vs `cls` keeping 576 -> 192 / 128 / 64 visual tokens, in one run.
 
 Prints per variant: prefill time (vision tower + LLM prefill, `logits_to_keep=1`, as generate's first step),
 measured speedup, the FLOPs ratio of tower + projector + LLM layers (target: speedup >= 0.9 x FLOPs ratio), the
-KV-cache bytes, and
-the scoring overhead (`cls` at keep=1.0 vs unpatched; target <= 2%).
+KV-cache bytes, the aten ops launching work that the patch adds to one prefill and its host syncs (a GPU pays a
+few microseconds per launch; the prompt rebuild reads the new length once), and the scoring overhead (`cls` at
+keep=1.0 vs unpatched; target <= 2%).
 
     python benchmarks/lvlm_prefill.py                       # CPU: tower 4 layers, LLM 2 layers
     python benchmarks/lvlm_prefill.py --tower-layers 24 --llm-layers 32 --dtype fp16 --batch 8   # a GPU
@@ -17,6 +18,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 import vlmeff
 from common import add_device_args, device_and_dtype, machine, time_interleaved
 from vlmeff.models.hf_vision import HFViTAdapter
+from vlmeff.opcount import count_ops
 
 IMAGE_TOKEN = 32000
 BUDGETS = [192, 128, 64]
@@ -67,6 +69,7 @@ def main():
             stats[keep] = h.stats
         return run
 
+    counts = {name: count_ops(runner(keep))[1] for name, keep in variants.items()}
     seconds = time_interleaved({name: runner(keep) for name, keep in variants.items()}, device, rounds=args.rounds, warmup=1)
     tower = HFViTAdapter(model.model.vision_tower)
     # the tower runs on all 577 tokens, patched or not; the projector maps only the rows that are kept
@@ -80,12 +83,12 @@ def main():
     print(f"LLaVA-1.5-7B shape (tower {args.tower_layers}/24 layers, LLM {args.llm_layers}/32 layers), batch "
           f"{args.batch}, {args.text_tokens} text tokens, {dtype}, {machine(device)}, median of {args.rounds} interleaved rounds")
     print(f"{'variant':26s} {'visual':>6s} {'prefill ms':>11s} {'speedup':>8s} {'FLOPs ratio':>12s} "
-          f"{'speedup/FLOPs':>14s} {'KV MiB':>8s}")
+          f"{'speedup/FLOPs':>14s} {'KV MiB':>8s} {'ops added':>10s} {'syncs':>6s}")
     base = seconds["unpatched"]
     full = stats[1.0]
     base_flops = vision_flops(576) + full["prefill_flops_unpatched"]
     print(f"{'unpatched':26s} {576:6d} {base * 1e3:11.1f} {1.0:8.2f} {1.0:12.2f} {1.0:14.2f} "
-          f"{full['kv_cache_bytes_unpatched'] / 2**20:8.1f}")
+          f"{full['kv_cache_bytes_unpatched'] / 2**20:8.1f} {0:10d} {counts['unpatched'].syncs:6d}")
     for name, keep in variants.items():
         if keep is None:
             continue
@@ -93,7 +96,8 @@ def main():
         ratio = base_flops / (vision_flops(s["visual_tokens"]["before LLM"][0]) + s["prefill_flops"])
         speedup = base / seconds[name]
         print(f"{name:26s} {s['visual_tokens']['before LLM'][0]:6d} {seconds[name] * 1e3:11.1f} {speedup:8.2f} "
-              f"{ratio:12.2f} {speedup / ratio:14.2f} {s['kv_cache_bytes'] / 2**20:8.1f}")
+              f"{ratio:12.2f} {speedup / ratio:14.2f} {s['kv_cache_bytes'] / 2**20:8.1f} "
+              f"{counts[name].total - counts['unpatched'].total:10d} {counts[name].syncs:6d}")
     print(f"scoring overhead at full budget: {(seconds['cls keep=1.0 (overhead)'] / base - 1) * 100:+.1f}% of the "
           f"unpatched prefill")
 
