@@ -337,3 +337,17 @@ def test_new_call_empties_the_stats():
     assert p.stats["visual_tokens"]["after layer 1"] == [8, 8]
     p.new_call()
     assert p.stats == {}
+
+
+@pytest.mark.parametrize("keep,error,match", [
+    (True, TypeError, r"keep must be an int token count >= 1 or a float ratio in \(0, 1\], got True"),
+    ("4", TypeError, r"keep must be an int token count >= 1 or a float ratio in \(0, 1\], got '4'"),
+    (math.nan, ValueError, r"keep=nan: a ratio must lie in \(0, 1\]"),
+    (0.0, ValueError, r"keep=0.0: a ratio must lie in \(0, 1\]"),
+    (-3, ValueError, r"keep=-3: a token count must be >= 1"),
+])
+def test_bad_keep_is_refused_at_patch_time(keep, error, match):
+    model = tiny_timm_vit()
+    with pytest.raises(error, match=match):
+        vlmeff.patch(model, "random", keep=keep)
+    assert not hasattr(model, "_vlmeff_patch")
