@@ -5,7 +5,7 @@ from .errors import UnsupportedModelError
 from .models import find_adapter
 from .patching import Patch
 from .pruners.select import check_keep
-from .registry import ModelContext, check_option_names, method_info, methods, resolve_options
+from .registry import ModelContext, method_info, methods, resolve_options
 
 # (model kind, where the method acts) -> the engine that installs it, built as engine(patch, adapter, method, keep,
 # options) and installed by engine.install(); a method acts at the first of its `acts_in` sites listed here
@@ -26,18 +26,17 @@ def patch(model, method="cls", keep=None, **options):
     already compiled or patched) or UnsupportedModelError (unsupported model). On an error the model is unchanged.
     """
     info = method_info(method)
-    check_option_names(info, options)
     if keep is not None:
         check_keep(keep)
     refuse_compiled(model)
     adapter = find_adapter(model)
     refuse_compiled_layers(model, adapter)
-    site = next((s for s in info.acts_in if (adapter.kind, s) in ENGINES), None)
+    site = site_of(info, adapter.kind)
     if site is None:
-        usable = [m.name for m in methods() if any((adapter.kind, s) in ENGINES for s in m.acts_in)]
+        usable = [m.name for m in methods() if site_of(m, adapter.kind)]
         raise ValueError(f"method {method!r} does not act on {adapter.family}; methods that do: {', '.join(usable)}")
     if info.needs_cls and not adapter.has_cls:
-        usable = [m.name for m in methods() if not m.needs_cls and adapter.kind in m.model_kinds]
+        usable = [m.name for m in methods() if not m.needs_cls and site_of(m, adapter.kind)]
         raise ValueError(f"method {method!r} reads the [CLS] token, which {adapter.family} does not have; "
                          f"methods that work on it: {', '.join(usable)}")
     options = resolve_options(info, options, model_context(adapter, keep))
@@ -48,6 +47,12 @@ def patch(model, method="cls", keep=None, **options):
         handle.unpatch()
         raise
     return handle
+
+
+def site_of(info, kind):
+    """Where the method of `info` acts on a model of `kind`: the first of its `acts_in` sites that has an engine
+    for that kind, or None."""
+    return next((s for s in info.acts_in if (kind, s) in ENGINES), None)
 
 
 def model_context(adapter, keep):

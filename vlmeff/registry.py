@@ -1,5 +1,9 @@
 """The method registry: one record per method, each option declared with its type and range, and the one check
-of a `vlmeff.patch` call's options (`resolve_options`)."""
+of a `vlmeff.patch` call's options (`resolve_options`).
+
+Adding an option is one line, e.g. `ORDER = Option("order", "tome", *choice("tome", "raster"))` or
+`Option("cls_token", False, (bool,), accepted="True or False")`, then naming it in the method's `register` call.
+"""
 import difflib
 import numbers
 from dataclasses import dataclass, field, replace
@@ -53,6 +57,9 @@ class Option:
     valid: Callable = lambda value, ctx: True
     accepted: str = ""
     on_model: Optional[Callable] = None
+
+    def __repr__(self):
+        return f"Option({self.name}={self.default!r}: {self.accepted})"
 
     def accepted_text(self, ctx=None):
         """What is accepted; on the model of `ctx` if given."""
