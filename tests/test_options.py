@@ -12,8 +12,10 @@ import vlmeff
 from lvlm_models import logits, tiny_llava
 from models import images, run, tiny_timm_vit
 from test_lvlm import two_samples
+from test_lvlm_families import FAMILIES
 from test_qwen_vl import tiny_qwen
 from vlmeff import api, registry
+from vlmeff.models import find_adapter
 from vlmeff.models.timm_vit import TimmViTAdapter
 
 # tiny_timm_vit: 4 layers, default pruning layer 1, 64 patches. tiny_llava: 3-layer CLIP tower, features taken
@@ -152,6 +154,23 @@ def test_every_method_patches_with_its_defaults_and_forward_runs(llava):
                 call()
             assert p.config == {"method": info.name, "keep": 4, **info.defaults}
             assert p.stats["visual_tokens"], (info.name, kind)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2", "qwen3"])
+def test_every_family_bounds_score_layers_by_its_tower_and_patches_with_defaults(family):
+    """The context read from each adapter: the tower depth (from the config) bounds score_layers, and every
+    method that acts on the family patches with its defaults."""
+    model = tiny_qwen(family) if family.startswith("qwen") else FAMILIES[family][0]()
+    vision = model.config.vision_config
+    depth = vision.depth if family.startswith("qwen") else vision.num_hidden_layers
+    with pytest.raises(ValueError, match=rf"score_layers={depth} is not accepted; .*indices lie in \[-{depth}, "
+                                         rf"{depth - 1}\]"):
+        vlmeff.patch(model, "received", keep=4, score_layers=depth)
+    has_cls = find_adapter(model).has_cls
+    for info in vlmeff.methods():
+        if "lvlm" in info.model_kinds and (has_cls or not info.needs_cls):
+            vlmeff.patch(model, info.name, keep=4).unpatch()
+    assert not hasattr(model, "_vlmeff_patch")
 
 
 @pytest.mark.parametrize("model,method,options,config", [

@@ -184,7 +184,8 @@ POSITIONS = Option("positions", None, (type(None), str), _positions_valid,
                    "compact, original, or None for compact (LVLMs only; M-RoPE models: original only)",
                    _positions_accepted)
 CONTEXTUAL = Option("contextual", 10 / 64, (int, float), _contextual_valid,
-                    "an int count >= 0 of contextual tokens (at most keep - 1) or a float share of the budget in [0, 1)",
+                    "an int count >= 0 of contextual tokens (at most keep - 1) or a float share of the budget "
+                    "in [0, 1)",
                     _contextual_accepted)
 TOME_R = Option("r", None, (type(None), int, tuple, list), _tome_r_valid,
                 "None (derived from keep), an int >= 0 merged in every layer, or a list of ints >= 0, one per layer",
@@ -247,8 +248,8 @@ register("tome", "Merge the r most similar token pairs in every layer by biparti
          "ToMe: Token Merging, Bolya et al., ICLR 2023", ("vision encoder",), ("vit",), (TOME_R, PROP_ATTN))
 register("random", "Keep a uniformly random subset of patches (baseline)", "baseline", ("vision encoder", "before LLM"),
          ("vit", "lvlm"), (LAYER, REDUCE, SEED, POSITIONS))
-register("pool", "Average-pool the patch grid down to the budget (baseline)", "baseline", ("vision encoder", "before LLM"),
-         ("vit", "lvlm"), (LAYER, POSITIONS))
+register("pool", "Average-pool the patch grid down to the budget (baseline)", "baseline",
+         ("vision encoder", "before LLM"), ("vit", "lvlm"), (LAYER, POSITIONS))
 
 
 def methods():
