@@ -35,7 +35,9 @@ def cmd_methods(args):
     print(f"{'method':10s} {'acts in':28s} {'models':10s} description")
     for m in vlmeff.methods():
         print(f"{m.name:10s} {', '.join(m.acts_in):28s} {', '.join(m.model_kinds):10s} {m.description}")
-        print(f"{'':10s} options: {', '.join(f'{k}={v!r}' for k, v in m.options.items()) or '-'}; paper: {m.paper}")
+        print(f"{'':10s} paper: {m.paper}")
+        for o in m.options.values():
+            print(f"{'':10s} {o.name}={o.default!r}: {o.accepted_text()}")
 
 
 def evaluate_vqa(model, processor, records, images, batch_size, desc):

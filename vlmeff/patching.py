@@ -4,9 +4,10 @@
 class Patch:
     """A patch applied to one model instance.
 
-    `config`: method, keep and resolved options. `stats`: filled by every forward: `visual_tokens` maps each
-    stage ("input", "after layer i", ...) to the visual-token count per image, `flops` / `flops_unpatched` the
-    estimated FLOPs of the patched layers with and without the patch. `unpatch()` (or leaving a `with` block)
+    `config`: method, keep and resolved options. `stats`: those of the last call only (emptied when a call
+    starts, see `new_call`): `visual_tokens` maps each stage ("input", "after layer i", ...) to the visual-token
+    count per image, `flops` / `flops_unpatched` the estimated FLOPs of the patched layers with and without the
+    patch. `unpatch()` (or leaving a `with` block)
     removes everything, restoring the model's original, bit-identical outputs.
     """
 
@@ -23,6 +24,11 @@ class Patch:
         self._handles = []
         self._overridden = []
         setattr(model, self.ATTR, self)
+
+    def new_call(self):
+        """Engines call this when a patched forward starts, so that `stats` never describes an earlier call
+        (one without images, or one that raised, leaves them empty)."""
+        self.stats = {}
 
     def hook(self, handle):
         self._handles.append(handle)

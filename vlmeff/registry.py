@@ -1,12 +1,215 @@
-"""The method registry: one record per method, and validation of a method's options."""
-from dataclasses import dataclass, field
+"""The method registry: one record per method, each option declared with its type and range, and the one check
+of a `vlmeff.patch` call's options (`resolve_options`).
+
+Adding an option is one line, e.g. `ORDER = Option("order", "tome", *choice("tome", "raster"))` or
+`Option("cls_token", False, (bool,), accepted="True or False")`, then naming it in the method's `register` call.
+"""
+import difflib
+import numbers
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What option ranges depend on, read from the model's adapter by `vlmeff.patch`.
+
+    kind ("vit" or "lvlm"), family (the model's name in messages), depth (layers that `layer` and `score_layers`
+    index: the ViT's layers, or the LVLM's vision tower), reduce_layer (the layer after which the tokens are
+    reduced unless `layer` says otherwise: a quarter of a ViT's depth, an LVLM tower's feature layer), mrope
+    (positions are M-RoPE), keep (the budget of the call), options (the call's options, resolved so far).
+    """
+
+    kind: str
+    family: str
+    depth: int
+    reduce_layer: int
+    mrope: bool = False
+    keep: object = None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def last(self):
+        return self.depth - 1
+
+    @property
+    def prune_layer(self):
+        """The layer the tokens are reduced after, in [0, depth): `layer` if given (checked first), else the default."""
+        layer = self.options.get("layer")
+        return self.reduce_layer if layer is None else layer % self.depth
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a method.
+
+    types: the Python types it takes (`int` means any integral number, `float` any non-integral real; bool is
+    never an int, it is accepted only where `bool` is listed); valid(value, ctx) -> bool: the range, which may
+    read the model and the other options through `ctx` (a `ModelContext`); accepted: what is accepted, in words
+    (`vlmeff methods` prints it); on_model(ctx) -> str: the same with the model's numbers filled in, for ranges
+    that depend on the model. A wrong type is a TypeError, a value out of range a ValueError, both naming the
+    option, the value and what is accepted.
+    """
+
+    name: str
+    default: object
+    types: tuple
+    valid: Callable = lambda value, ctx: True
+    accepted: str = ""
+    on_model: Optional[Callable] = None
+
+    def __repr__(self):
+        return f"Option({self.name}={self.default!r}: {self.accepted})"
+
+    def accepted_text(self, ctx=None):
+        """What is accepted; on the model of `ctx` if given."""
+        return self.on_model(ctx) if ctx is not None and self.on_model is not None else self.accepted
+
+    def check(self, value, ctx, method):
+        """`value` with numbers made plain (int / float), or TypeError / ValueError naming what is accepted."""
+        if not _has_type(value, self.types):
+            raise TypeError(self._message(value, ctx, method))
+        value = _plain(value)
+        if not self.valid(value, ctx):
+            raise ValueError(self._message(value, ctx, method))
+        return value
+
+    def _message(self, value, ctx, method):
+        return (f"method {method!r} on {ctx.family}: {self.name}={value!r} is not accepted; "
+                f"accepted: {self.accepted_text(ctx)}")
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _has_type(value, types):
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, numbers.Integral):
+        return int in types
+    if isinstance(value, numbers.Real) and float in types:
+        return True
+    return isinstance(value, tuple(t for t in types if t not in (bool, int, float)))
+
+
+def _plain(value):
+    """numpy / torch-free plain numbers: Integral -> int, other Real -> float, recursively in lists and tuples."""
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return (list if isinstance(value, list) else tuple)(_plain(v) for v in value)
+    return value
+
+
+def choice(*values):
+    """(types, valid, accepted) of an option that takes one of the given strings."""
+    return (str,), lambda value, ctx: value in values, ", ".join(values)
+
+
+def _index(value, ctx):
+    return _is_int(value) and -ctx.depth <= value < ctx.depth
+
+
+# -- the options of today's methods; a new option is one `Option(...)` line -----------------------------------
+def _layer_accepted(ctx):
+    if ctx.kind != "vit":
+        return (f"None only: on {ctx.family} the visual tokens are reduced at the tower's feature layer "
+                f"(tower layer {ctx.reduce_layer})")
+    return f"None (layer {ctx.reduce_layer}, a quarter of the depth) or a layer index in [{-ctx.depth}, {ctx.last}]"
+
+
+def _score_layers_valid(value, ctx):
+    if value is None:
+        return True
+    if _is_int(value):
+        return _index(value, ctx) and value % ctx.depth <= ctx.prune_layer
+    return (len(value) == 2 and all(_index(v, ctx) for v in value)
+            and value[0] % ctx.depth <= value[1] % ctx.depth <= ctx.prune_layer)
+
+
+def _score_layers_accepted(ctx):
+    p = ctx.prune_layer
+    return (f"None (score at layer {p}, where the tokens are reduced), a first layer index s <= {p} (scores of "
+            f"layers s..{p} summed), or a pair (start, end) of layer indices with start <= end <= {p}; indices lie in "
+            f"[{-ctx.depth}, {ctx.last}], negative ones count from the end of the {ctx.depth} layers")
+
+
+def _positions_valid(value, ctx):
+    if ctx.kind != "lvlm":
+        return value is None
+    return value in (None, "original") if ctx.mrope else value in (None, "compact", "original")
+
+
+def _positions_accepted(ctx):
+    if ctx.kind != "lvlm":
+        return "None only: positions applies to LVLMs (prompt positions of kept visual tokens), not to a ViT"
+    if ctx.mrope:
+        return f"original or None: {ctx.family} keeps the original M-RoPE positions of kept tokens"
+    return "compact, original, or None for compact"
+
+
+def _contextual_valid(value, ctx):
+    if _is_int(value):
+        return value >= 0 and (not _is_int(ctx.keep) or value <= ctx.keep - 1)
+    return 0.0 <= value < 1.0          # False for nan
+
+
+def _contextual_accepted(ctx):
+    bound = f" (at most keep - 1 = {ctx.keep - 1} for keep={ctx.keep})" if _is_int(ctx.keep) else " (at most keep - 1)"
+    return f"an int count >= 0 of contextual tokens{bound} or a float share of the budget in [0, 1)"
+
+
+def _tome_r_valid(value, ctx):
+    if value is None or _is_int(value):
+        return value is None or value >= 0
+    return len(value) == ctx.depth and all(_is_int(v) and v >= 0 for v in value)
+
+
+def _tome_r_accepted(ctx):
+    return (f"None (derived from keep), an int >= 0 merged in every layer, or a list of {ctx.depth} ints >= 0 "
+            f"(one per layer)")
+
+
+LAYER = Option("layer", None, (type(None), int), lambda v, c: v is None or (c.kind == "vit" and _index(v, c)),
+               "None (a quarter of the depth) or a layer index in [-depth, depth - 1]; on an LVLM None only",
+               _layer_accepted)
+SCORE_LAYERS = Option("score_layers", None, (type(None), int, tuple, list), _score_layers_valid,
+                      "None (score at the reduction layer p), a first layer index s (layers s..p summed) or a pair "
+                      "(start, end) of layer indices with start <= end <= p", _score_layers_accepted)
+REDUCE = Option("reduce", "drop", *choice("drop", "merge"))
+POSITIONS = Option("positions", None, (type(None), str), _positions_valid,
+                   "compact, original, or None for compact (LVLMs only; M-RoPE models: original only)",
+                   _positions_accepted)
+CONTEXTUAL = Option("contextual", 10 / 64, (int, float), _contextual_valid,
+                    "an int count >= 0 of contextual tokens (at most keep - 1) or a float share of the budget "
+                    "in [0, 1)",
+                    _contextual_accepted)
+TOME_R = Option("r", None, (type(None), int, tuple, list), _tome_r_valid,
+                "None (derived from keep), an int >= 0 merged in every layer, or a list of ints >= 0, one per layer",
+                _tome_r_accepted)
+PROP_ATTN = Option("prop_attn", True, (bool,), accepted="True or False (proportional attention by log token size)")
+SEED = Option("seed", 0, (int,), lambda v, c: 0 <= v < 2 ** 64, "an int in [0, 2**64)")
+
+
+def contextual_count(contextual, k):
+    """Contextual tokens out of a budget of k (VisionZip): a count as given, a share rounded, at most k - 1 so
+    one dominant token stays. A count above k - 1, possible only when keep is a ratio, is a ValueError."""
+    if _is_int(contextual):
+        if contextual > k - 1:
+            raise ValueError(f"contextual={contextual} needs a budget of at least {contextual + 1} tokens, but keep "
+                             f"gives {k} for this image; accepted: a count <= keep - 1 or a float share in [0, 1)")
+        return contextual
+    return min(k - 1, round(contextual * k))
 
 
 @dataclass(frozen=True)
 class MethodInfo:
     """name; description (one line); paper; acts_in: where it can act ("vision encoder", "before LLM");
-    model_kinds: on which model kinds ("vit", "lvlm"); options: option -> default; needs_cls: the scorer reads
-    the [CLS] token."""
+    model_kinds: on which model kinds ("vit", "lvlm"); options: option name -> `Option` (`.default`,
+    `.accepted_text()`), in the order they are checked; needs_cls: the scorer reads the [CLS] token."""
 
     name: str
     description: str
@@ -16,40 +219,37 @@ class MethodInfo:
     options: dict = field(default_factory=dict)
     needs_cls: bool = False
 
+    @property
+    def defaults(self):
+        """option name -> default value"""
+        return {name: option.default for name, option in self.options.items()}
+
 
 _METHODS = {}
 
 
-def register(info):
-    _METHODS[info.name] = info
+def register(name, description, paper, acts_in, model_kinds, options=(), needs_cls=False):
+    """Add a method; `options`: its `Option`s, in checking order (`layer` before `score_layers`, which reads it)."""
+    info = MethodInfo(name, description, paper, acts_in, model_kinds, {o.name: o for o in options}, needs_cls)
+    _METHODS[name] = info
     return info
 
 
-register(MethodInfo(
-    "cls", "Keep the patches the [CLS] token attends to most (FasterVLM; VTC-CLS with score_layers)",
-    "FasterVLM arXiv 2412.01818; VTC-CLS arXiv 2412.05819", ("vision encoder", "before LLM"), ("vit", "lvlm"),
-    {"layer": None, "score_layers": None, "reduce": "drop", "positions": None}, needs_cls=True))
-register(MethodInfo(
-    "visionzip", "Keep dominant patches by [CLS] attention and fold the rest into contextual tokens (VisionZip)",
-    "VisionZip arXiv 2412.04467", ("before LLM",), ("lvlm",),
-    {"contextual": 10 / 64, "score_layers": None, "layer": None, "positions": None}, needs_cls=True))
-register(MethodInfo(
-    "received", "Keep the patches that receive the most attention, mean over all queries (towers without [CLS])",
-    "attention-received scoring as in VFlowOpt's context map / Zero-TPrune's first step, simplified",
-    ("vision encoder", "before LLM"), ("vit", "lvlm"),
-    {"layer": None, "score_layers": None, "reduce": "drop", "positions": None}))
-register(MethodInfo(
-    "tome", "Merge the r most similar token pairs in every layer by bipartite soft matching",
-    "ToMe: Token Merging, Bolya et al., ICLR 2023", ("vision encoder",), ("vit",),
-    {"r": None, "prop_attn": True}))
-register(MethodInfo(
-    "random", "Keep a uniformly random subset of patches (baseline)", "baseline", ("vision encoder", "before LLM"),
-    ("vit", "lvlm"), {"layer": None, "reduce": "drop", "seed": 0, "positions": None}))
-register(MethodInfo(
-    "pool", "Average-pool the patch grid down to the budget (baseline)", "baseline", ("vision encoder", "before LLM"),
-    ("vit", "lvlm"), {"layer": None, "positions": None}))
-
-REDUCE_MODES = ("drop", "merge")
+register("cls", "Keep the patches the [CLS] token attends to most (FasterVLM; VTC-CLS with score_layers)",
+         "FasterVLM arXiv 2412.01818; VTC-CLS arXiv 2412.05819", ("vision encoder", "before LLM"), ("vit", "lvlm"),
+         (LAYER, SCORE_LAYERS, REDUCE, POSITIONS), needs_cls=True)
+register("visionzip", "Keep dominant patches by [CLS] attention and fold the rest into contextual tokens (VisionZip)",
+         "VisionZip arXiv 2412.04467", ("before LLM",), ("lvlm",),
+         (CONTEXTUAL, LAYER, SCORE_LAYERS, POSITIONS), needs_cls=True)
+register("received", "Keep the patches that receive the most attention, mean over all queries (towers without [CLS])",
+         "attention-received scoring as in VFlowOpt's context map / Zero-TPrune's first step, simplified",
+         ("vision encoder", "before LLM"), ("vit", "lvlm"), (LAYER, SCORE_LAYERS, REDUCE, POSITIONS))
+register("tome", "Merge the r most similar token pairs in every layer by bipartite soft matching",
+         "ToMe: Token Merging, Bolya et al., ICLR 2023", ("vision encoder",), ("vit",), (TOME_R, PROP_ATTN))
+register("random", "Keep a uniformly random subset of patches (baseline)", "baseline", ("vision encoder", "before LLM"),
+         ("vit", "lvlm"), (LAYER, REDUCE, SEED, POSITIONS))
+register("pool", "Average-pool the patch grid down to the budget (baseline)", "baseline",
+         ("vision encoder", "before LLM"), ("vit", "lvlm"), (LAYER, POSITIONS))
 
 
 def methods():
@@ -58,19 +258,36 @@ def methods():
 
 
 def method_info(name):
-    """The record of one method; ValueError naming the known methods otherwise."""
+    """The record of one method; TypeError for a non-string, ValueError naming the known methods otherwise."""
+    available = ", ".join(sorted(_METHODS))
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a str, one of {available}; got {name!r}")
     if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
+        raise ValueError(f"unknown method {name!r}; available: {available}{_did_you_mean(name, _METHODS)}")
     return _METHODS[name]
 
 
-def resolve_options(info, options):
-    """The method's defaults updated with `options`; TypeError listing the valid options on an unknown one."""
+def check_option_names(info, options):
+    """TypeError on an unknown option, listing the valid ones (and the budget `keep`) with the closest name."""
     unknown = sorted(set(options) - set(info.options))
     if unknown:
-        valid = ", ".join(sorted(info.options)) or "none"
-        raise TypeError(f"method {info.name!r} got unknown option(s) {', '.join(unknown)}; valid options: {valid}")
-    resolved = {**info.options, **options}
-    if "reduce" in resolved and resolved["reduce"] not in REDUCE_MODES:
-        raise ValueError(f"reduce={resolved['reduce']!r}; accepted: {', '.join(REDUCE_MODES)}")
+        valid = sorted([*info.options, "keep"])
+        given = ", ".join(f"{name}={options[name]!r}" for name in unknown)
+        raise TypeError(f"method {info.name!r} got unknown option(s) {given}; valid: {', '.join(valid)}"
+                        f"{_did_you_mean(unknown[0], valid)}")
+
+
+def resolve_options(info, options, ctx):
+    """The method's defaults updated with `options`, each value checked against its `Option` on the model
+    described by `ctx` (a `ModelContext`), in declaration order. Numbers come back plain (int / float)."""
+    check_option_names(info, options)
+    resolved = {}
+    for name, option in info.options.items():
+        value = options.get(name, option.default)
+        resolved[name] = option.check(value, replace(ctx, options=dict(resolved)), info.name)
     return resolved
+
+
+def _did_you_mean(name, candidates):
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
