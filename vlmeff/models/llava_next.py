@@ -42,9 +42,15 @@ class LlavaNextAdapter(LlavaAdapter):
     def encode(self, image_kwargs):
         """Per-image packed feature blocks [N_i, D] (list) from the model's own `get_image_features`."""
         out = self.model.model.get_image_features(**image_kwargs, return_dict=True)
-        self.layout = (self.crops_per_image(image_kwargs), image_kwargs["image_sizes"],
-                       self._pack_options(image_kwargs))
+        sizes = image_kwargs["image_sizes"]
+        self.host_sizes = [tuple(s) for s in (sizes.tolist() if torch.is_tensor(sizes) else sizes)]
+        self.layout = (self.crops_per_image(image_kwargs), sizes, self._pack_options(image_kwargs))
         return list(out.pooler_output)
+
+    def layout_key(self, i, features):
+        """Rows, views and image size (read on the host once per encode, as the model's own packing does): together
+        they fix the newline rows and the crop grid."""
+        return features[i].shape[0], self.layout[0][i], self.host_sizes[i]
 
     def tower_rows_to_features(self, t):
         """Per-crop tower values [n_crops, T] or [n_crops, T, C] (all images' crops, in order) -> per image [N_i]
