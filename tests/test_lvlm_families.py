@@ -252,7 +252,7 @@ def test_gemma3_follow_up_turn_on_the_reduced_cache():
                      attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, grow, dtype=torch.long)], 1),
                      token_type_ids=torch.cat([inputs["token_type_ids"], torch.zeros(2, grow, dtype=torch.long)], 1))
         kw = dict(return_dict_in_generate=True, output_logits=True)
-        continued = generate(model, turn2, past_key_values=first.past_key_values, **kw)
+        continued = generate(model, turn2, cache=first.cache, **kw)
         recomputed = generate(model, dict(turn2, pixel_values=inputs["pixel_values"]), **kw)
     assert torch.equal(continued.sequences, recomputed.sequences)
     torch.testing.assert_close(torch.stack(continued.logits), torch.stack(recomputed.logits), atol=1e-4, rtol=1e-4)
@@ -383,3 +383,21 @@ def test_stats_belong_to_the_last_call(family):
         assert h.stats["visual_tokens"] == reduced
         model.generate(**text, max_new_tokens=2, suppress_tokens=[IMAGE])
         assert h.stats["visual_tokens"] == {"input": [], "before LLM": []}
+
+
+@pytest.mark.parametrize("family", ["next", "onevision"])
+def test_pool_below_one_token_per_grid_pools_the_grids_jointly(family):
+    """keep=1 on blocks of two grids (base view, crop grid): every budget >= 1 is met, the free rows pooled
+    jointly into one token (their mean), in front of the kept newline rows."""
+    model, inputs = setup(family)
+    with torch.no_grad():
+        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    newlines = newline_rows(model, inputs)
+    with vlmeff.patch(model, method="pool", keep=1) as h, Recorder(model.model) as rec:
+        logits(model, inputs)
+    given = rec.kwargs["mm_encoder_outputs"]["image"].pooler_output
+    for block, nl, got in zip(packed, newlines, given):
+        free = torch.ones(block.shape[0], dtype=torch.bool)
+        free[nl] = False
+        torch.testing.assert_close(got, torch.cat([block[free].mean(dim=0, keepdim=True), block[nl]]))
+    assert h.stats["visual_tokens"]["before LLM"] == [1 + nl.numel() for nl in newlines]

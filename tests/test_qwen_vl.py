@@ -139,7 +139,7 @@ def test_multi_turn_continues_on_the_reduced_cache(model):
         images = {k: follow.pop(k) for k in ("pixel_values", "image_grid_thw")}
         kw = dict(max_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE], return_dict_in_generate=True,
                   output_logits=True)
-        cached = model.generate(**follow, past_key_values=first.past_key_values, **kw)
+        cached = model.generate(**follow, cache=first.cache, **kw)
         fresh = model.generate(**follow, **images, **kw)       # the whole conversation reduced from scratch
     assert torch.equal(cached.sequences, fresh.sequences)
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(fresh.logits), atol=1e-4, rtol=0)
