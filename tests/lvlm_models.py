@@ -250,7 +250,8 @@ def llava_inputs(model):
 EVERY_FAMILY = {
     "llava": (tiny_llava, llava_inputs),
     **{name: FAMILIES[name] for name in ("next", "onevision", "internvl", "gemma3")},
-    **{name: (lambda name=name: tiny_qwen(name), lambda model: qwen_inputs([A, B])) for name in ("qwen2", "qwen2_5", "qwen3")},
+    **{name: (lambda name=name: tiny_qwen(name), lambda model: qwen_inputs([A, B]))
+       for name in ("qwen2", "qwen2_5", "qwen3")},
 }
 SCORER.update(llava="cls", qwen2="received", qwen2_5="received", qwen3="received")
 

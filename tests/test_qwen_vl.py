@@ -38,6 +38,22 @@ def test_full_budget_is_exact(model, method, options):
         assert torch.equal(generate(model, **x), ref_gen)
 
 
+def test_full_budget_is_exact_right_padded(model):
+    """Right padding: M-RoPE positions from the model's own `get_rope_index` with the mask, as its forward and
+    generate compute them."""
+    x = inputs([A, B, C])
+    ids, mask = x["input_ids"], x["attention_mask"]
+    shift = mask.sum(1, keepdim=True) - mask.shape[1]           # roll each sample's tokens to the left end
+    order = (torch.arange(ids.shape[1]) - shift) % ids.shape[1]
+    x = dict(x, input_ids=ids.gather(1, order), attention_mask=mask.gather(1, order))
+    x["mm_token_type_ids"] = (x["input_ids"] == IMAGE).int()
+    assert x["attention_mask"][:, 0].all() and not x["attention_mask"][:, -1].all()
+    ref, ref_gen = logits(model, **x), generate(model, **x)
+    with vlmeff.patch(model, "received", keep=1.0):
+        assert torch.equal(logits(model, **x), ref)
+        assert torch.equal(generate(model, **x), ref_gen)
+
+
 @pytest.mark.parametrize("method,options", METHODS, ids=lambda v: v if isinstance(v, str) else str(v))
 def test_batch_equals_samples_one_by_one(model, method, options):
     samples = [A, B, C]

@@ -21,7 +21,8 @@ class LVLMAdapter:
     (positions are M-RoPE, kept as original), image_token_id, text_config, pad_token_id, tower (a ViT adapter for
     score capture), has_cls, score_layer (tower layer scored), feature_prefix (leading tower tokens kept as
     features, e.g. [CLS] with the "full" strategy), stacked_features (see `encoder_outputs`),
-    reduces_before_projector (the family implements `encode_reduced`). Subclasses override what their family does differently.
+    reduces_before_projector (the family implements `encode_reduced`). Subclasses override what their family does
+    differently.
     """
 
     kind = "lvlm"
