@@ -401,3 +401,17 @@ def test_pool_below_one_token_per_grid_pools_the_grids_jointly(family):
         free[nl] = False
         torch.testing.assert_close(got, torch.cat([block[free].mean(dim=0, keepdim=True), block[nl]]))
     assert h.stats["visual_tokens"]["before LLM"] == [1 + nl.numel() for nl in newlines]
+
+
+@pytest.mark.parametrize("family", EVERY_FAMILY)
+def test_assisted_decoding_on_a_reduced_prompt_equals_greedy(family):
+    """Prompt lookup and an (unpatched) assistant model verify their drafts against the patched model: greedy
+    tokens come out (transformers runs assisted decoding at batch size 1)."""
+    model, inputs = setup_any(family)
+    inputs, assistant = single(inputs), copy.deepcopy(model)
+    kwargs = dict(max_new_tokens=4, suppress_tokens=[IMAGE], do_sample=False)
+    with vlmeff.patch(model, method=SCORER[family], keep=0.5), torch.no_grad():
+        greedy = model.generate(**inputs, **kwargs)
+        assert torch.equal(model.generate(**inputs, **kwargs, prompt_lookup_num_tokens=2), greedy)
+        assert torch.equal(model.generate(**inputs, **kwargs, assistant_model=assistant), greedy)
+    assert greedy.shape[1] == inputs["input_ids"].shape[1] + 4
