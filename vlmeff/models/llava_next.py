@@ -23,7 +23,8 @@ different views are on one scale and a global top-k simply gives more tokens to 
 concentrated. With a ratio budget the total matches FasterVLM's per-view spread up to rounding.
 
 `pool` average-pools the base view and the packed crop grid separately (newline rows kept), the budget split
-between them in proportion to their rows. Videos (`pixel_values_videos`) are not reduced.
+between them in proportion to their rows; a budget below one token per grid pools all their rows jointly, in
+order, into contiguous runs (`engine.lvlm.pool_layout`; keep=1: their mean). Videos (`pixel_values_videos`) are not reduced.
 """
 import sys
 
