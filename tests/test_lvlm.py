@@ -5,7 +5,10 @@ import pytest
 import torch
 
 import vlmeff
-from lvlm_models import IMAGE, batch, generate, logits, pixels, prompt, tiny_llava
+from opcount import OpCounter
+from vlmeff.models import find_adapter
+from vlmeff.patching import Patch
+from lvlm_models import IMAGE, Recorder, batch, generate, logits, pixels, prompt, tiny_llava
 
 METHODS = [("cls", {}), ("cls", dict(score_layers=0)), ("cls", dict(reduce="merge")), ("visionzip", {}),
            ("visionzip", dict(contextual=2)), ("received", {}), ("random", {}), ("pool", {})]
@@ -69,7 +72,7 @@ def test_reduced_prompt_reaches_the_llm_with_the_kept_tokens():
         kept_pos = image_pos[h.stats["kept"][i]]
         text_pos = ((ids[i] != IMAGE) & mask[i].bool()).nonzero().squeeze(1)
         expected = torch.cat([kept_pos, text_pos]).sort().values
-        original_positions = mask[i].cumsum(0) - 1
+        original_positions = torch.arange(ids.shape[1])       # a forward numbers the padded prompt 0 .. L-1
         got = seen["position_ids"][i][seen["attention_mask"][i].bool()]
         assert torch.equal(got, original_positions[expected])
     assert seen["inputs_embeds"].shape[1] == max(int(m.sum()) for m in mask) - 13
@@ -82,8 +85,8 @@ def test_multi_image_prompt_and_text_only_sample_in_one_batch():
     with vlmeff.patch(model, method="cls", keep=0.25) as h:
         out = logits(model, inputs)
         tokens = generate(model, inputs)
+        assert h.stats["visual_tokens"] == {"input": [16, 16, 16], "before LLM": [4, 4, 4]}
         text_only = generate(model, dict(input_ids=ids[1:2, mask[1].bool()]))
-    assert h.stats["visual_tokens"] == {"input": [16, 16, 16], "before LLM": [4, 4, 4]}
     assert out.shape[1] == ids.shape[1] - 2 * 12         # the two-image sample is the longest
     assert torch.equal(tokens[1, ids.shape[1]:], text_only[0, 6:])
     # the multi-image sample alone gives the same answer
@@ -102,9 +105,13 @@ def test_multi_turn_continuation_on_the_reduced_cache(positions):
         mask2 = torch.cat([inputs["attention_mask"], torch.ones(2, ids2.shape[1] - inputs["attention_mask"].shape[1],
                                                                   dtype=torch.long)], dim=1)
         turn2 = dict(input_ids=ids2, attention_mask=mask2)
-        continued = generate(model, turn2, past_key_values=first.past_key_values)
+        continued = generate(model, turn2, cache=first.cache)
         recomputed = generate(model, dict(turn2, pixel_values=inputs["pixel_values"]))
+        first = generate(model, inputs, return_dict_in_generate=True)
+        with pytest.warns(FutureWarning, match="past_key_values"):     # the deprecated name: transformers warns
+            deprecated = generate(model, turn2, past_key_values=first.cache)
     assert torch.equal(continued, recomputed)
+    assert torch.equal(deprecated, recomputed)
 
 
 def eager_cls_indices(model, pixel_values, layer, k):
@@ -187,3 +194,140 @@ def test_projector_maps_only_the_kept_rows():
     with vlmeff.patch(model, method="cls", keep=1.0):
         assert torch.equal(logits(model, inputs), ref)        # dropping before the row-wise projector is exact
     assert shapes == [(2, 16, 64), (2, 4, 64), (2, 16, 64)]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_full_budget_is_exact_on_padded_batches(side, positions):
+    """Forward numbers the padded prompt 0 .. L-1, generate from the mask: at full budget the patched model gives
+    the LLM exactly what the unpatched one would (no re-derived positions)."""
+    model = tiny_llava()
+    ids, mask = batch([prompt([1, 5, 6], 1, [7, 8, 9]), prompt([1], 1, [7, 8, 9, 10, 11, 12, 13])], side=side)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(2))
+    ref_logits, ref_tokens = logits(model, inputs), generate(model, inputs)
+    with vlmeff.patch(model, method="cls", keep=1.0, positions=positions):
+        assert torch.equal(logits(model, inputs), ref_logits)
+        assert torch.equal(generate(model, inputs), ref_tokens)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_generate_gives_original_positions_in_its_own_numbering(side):
+    """Reduced, positions="original": the prefill of generate gets generate's numbering of the caller's prompt
+    (mask cumsum) at the kept tokens (a forward's 0 .. L-1 is tested above)."""
+    model, (ids, mask) = tiny_llava(), batch([prompt([1, 5, 6], 1, [7, 8, 9]), prompt([1], 1, [7, 8, 9, 10])], side)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(2))
+    with vlmeff.patch(model, method="cls", keep=3, positions="original") as h, \
+            Recorder(model.model.language_model) as rec, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, suppress_tokens=[IMAGE])      # one LLM call: the prefill
+    numbering = mask.cumsum(1) - 1
+    got, got_mask = rec.kwargs["position_ids"], rec.kwargs["attention_mask"].bool()
+    assert got.shape[1] == ids.shape[1] - 13
+    for i in range(2):
+        image_pos = (ids[i] == IMAGE).nonzero().squeeze(1)
+        kept = torch.cat([image_pos[h.stats["kept"][i]], ((ids[i] != IMAGE) & mask[i].bool()).nonzero().squeeze(1)])
+        assert torch.equal(got[i][got_mask[i]], numbering[i, kept.sort().values])
+
+
+def test_a_sample_with_an_all_zero_mask_behaves_like_unpatched():
+    """Its placeholders still take its image's kept features (the model scatters features whatever the mask);
+    the other samples are unaffected."""
+    model = tiny_llava()
+    ids, mask = batch([prompt([1, 5, 6], 1, [7, 8, 9]), prompt([1, 5], 1, [7, 8, 9, 10, 11]), prompt([1], 1, [7])])
+    mask[2] = 0
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(3))
+    ref = logits(model, inputs)
+    with vlmeff.patch(model, method="cls", keep=1.0):
+        assert torch.equal(logits(model, inputs), ref)
+    two = dict(input_ids=ids[:2], attention_mask=mask[:2], pixel_values=pixels(3)[:2])
+    with vlmeff.patch(model, method="cls", keep=4) as h:
+        out = logits(model, inputs)
+        assert h.stats["visual_tokens"]["before LLM"] == [4, 4, 4]
+        torch.testing.assert_close(out[:2, -1], logits(model, two)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_follow_up_turn_with_cache_raises_no_deprecation_warning(recwarn):
+    """transformers v5 names the KV cache `cache` (past_key_values is deprecated, a FutureWarning): the continuation
+    on the reduced cache takes that name and passes it on as it is."""
+    model, inputs = tiny_llava(), two_samples()
+    follow_up = torch.tensor([[11, 12], [13, 14]])
+    with vlmeff.patch(model, method="cls", keep=4):
+        first = generate(model, inputs, return_dict_in_generate=True)
+        ids2 = torch.cat([first.sequences, follow_up], dim=1)
+        mask2 = torch.cat([inputs["attention_mask"], torch.ones(2, ids2.shape[1] - inputs["attention_mask"].shape[1],
+                                                                  dtype=torch.long)], dim=1)
+        turn2 = dict(input_ids=ids2, attention_mask=mask2)
+        continued = generate(model, turn2, cache=first.cache)
+        recomputed = generate(model, dict(turn2, pixel_values=inputs["pixel_values"]))
+    assert torch.equal(continued, recomputed)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+def count_host_reads(fn):
+    """(result, reads): reads = ops that read tensor data on the host (OpCounter.syncs) + `.tolist()` calls (not
+    seen by a dispatch mode)."""
+    calls, tolist = [], torch.Tensor.tolist
+
+    def counted(self):
+        calls.append(self.shape)
+        return tolist(self)
+
+    torch.Tensor.tolist = counted
+    try:
+        with torch.no_grad(), OpCounter() as counter:
+            out = fn()
+    finally:
+        torch.Tensor.tolist = tolist
+    return out, counter.syncs + len(calls)
+
+
+@pytest.mark.parametrize("keep", [4, 1.0])
+def test_prompt_rebuild_reads_the_host_once(monkeypatch, keep):
+    """A reduced call reads the host once outside the vision encoder and the reduction itself (`reduce_rows`,
+    owned by the reduction): placeholder count, new length, padding side and stats lengths in one `.tolist()`."""
+    import vlmeff.engine.lvlm as engine
+    model, inputs = tiny_llava(), two_samples()
+    _, encoder_reads = count_host_reads(lambda: model.model.get_image_features(inputs["pixel_values"]))
+    reduction_reads = []
+    reduce_rows = engine.reduce_rows
+
+    def counted_reduce_rows(*args, **kwargs):
+        out, reads = count_host_reads(lambda: reduce_rows(*args, **kwargs))
+        reduction_reads.append(reads)
+        return out
+
+    monkeypatch.setattr(engine, "reduce_rows", counted_reduce_rows)
+    handle = Patch(model, {"method": "cls", "keep": keep})
+    reduction = engine.PreLLMReduction(handle, find_adapter(model), "cls", keep, {})    # as vlmeff.patch builds it
+    reduction.install()
+    try:
+        _, reads = count_host_reads(lambda: reduction.reduce_inputs(inputs, numbering="forward"))
+    finally:
+        handle.unpatch()
+    assert len(reduction_reads) == 1
+    assert reads - reduction_reads[0] - encoder_reads == 1
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_shrink_matches_a_loop_oracle(right):
+    """Every per-token input keeps the kept tokens in order, padded on the caller's side: ids with the pad token,
+    labels -100, the mask and everything else 0; an [3, B, L] input (M-RoPE positions) alike."""
+    from vlmeff.engine.prompt import shrink
+    gen = torch.Generator().manual_seed(0)
+    B, L = 3, 9
+    keep = torch.rand(B, L, generator=gen) < 0.6
+    keep[1] = False                                             # a sample that keeps nothing
+    ids = torch.randint(3, 50, (B, L), generator=gen)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones(B, L, dtype=torch.long), labels=ids + 100,
+                  position_ids=torch.arange(3 * B * L).view(3, B, L), pixel_values=torch.ones(B, L, 1))
+    new_length = int(keep.sum(1).max())
+    out = shrink(dict(kwargs), keep, new_length, right, pad_token_id=7)
+    pads = {"input_ids": 7, "labels": -100, "attention_mask": 0, "position_ids": 0}
+    for name, pad in pads.items():
+        value = kwargs[name]
+        expected = torch.full((*value.shape[:-1], new_length), pad)
+        for b in range(B):
+            row = value[..., b, keep[b]]
+            span = slice(0, row.shape[-1]) if right else slice(new_length - row.shape[-1], new_length)
+            expected[..., b, span] = row
+        assert torch.equal(out[name], expected), name
+    assert out["pixel_values"] is kwargs["pixel_values"]        # not a per-token input

@@ -3,115 +3,10 @@ import copy
 
 import pytest
 import torch
-from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3ForConditionalGeneration, InternVLConfig,
-                          InternVLForConditionalGeneration, LlamaConfig, LlavaNextConfig,
-                          LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
-                          LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig)
 
 import vlmeff
-from lvlm_models import Recorder, generate, logits
-
-IMAGE, PAD = 100, 0
-TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
-            initializer_range=0.2)
-TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
-PINPOINTS = [[32, 64], [64, 32], [64, 64]]     # 32 px views of 4 x 4 patches: 1 x 2, 2 x 1 or 2 x 2 crops
-
-
-# -- tiny models --------------------------------------------------------------------------------------------------
-def tiny_next():
-    torch.manual_seed(0)
-    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**TOWER, image_size=32, patch_size=8),
-                          text_config=LlamaConfig(**TEXT), image_token_id=IMAGE, image_grid_pinpoints=PINPOINTS)
-    return LlavaNextForConditionalGeneration(cfg).eval()
-
-
-def tiny_onevision(aspect="anyres_max_9"):
-    torch.manual_seed(0)
-    cfg = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**TOWER, image_size=32, patch_size=8),
-                               text_config=Qwen2Config(**TEXT), image_token_id=IMAGE, video_token_id=101,
-                               image_grid_pinpoints=PINPOINTS, vision_aspect_ratio=aspect)
-    return LlavaOnevisionForConditionalGeneration(cfg).eval()
-
-
-def tiny_internvl():
-    torch.manual_seed(0)
-    cfg = InternVLConfig(vision_config=dict(**TOWER, image_size=[32, 32], patch_size=[8, 8], use_qk_norm=True),
-                         text_config=dict(model_type="qwen2", **TEXT), image_token_id=IMAGE)
-    model = InternVLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():                       # make the q/k norms matter (they start as all-ones scales)
-        for layer in model.model.vision_tower.encoder.layer:
-            layer.attention.q_norm.weight.uniform_(0.5, 2.0)
-            layer.attention.k_norm.weight.uniform_(0.5, 2.0)
-    return model
-
-
-def tiny_gemma3():
-    """SigLIP 64 px / patch 8 (8 x 8 patches) pooled to 4 x 4 = 16 tokens per image; sliding + full LM layers."""
-    torch.manual_seed(0)
-    text = dict(TEXT, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
-    cfg = Gemma3Config(vision_config=dict(**TOWER, image_size=64, patch_size=8), text_config=text,
-                       mm_tokens_per_image=16, image_token_id=IMAGE, boi_token_index=98, eoi_token_index=99)
-    model = Gemma3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():                       # the projector starts at zero: give the images a voice
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
-    return model
-
-
-# -- inputs -------------------------------------------------------------------------------------------------------
-def pad_left(prompts):
-    L = max(map(len, prompts))
-    ids = torch.full((len(prompts), L), PAD)
-    mask = torch.zeros(len(prompts), L, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
-    return ids, mask
-
-
-def prompts_for(counts):
-    """Two samples with different text lengths, one image run each (`counts` placeholders)."""
-    heads, tails = [[1, 5, 6], [1, 5]], [[98], [98]]
-    return [h + [IMAGE] * c + t + [7, 8, 9] for h, c, t in zip(heads, counts, tails)]
-
-
-def anyres_inputs(model):
-    """Image 0: 40 x 60 px -> base + 2 x 2 crops; image 1: 30 x 30 px -> base + 1 x 2 crops (3 of 5 view slots)."""
-    pixel_values = torch.randn(2, 5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    sizes = torch.tensor([[40, 60], [30, 30]])
-    counts = [f.shape[0] for f in model.model.get_image_features(pixel_values, sizes).pooler_output]
-    ids, mask = pad_left(prompts_for(counts))
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=sizes)
-
-
-def internvl_inputs(model):
-    """Sample 0: an image of 2 tiles (2 x 4 tokens), sample 1: an image of 1 tile."""
-    ids, mask = pad_left(prompts_for([8, 4]))
-    pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values)
-
-
-def gemma3_inputs(model):
-    ids, mask = pad_left(prompts_for([16, 16]))
-    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, token_type_ids=(ids == IMAGE).long())
-
-
-FAMILIES = {
-    "next": (tiny_next, anyres_inputs),
-    "onevision": (tiny_onevision, anyres_inputs),
-    "onevision_shrunk": (lambda: tiny_onevision("anyres_max_1"), anyres_inputs),   # big crop grids interpolated
-    "internvl": (tiny_internvl, internvl_inputs),
-    "gemma3": (tiny_gemma3, gemma3_inputs),
-}
-SCORER = {"next": "cls", "onevision": "received", "onevision_shrunk": "received", "internvl": "received",
-          "gemma3": "received"}
-
-
-def setup(family):
-    build, inputs = FAMILIES[family]
-    model = build()
-    return model, inputs(model)
+from lvlm_models import (EVERY_FAMILY, FAMILIES, IMAGE, SCORER, A, Recorder, generate, logits, pad_left, qwen_inputs,
+                         setup, setup_any, tiny_internvl, tiny_onevision)
 
 
 def sample(inputs, i):
@@ -357,7 +252,166 @@ def test_gemma3_follow_up_turn_on_the_reduced_cache():
                      attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, grow, dtype=torch.long)], 1),
                      token_type_ids=torch.cat([inputs["token_type_ids"], torch.zeros(2, grow, dtype=torch.long)], 1))
         kw = dict(return_dict_in_generate=True, output_logits=True)
-        continued = generate(model, turn2, past_key_values=first.past_key_values, **kw)
+        continued = generate(model, turn2, cache=first.cache, **kw)
         recomputed = generate(model, dict(turn2, pixel_values=inputs["pixel_values"]), **kw)
     assert torch.equal(continued.sequences, recomputed.sequences)
     torch.testing.assert_close(torch.stack(continued.logits), torch.stack(recomputed.logits), atol=1e-4, rtol=1e-4)
+
+
+# -- every family, LLaVA and Qwen-VL included: generate modes, labels, stats --------------------------------------
+def single(inputs):
+    """Sample 0 of a two-sample batch of any family, unpadded, with its own images (assisted decoding: batch 1)."""
+    if "image_grid_thw" in inputs:
+        return qwen_inputs([A])
+    valid = inputs["attention_mask"][0].bool()
+    out = {k: v[:1, valid] for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    pixel_values = inputs["pixel_values"]
+    out["pixel_values"] = pixel_values[:2] if pixel_values.shape[0] == 3 else pixel_values[:1]   # internvl: 2 tiles
+    if "image_sizes" in inputs:
+        out["image_sizes"] = inputs["image_sizes"][:1]
+    return out
+
+
+GENERATE_MODES = {
+    "greedy": dict(do_sample=False),
+    "sample": dict(do_sample=True, top_k=20),
+    "beams": dict(do_sample=False, num_beams=3),
+    "sample_n": dict(do_sample=True, num_return_sequences=2),
+    "beams_n": dict(do_sample=False, num_beams=3, num_return_sequences=2),
+    "beam_scores": dict(do_sample=False, num_beams=3, num_return_sequences=2, return_dict_in_generate=True,
+                        output_scores=True, output_logits=True),
+    "prompt_lookup": dict(do_sample=False, prompt_lookup_num_tokens=2),
+    "assistant": dict(do_sample=False),          # assistant_model: an unpatched copy
+}
+
+
+def run_generate(model, inputs, mode, assistant):
+    kwargs = dict(GENERATE_MODES[mode], max_new_tokens=3, suppress_tokens=[IMAGE])
+    if mode == "assistant":
+        kwargs["assistant_model"] = assistant
+    if mode in ("prompt_lookup", "assistant"):       # transformers runs assisted decoding at batch size 1
+        inputs = single(inputs)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return model.generate(**inputs, **kwargs)
+
+
+@pytest.mark.parametrize("mode", GENERATE_MODES)
+@pytest.mark.parametrize("family", EVERY_FAMILY)
+def test_every_generate_mode_equals_unpatched_at_full_budget(family, mode):
+    """Beams and returned sequences get their own sample's images (InternVL / Gemma 3 used to hand all samples'
+    features as one tensor, so that beams of sample 0 saw sample 1's) and the caller's prompt in front."""
+    model, inputs = setup_any(family)
+    assistant = copy.deepcopy(model) if mode == "assistant" else None
+    ref = run_generate(model, inputs, mode, assistant)
+    with vlmeff.patch(model, method=SCORER[family], keep=1.0):
+        out = run_generate(model, inputs, mode, assistant)
+    if mode != "beam_scores":
+        assert torch.equal(out, ref)
+        return
+    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(out.sequences_scores, ref.sequences_scores)
+    assert torch.equal(torch.stack(out.scores), torch.stack(ref.scores))
+    assert torch.equal(out.beam_indices, ref.beam_indices)
+
+
+@pytest.mark.parametrize("family", EVERY_FAMILY)
+def test_returned_sequences_and_beams_follow_their_sample_when_reduced(family):
+    """keep=0.5: every returned sequence equals its own sample's, generated alone; each row starts with the
+    caller's prompt."""
+    model, inputs = setup_any(family)
+    kwargs = dict(max_new_tokens=3, suppress_tokens=[IMAGE], do_sample=False, num_beams=2, num_return_sequences=2)
+    with vlmeff.patch(model, method=SCORER[family], keep=0.5), torch.no_grad():
+        batched = model.generate(**inputs, **kwargs)
+        alone = model.generate(**single(inputs), **kwargs)
+    L, L0 = inputs["input_ids"].shape[1], single(inputs)["input_ids"].shape[1]
+    assert batched.shape[0] == 4
+    assert torch.equal(batched[:, :L], inputs["input_ids"].repeat_interleave(2, dim=0))
+    assert torch.equal(batched[:2, L:], alone[:, L0:])
+
+
+def labelled(inputs):
+    """inputs with labels: every attended text token its own id, placeholders and padding -100. The first two
+    text tokens of the shorter sample are masked as well, so that the samples differ by at least two tokens after the
+    reduction (new pad slots beyond the first column, whose label is never a target)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].clone()
+    short = int(mask.sum(1).argmin())
+    first = int(mask[short].argmax())
+    mask[short, first:first + 2] = 0
+    return dict(inputs, attention_mask=mask, labels=ids.masked_fill((ids == IMAGE) | (mask == 0), -100))
+
+
+@pytest.mark.parametrize("family", EVERY_FAMILY)
+def test_loss_with_labels_is_the_cross_entropy_of_the_reduced_prompts(family):
+    """The samples lose different numbers of tokens (different padding), so the rebuilt batch has new pad slots:
+    their labels must be ignored. Oracle: cross-entropy of the logits over the reduced prompt the LLM got, labels
+    built from its ids (text tokens that are attended)."""
+    model, inputs = setup_any(family)
+    inputs = labelled(inputs)
+    with vlmeff.patch(model, method=SCORER[family], keep=0.5), Recorder(model.model) as rec, torch.no_grad():
+        out = model(**inputs)
+    ids, mask = rec.kwargs.get("input_ids", rec.args[0] if rec.args else None), rec.kwargs["attention_mask"]
+    assert ids.shape[1] < inputs["input_ids"].shape[1] and not bool(mask.all())     # reduced, re-padded
+    target = ids.masked_fill((ids == IMAGE) | (mask == 0), -100)
+    oracle = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), target[:, 1:].flatten(),
+                                               ignore_index=-100)
+    torch.testing.assert_close(out.loss, oracle, atol=1e-6, rtol=1e-6)
+    # at full budget the loss is the unpatched one, bit for bit
+    with torch.no_grad():
+        ref = model(**inputs).loss
+        with vlmeff.patch(model, method=SCORER[family], keep=1.0):
+            assert torch.equal(model(**inputs).loss, ref)
+
+
+@pytest.mark.parametrize("family", EVERY_FAMILY)
+def test_stats_belong_to_the_last_call(family):
+    """A call without images records no visual tokens and equal FLOPs; generate's own decode steps record nothing."""
+    from vlmeff.flops import llm_prefill_flops
+    model, inputs = setup_any(family)
+    text = dict(input_ids=inputs["input_ids"][:, -4:], attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    cfg = model.config.text_config
+    with vlmeff.patch(model, method=SCORER[family], keep=0.5) as h, torch.no_grad():
+        model(**inputs)
+        reduced = h.stats["visual_tokens"]
+        model(**text)
+        assert h.stats["visual_tokens"] == {"input": [], "before LLM": []}
+        assert h.stats["kept"] == [] and h.stats["scores"] == []
+        assert h.stats["prefill_flops"] == h.stats["prefill_flops_unpatched"] == h.stats["flops"]
+        assert h.stats["prefill_flops"] == llm_prefill_flops(cfg, 3) + llm_prefill_flops(cfg, 4)
+        assert h.stats["kv_cache_bytes"] == h.stats["kv_cache_bytes_unpatched"]
+        model.generate(**inputs, max_new_tokens=2, suppress_tokens=[IMAGE])
+        assert h.stats["visual_tokens"] == reduced
+        model.generate(**text, max_new_tokens=2, suppress_tokens=[IMAGE])
+        assert h.stats["visual_tokens"] == {"input": [], "before LLM": []}
+
+
+@pytest.mark.parametrize("family", ["next", "onevision"])
+def test_pool_below_one_token_per_grid_pools_the_grids_jointly(family):
+    """keep=1 on blocks of two grids (base view, crop grid): every budget >= 1 is met, the free rows pooled
+    jointly into one token (their mean), in front of the kept newline rows."""
+    model, inputs = setup(family)
+    with torch.no_grad():
+        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    newlines = newline_rows(model, inputs)
+    with vlmeff.patch(model, method="pool", keep=1) as h, Recorder(model.model) as rec:
+        logits(model, inputs)
+    given = rec.kwargs["mm_encoder_outputs"]["image"].pooler_output
+    for block, nl, got in zip(packed, newlines, given):
+        free = torch.ones(block.shape[0], dtype=torch.bool)
+        free[nl] = False
+        torch.testing.assert_close(got, torch.cat([block[free].mean(dim=0, keepdim=True), block[nl]]))
+    assert h.stats["visual_tokens"]["before LLM"] == [1 + nl.numel() for nl in newlines]
+
+
+@pytest.mark.parametrize("family", EVERY_FAMILY)
+def test_assisted_decoding_on_a_reduced_prompt_equals_greedy(family):
+    """Prompt lookup and an (unpatched) assistant model verify their drafts against the patched model: greedy
+    tokens come out (transformers runs assisted decoding at batch size 1)."""
+    model, inputs = setup_any(family)
+    inputs, assistant = single(inputs), copy.deepcopy(model)
+    kwargs = dict(max_new_tokens=4, suppress_tokens=[IMAGE], do_sample=False)
+    with vlmeff.patch(model, method=SCORER[family], keep=0.5), torch.no_grad():
+        greedy = model.generate(**inputs, **kwargs)
+        assert torch.equal(model.generate(**inputs, **kwargs, prompt_lookup_num_tokens=2), greedy)
+        assert torch.equal(model.generate(**inputs, **kwargs, assistant_model=assistant), greedy)
+    assert greedy.shape[1] == inputs["input_ids"].shape[1] + 4

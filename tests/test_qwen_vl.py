@@ -2,82 +2,20 @@
 inputs built by hand (patch 4, merge 2: an image of h x w patches gives h * w / 4 visual tokens)."""
 import pytest
 import torch
-from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                          Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
 from transformers.vision_utils import get_vision_window_index
 
 import vlmeff
-from lvlm_models import Recorder
+from lvlm_models import IMAGE, A, B, C, Recorder, tiny_qwen
+from lvlm_models import qwen_inputs as inputs
 from vlmeff.pruners import pool_assignment
 
-IMAGE, VIDEO, START, END, PAD = 100, 101, 98, 99, 0
-PATCH_DIM = 3 * 2 * 4 * 4            # channels x temporal patch x patch x patch
 FAMILIES = ["qwen2", "qwen2_5", "qwen3", "qwen3_moe"]
 METHODS = [("received", {}), ("random", {}), ("pool", {}), ("received", {"reduce": "merge"})]
-
-
-def tiny_qwen(family):
-    torch.manual_seed(0)
-    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
-    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512, rope_parameters=rope, pad_token_id=PAD,
-                bos_token_id=1, eos_token_id=2, initializer_range=0.2)
-    tokens = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
-    vision = dict(patch_size=4, temporal_patch_size=2, spatial_merge_size=2, num_heads=4)
-    if family == "qwen2":
-        cfg = Qwen2VLConfig(vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, **vision),
-                            text_config=text, **tokens)
-        return Qwen2VLForConditionalGeneration(cfg).eval()
-    if family == "qwen2_5":       # windows of 2 x 2 merged tokens; block 1 is the only full-attention block
-        cfg = Qwen2_5_VLConfig(vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64,
-                                                  window_size=16, fullatt_block_indexes=[1], **vision),
-                               text_config=text, **tokens)
-        return Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    vision3 = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_position_embeddings=16,
-                   deepstack_visual_indexes=[0, 1], **vision)
-    text3 = dict(text, head_dim=16, rope_parameters=dict(rope, mrope_interleaved=True))
-    if family == "qwen3":
-        return Qwen3VLForConditionalGeneration(Qwen3VLConfig(vision_config=vision3, text_config=text3, **tokens)).eval()
-    text3.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
-    return Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(vision_config=vision3, text_config=text3,
-                                                               **tokens)).eval()
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request):
     return tiny_qwen(request.param)
-
-
-# samples: text id lists and images (h, w, seed), h x w patches of pixels drawn with that seed
-A = [[1, 5, 6], (8, 8, 1), [7, 8, 9]]                             # one image, 16 tokens
-B = [[1, 9], (4, 8, 2), [10, 11], (8, 4, 3), [12, 13, 14, 15]]    # two images of 8 tokens, grids 2 x 4 and 4 x 2
-C = [[1, 20, 21, 22, 23, 24]]                                     # text only
-
-
-def inputs(samples):
-    """Left-padded batch: input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw."""
-    prompts, pixels, grids = [], [], []
-    for sample in samples:
-        ids = []
-        for part in sample:
-            if isinstance(part, tuple):
-                h, w, seed = part
-                ids += [START] + [IMAGE] * (h * w // 4) + [END]
-                pixels.append(torch.randn(h * w, PATCH_DIM, generator=torch.Generator().manual_seed(seed)))
-                grids.append([1, h, w])
-            else:
-                ids += part
-        prompts.append(ids)
-    L = max(map(len, prompts))
-    ids = torch.full((len(prompts), L), PAD)
-    mask = torch.zeros(len(prompts), L, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
-    out = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE).int())
-    if pixels:
-        out.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(grids))
-    return out
 
 
 def logits(model, **kwargs):
@@ -97,6 +35,22 @@ def test_full_budget_is_exact(model, method, options):
     with vlmeff.patch(model, method, keep=1.0, **options) as p:
         assert torch.equal(logits(model, **x), ref)
         assert p.stats["visual_tokens"] == {"input": [16, 8, 8], "before LLM": [16, 8, 8]}
+        assert torch.equal(generate(model, **x), ref_gen)
+
+
+def test_full_budget_is_exact_right_padded(model):
+    """Right padding: M-RoPE positions from the model's own `get_rope_index` with the mask, as its forward and
+    generate compute them."""
+    x = inputs([A, B, C])
+    ids, mask = x["input_ids"], x["attention_mask"]
+    shift = mask.sum(1, keepdim=True) - mask.shape[1]           # roll each sample's tokens to the left end
+    order = (torch.arange(ids.shape[1]) - shift) % ids.shape[1]
+    x = dict(x, input_ids=ids.gather(1, order), attention_mask=mask.gather(1, order))
+    x["mm_token_type_ids"] = (x["input_ids"] == IMAGE).int()
+    assert x["attention_mask"][:, 0].all() and not x["attention_mask"][:, -1].all()
+    ref, ref_gen = logits(model, **x), generate(model, **x)
+    with vlmeff.patch(model, "received", keep=1.0):
+        assert torch.equal(logits(model, **x), ref)
         assert torch.equal(generate(model, **x), ref_gen)
 
 
@@ -201,7 +155,7 @@ def test_multi_turn_continues_on_the_reduced_cache(model):
         images = {k: follow.pop(k) for k in ("pixel_values", "image_grid_thw")}
         kw = dict(max_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE], return_dict_in_generate=True,
                   output_logits=True)
-        cached = model.generate(**follow, past_key_values=first.past_key_values, **kw)
+        cached = model.generate(**follow, cache=first.cache, **kw)
         fresh = model.generate(**follow, **images, **kw)       # the whole conversation reduced from scratch
     assert torch.equal(cached.sequences, fresh.sequences)
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(fresh.logits), atol=1e-4, rtol=0)

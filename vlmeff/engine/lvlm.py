@@ -1,11 +1,22 @@
-"""Visual-token reduction before the LLM of an LVLM.
+"""Visual-token reduction before the LLM of an LVLM: the wrapping of one instance's `forward` and `generate`.
 
-The instance's `forward` and `generate` are wrapped: when pixel values come in, the wrapper runs the model's own
-vision encoder, scores and reduces each image's feature block, removes the dropped image placeholders from the
-prompt (ids, mask, positions and other per-token inputs, re-padded), and calls the original method with the
-reduced features as `mm_encoder_outputs`. The LLM itself is untouched: it keeps its attention kernel, and its
-KV cache holds only the kept tokens. `generate` returns the caller's original prompt followed by the new tokens,
-so `out[:, inputs["input_ids"].shape[1]:]` still slices the answer.
+When pixel values come in, the wrapper runs the model's own vision encoder, scores and reduces each image's
+feature block (`_reduce_images`), rebuilds the prompt without the dropped placeholders (`prompt.py`: ids, mask,
+labels, positions and every other per-token input, re-padded) and calls the original method with the reduced
+features as `mm_encoder_outputs`. The LLM itself is untouched: it keeps its attention kernel, and its KV cache
+holds only the kept tokens. At full budget nothing is rebuilt: the original method gets the caller's prompt.
+
+`generate` hands back the caller's prompt (repeated like generate repeats it for beams / `num_return_sequences`)
+followed by the new tokens, so `out[:, inputs["input_ids"].shape[1]:]` still slices the answer. A follow-up
+turn that passes the returned cache (`cache=`, or the deprecated `past_key_values=`) continues on the reduced
+prompt (`_continue_conversation`).
+
+`patch.stats` describes the caller's last call of `forward` or `generate` (the forwards generate makes itself are
+not calls of the caller). A call without images records no visual tokens (`visual_tokens` lists empty, `kept` and
+`scores` empty) and equal patched / unpatched FLOPs and KV-cache bytes.
+
+Host reads: a call with images reads the host once for its prompt (`prompt.read_layout`); a call without images
+once for its stats (the per-sample lengths, none without a mask); the forwards inside generate none.
 """
 import functools
 import inspect
@@ -13,10 +24,13 @@ import inspect
 import torch
 
 from ..flops import kv_cache_bytes, llm_prefill_flops
+from ..pruners import resolve_keep
+from . import prompt
 from .rows import reduce_rows
 
 POSITION_MODES = ("compact", "original")
 SCORERS = {"cls": "cls", "visionzip": "cls", "received": "received"}   # method -> what the capture scores
+CACHE_KWARGS = ("cache", "past_key_values")     # transformers v5's name for the KV cache, then the deprecated one
 
 
 class PreLLMReduction:
@@ -32,6 +46,9 @@ class PreLLMReduction:
         self.patch, self.adapter, self.method, self.keep, self.options = patch, adapter, method, keep, options
         self.positions = "original" if adapter.mrope else positions
         self.score_layers = self._score_layers(options.get("score_layers"))
+        self.last_prompt = None        # (caller's ids, reduced ids, mask, positions) of the last call with images
+        self.last_extras = {}          # its other reduced per-token inputs, e.g. token_type_ids
+        self._generating = False       # inside our generate: its own forwards are not the caller's calls
 
     @property
     def _merges(self):
@@ -50,50 +67,53 @@ class PreLLMReduction:
             raise ValueError(f"score_layers={spec!r}: need start <= end <= the feature layer's tower layer {last}")
         return list(range(start, end + 1))
 
+    # -- the wrappers ---------------------------------------------------------------------------------------------
     def install(self):
-        a, p, model = self.adapter, self.patch, self.adapter.model
-        self.capture = a.capture(p, SCORERS.get(self.method), self.score_layers, self._merges)
+        model = self.adapter.model
+        self.capture = self.adapter.capture(self.patch, SCORERS.get(self.method), self.score_layers, self._merges)
         forward, generate = model.forward, model.generate
-        self.forward_signature = inspect.signature(forward)
+        names = [n for n, p in inspect.signature(forward).parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
 
         @functools.wraps(forward)
         def patched_forward(*args, **kwargs):
-            kwargs = self._as_kwargs(args, kwargs)
-            if kwargs.get("pixel_values") is None:
+            kwargs = {**dict(zip(names, args)), **kwargs}
+            if self._generating:               # a step of our generate: its prompt is reduced already
                 return forward(**kwargs)
-            return forward(**self.reduce_inputs(kwargs))
+            if kwargs.get("pixel_values") is None:
+                self._record_text_only(kwargs)
+                return forward(**kwargs)
+            return forward(**self.reduce_inputs(kwargs, numbering="forward"))
 
         @functools.wraps(generate)
         def patched_generate(*args, **kwargs):
             if args:                                   # generate(input_ids, ...)
                 kwargs["input_ids"], args = args[0], args[1:]
-            prompt = kwargs.get("input_ids")
+            caller_ids = kwargs.get("input_ids")
             if kwargs.get("pixel_values") is not None:
-                reduced = self.reduce_inputs(kwargs)
+                reduced = self.reduce_inputs(kwargs, numbering="generate")
             else:
                 reduced = self._continue_conversation(kwargs)
-            out = generate(*args, **reduced)
-            if reduced is kwargs:
+                self._record_text_only(reduced)
+            self._generating = True
+            try:
+                out = generate(*args, **reduced)
+            finally:
+                self._generating = False
+            if reduced.get("input_ids") is caller_ids:
                 return out
-            # hand back the caller's prompt followed by the new tokens
-            sequences = out if torch.is_tensor(out) else out.sequences
-            sequences = torch.cat([prompt, sequences[:, reduced["input_ids"].shape[1]:]], dim=1)
-            if torch.is_tensor(out):
-                return sequences
-            out.sequences = sequences
-            return out
+            return with_caller_prompt(out, caller_ids, reduced["input_ids"].shape[1])
 
-        p.override(model, "forward", patched_forward)
-        p.override(model, "generate", patched_generate)
+        self.patch.override(model, "forward", patched_forward)
+        self.patch.override(model, "generate", patched_generate)
 
     def _continue_conversation(self, kwargs):
         """A follow-up turn on the KV cache of a reduced prompt: the caller's ids start with the full prompt of
         the last reduced call, the cache holds its reduced form, so swap that prefix for the reduced one.
         Returns kwargs unchanged when the call is not such a continuation."""
-        last, ids = getattr(self, "last_prompt", None), kwargs.get("input_ids")
-        if last is None or kwargs.get("past_key_values") is None or ids is None:
+        ids = kwargs.get("input_ids")
+        if self.last_prompt is None or ids is None or all(kwargs.get(n) is None for n in CACHE_KWARGS):
             return kwargs
-        full, reduced, reduced_mask, reduced_positions = last
+        full, reduced, reduced_mask, reduced_positions = self.last_prompt
         L = full.shape[1]
         if ids.shape[0] != full.shape[0] or ids.shape[1] < L or not torch.equal(ids[:, :L], full):
             return kwargs
@@ -103,7 +123,7 @@ class PreLLMReduction:
             head = torch.ones_like(reduced) if reduced_mask is None else reduced_mask
             tail = torch.ones_like(ids[:, L:]) if mask is None else mask[:, L:]
             kwargs["attention_mask"] = torch.cat([head.to(tail.dtype), tail], dim=1)
-        for name, head in getattr(self, "last_extras", {}).items():     # e.g. token_type_ids: same prefix swap
+        for name, head in self.last_extras.items():     # e.g. token_type_ids: the same prefix swap
             value = kwargs.get(name)
             if torch.is_tensor(value) and value.shape[-2:] == ids.shape:
                 kwargs[name] = torch.cat([head.to(value.dtype), value[..., L:]], dim=-1)
@@ -116,13 +136,10 @@ class PreLLMReduction:
             kwargs["position_ids"] = torch.cat([reduced_positions, tail.expand(*reduced_positions.shape[:-1], -1)], -1)
         return kwargs
 
-    def _as_kwargs(self, args, kwargs):
-        names = [n for n, prm in self.forward_signature.parameters.items() if prm.kind == prm.POSITIONAL_OR_KEYWORD]
-        return {**dict(zip(names, args)), **kwargs}
-
     # -- the reduction ------------------------------------------------------------------------------------------
-    def reduce_inputs(self, kwargs):
-        """kwargs of a forward/generate call with pixel values -> kwargs with reduced features and prompt."""
+    def reduce_inputs(self, kwargs, numbering):
+        """kwargs of a forward (numbering "forward") or generate ("generate") call with pixel values -> kwargs
+        with reduced features (`mm_encoder_outputs`) and the rebuilt prompt. Reads the host once."""
         a = self.adapter
         ids = kwargs.get("input_ids")
         if ids is None:
@@ -135,84 +152,53 @@ class PreLLMReduction:
             features = a.encode(image_kwargs)
             kept_features, kept_rows = self._reduce_images(features)
             counts = [f.shape[0] for f in features]
-        keep = self._keep_mask(ids, counts, kept_rows)
-        lengths_before = _lengths(ids, kwargs.get("attention_mask"))
-        kwargs = self._shrink(kwargs, keep)
+        mask = kwargs.get("attention_mask")
+        keep, placeholders = prompt.kept_tokens(ids, mask, a.image_token_id, counts, kept_rows)
+        placeholders, new_length, right, lengths_before, lengths = prompt.read_layout(keep, mask, placeholders)
+        if placeholders != sum(counts):
+            raise ValueError(f"the prompt has {placeholders} image placeholders but the images give "
+                             f"{sum(counts)} features; build inputs with the model's processor")
+        if a.mrope and kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = a.positions(kwargs)
+        if sum(k.shape[0] for k in kept_features) < sum(counts):       # some placeholder goes
+            if self.positions == "original" and kwargs.get("position_ids") is None:
+                kwargs["position_ids"] = prompt.original_positions(ids, mask, _past_length(kwargs), numbering)
+            kwargs = prompt.shrink(kwargs, keep, new_length, right, a.pad_token_id)
         kwargs["mm_encoder_outputs"] = a.encoder_outputs(kept_features)
         self.last_prompt = (ids, kwargs["input_ids"], kwargs.get("attention_mask"), kwargs.get("position_ids"))
         self.last_extras = {n: v for n, v in kwargs.items() if n not in ("input_ids", "attention_mask", "position_ids")
                             and torch.is_tensor(v) and v.dim() >= 2 and v.shape[-2:] == kwargs["input_ids"].shape}
-        lengths = _lengths(kwargs["input_ids"], kwargs.get("attention_mask"))
-        self._record(counts, kept_features, kept_rows, lengths_before, lengths)
+        self._record(counts, [k.shape[0] for k in kept_features], kept_rows, lengths_before, lengths,
+                     kept_features[0].element_size())
         return kwargs
 
     def _reduce_images(self, features):
-        """Per image: reduced features [k_i, D] and the feature rows [k_i] whose placeholders stay. Images with
-        the same row count and protected rows are reduced together in one batch."""
-        protected = self.adapter.protected_rows(features)
+        """Per image: reduced features [k_i, D] and the feature rows [k_i] whose placeholders stay. Images of one
+        layout (`adapter.layout_key`, known on the host) are reduced together in one batch."""
+        a = self.adapter
+        protected = a.protected_rows(features)
         groups = {}
-        for i, (f, prot) in enumerate(zip(features, protected)):
-            grids = self.adapter.image_grids(i, prot) if self.method == "pool" else None
-            groups.setdefault((f.shape[0], prot.cpu().numpy().tobytes(), grids), []).append(i)
+        for i in range(len(features)):
+            groups.setdefault(a.layout_key(i, features), []).append(i)
         scores = self.capture.scores()
         metric = self.capture.metric() if self._merges else None
         kept, rows = [None] * len(features), [None] * len(features)
-        for (_, _, grids), members in groups.items():
+        for members in groups.values():
+            first = members[0]
+            grids = pool_layout(a.image_grids(first, protected[first]), self.keep) if self.method == "pool" else None
             x = torch.stack([features[i] for i in members])
-            out, _, kept_rows = reduce_rows(self.method, self.options, x, self.keep, protected[members[0]],
+            out, _, kept_rows = reduce_rows(self.method, self.options, x, self.keep, protected[first],
                                             _stack(scores, members), _stack(metric, members), grids)
             for j, i in enumerate(members):
                 kept[i], rows[i] = out[j], kept_rows[j]
         self.last_scores = [None if scores is None else scores[i] for i in range(len(features))]
         return kept, rows
 
-    def _keep_mask(self, ids, counts, kept_slots):
-        """[B, L] bool: text tokens and the placeholders of kept feature rows."""
-        is_image = ids == self.adapter.image_token_id
-        positions = is_image.flatten().nonzero().squeeze(1)
-        if positions.numel() != sum(counts):
-            raise ValueError(f"the prompt has {positions.numel()} image placeholders but the images give "
-                             f"{sum(counts)} features; build inputs with the model's processor")
-        keep = ~is_image.flatten()
-        for run, rows in zip(positions.split(counts), kept_slots):
-            keep[run[rows]] = True
-        return keep.view_as(ids)
-
-    def _shrink(self, kwargs, keep):
-        """Drop the tokens where keep is False from every per-token input, re-padding rows to one length."""
-        ids = kwargs["input_ids"]
-        B, L = ids.shape
-        mask = kwargs.get("attention_mask")
-        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        if self.positions == "original" and kwargs.get("position_ids") is None and not self.adapter.mrope:
-            kwargs["position_ids"] = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
-        if self.adapter.mrope and kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = self.adapter.positions(kwargs)
-        keep = keep & valid
-        if bool(keep.eq(valid).all()):
-            return kwargs                              # nothing removed: the prompt stays as it is
-        lengths = keep.sum(dim=1)
-        new_len = int(lengths.max())
-        left = mask is None or not bool((mask[:, -1] == 0).any())
-        order = keep.long().argsort(dim=1, descending=True, stable=True)          # kept tokens first, in order
-        rank = torch.arange(new_len, device=ids.device).expand(B, -1)
-        if left:
-            rank = rank - (new_len - lengths)[:, None]
-        filled = (rank >= 0) & (rank < lengths[:, None])
-        src = order.gather(1, rank.clamp(0, L - 1))
-        for name, value in list(kwargs.items()):
-            if torch.is_tensor(value) and value.dim() >= 2 and value.shape[-2:] == (B, L) and name != "attention_mask":
-                gathered = value.gather(-1, src.expand(*value.shape[:-2], B, new_len))
-                pad = self.adapter.pad_token_id if name == "input_ids" else 0
-                kwargs[name] = gathered.masked_fill(~filled.expand_as(gathered), pad)
-        needs_mask = mask is not None or bool((lengths != new_len).any())
-        kwargs["attention_mask"] = filled.to(mask.dtype if mask is not None else torch.long) if needs_mask else None
-        return kwargs
-
-    def _record(self, counts, kept, rows, lengths_before, lengths):
-        cfg, nbytes = self.adapter.text_config, kept[0].element_size()
+    # -- stats ----------------------------------------------------------------------------------------------------
+    def _record(self, counts, kept_counts, rows, lengths_before, lengths, nbytes):
+        cfg = self.adapter.text_config
         stats = {
-            "visual_tokens": {"input": counts, "before LLM": [k.shape[0] for k in kept]},
+            "visual_tokens": {"input": counts, "before LLM": kept_counts},
             "prefill_flops": sum(llm_prefill_flops(cfg, n) for n in lengths),
             "prefill_flops_unpatched": sum(llm_prefill_flops(cfg, n) for n in lengths_before),
             "kv_cache_bytes": sum(kv_cache_bytes(cfg, n, nbytes) for n in lengths),
@@ -224,10 +210,45 @@ class PreLLMReduction:
         self.patch.stats = stats
         self.capture.clear()
 
+    def _record_text_only(self, kwargs):
+        """Stats of a call without images: no visual tokens, the prompt as the caller gave it."""
+        mask, tokens = kwargs.get("attention_mask"), kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            return
+        B, L = tokens.shape[:2]
+        lengths = [L] * B if mask is None or mask.dim() != 2 else mask.sum(dim=1).tolist()
+        self.last_scores = []
+        self._record([], [], [], lengths, lengths, self.adapter.model.dtype.itemsize)
 
-def _lengths(ids, mask):
-    """Tokens per sample of a (padded) prompt."""
-    return [ids.shape[1]] * ids.shape[0] if mask is None else mask.sum(dim=1).tolist()
+
+def pool_layout(grids, keep):
+    """The grids `pool` reduces an image's free rows as: its own grids, each pooled apart, or, when the budget is
+    below one token per grid, all free rows jointly as one 1 x n row pooled into contiguous runs (base view and
+    crops alike), so that every budget >= 1 is met."""
+    total = sum(h * w for h, w in grids)
+    if len(grids) > 1 and resolve_keep(keep, total) < len(grids):
+        return ((1, total),)
+    return grids
+
+
+def with_caller_prompt(out, caller_ids, reduced_length):
+    """generate's output (ids [B * n, L' + T] or an output with `.sequences`) with the reduced prompt of every row
+    swapped for the caller's (ids [B, L]), repeated as generate expands it (n rows per sample, in order)."""
+    sequences = out if torch.is_tensor(out) else out.sequences
+    expanded = caller_ids.repeat_interleave(sequences.shape[0] // caller_ids.shape[0], dim=0)
+    sequences = torch.cat([expanded, sequences[:, reduced_length:]], dim=1)
+    if torch.is_tensor(out):
+        return sequences
+    out.sequences = sequences
+    return out
+
+
+def _past_length(kwargs):
+    """Tokens already in the KV cache the call passes (0 without one)."""
+    cache = next((kwargs[n] for n in CACHE_KWARGS if kwargs.get(n) is not None), None)
+    return 0 if cache is None else cache.get_seq_length()
 
 
 def _stack(per_image, members):

@@ -17,7 +17,7 @@ from .lvlm import LVLMAdapter
 
 class Gemma3Adapter(LVLMAdapter):
     image_kwargs = ("pixel_values",)
-    features_as_one_tensor = True
+    stacked_features = True
 
     def __init__(self, model):
         super().__init__(model)

@@ -55,7 +55,7 @@ class InternVLAdapter(LVLMAdapter):
 
     image_kwargs = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy")
     tower_adapter = InternViTAdapter
-    features_as_one_tensor = True
+    stacked_features = True
 
     def __init__(self, model):
         cfg = model.config

@@ -23,7 +23,8 @@ different views are on one scale and a global top-k simply gives more tokens to 
 concentrated. With a ratio budget the total matches FasterVLM's per-view spread up to rounding.
 
 `pool` average-pools the base view and the packed crop grid separately (newline rows kept), the budget split
-between them in proportion to their rows. Videos (`pixel_values_videos`) are not reduced.
+between them in proportion to their rows; a budget below one token per grid pools all their rows jointly, in
+order, into contiguous runs (`engine.lvlm.pool_layout`; keep=1: their mean). Videos (`pixel_values_videos`) are not reduced.
 """
 import sys
 
@@ -42,9 +43,15 @@ class LlavaNextAdapter(LlavaAdapter):
     def encode(self, image_kwargs):
         """Per-image packed feature blocks [N_i, D] (list) from the model's own `get_image_features`."""
         out = self.model.model.get_image_features(**image_kwargs, return_dict=True)
-        self.layout = (self.crops_per_image(image_kwargs), image_kwargs["image_sizes"],
-                       self._pack_options(image_kwargs))
+        sizes = image_kwargs["image_sizes"]
+        self.host_sizes = [tuple(s) for s in (sizes.tolist() if torch.is_tensor(sizes) else sizes)]
+        self.layout = (self.crops_per_image(image_kwargs), sizes, self._pack_options(image_kwargs))
         return list(out.pooler_output)
+
+    def layout_key(self, i, features):
+        """Rows, views and image size (read on the host once per encode, as the model's own packing does): together
+        they fix the newline rows and the crop grid."""
+        return features[i].shape[0], self.layout[0][i], self.host_sizes[i]
 
     def tower_rows_to_features(self, t):
         """Per-crop tower values [n_crops, T] or [n_crops, T, C] (all images' crops, in order) -> per image [N_i]

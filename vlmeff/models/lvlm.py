@@ -20,8 +20,9 @@ class LVLMAdapter:
     Attributes: family, image_kwargs (kwargs the vision encoder consumes, popped before the LLM call), mrope
     (positions are M-RoPE, kept as original), image_token_id, text_config, pad_token_id, tower (a ViT adapter for
     score capture), has_cls, score_layer (tower layer scored), feature_prefix (leading tower tokens kept as
-    features, e.g. [CLS] with the "full" strategy), features_as_one_tensor (see `encoder_outputs`),
-    reduces_before_projector (the family implements `encode_reduced`). Subclasses override what their family does differently.
+    features, e.g. [CLS] with the "full" strategy), stacked_features (see `encoder_outputs`),
+    reduces_before_projector (the family implements `encode_reduced`). Subclasses override what their family does
+    differently.
     """
 
     kind = "lvlm"
@@ -29,7 +30,7 @@ class LVLMAdapter:
     image_kwargs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
     tower_adapter = HFViTAdapter
     feature_prefix = 0
-    features_as_one_tensor = False
+    stacked_features = False
     reduces_before_projector = False
 
     def __init__(self, model):
@@ -60,13 +61,22 @@ class LVLMAdapter:
         """Per image, bool [N_i]: rows kept regardless of the budget (the prefix rows)."""
         return [torch.arange(f.shape[0], device=f.device) < self.feature_prefix for f in features]
 
+    def layout_key(self, i, features):
+        """A host value (hashable) such that images with equal keys have equal `protected_rows` and
+        `image_grids`, so that the engine reduces them in one batch: here the row count (protected rows are the
+        prefix rows)."""
+        return features[i].shape[0]
+
     def image_grids(self, i, protected):
         """For `pool`: the (h, w) grids that image i's unprotected feature rows form one after another (protected:
         its bool [N_i] from `protected_rows`)."""
         return (self.tower.patch_grid(int((~protected).sum())),)
 
     def encoder_outputs(self, features):
-        """`mm_encoder_outputs` for reduced blocks: the list of blocks, or, where forward takes a tensor
-        (`features_as_one_tensor`), all blocks as one [1, K, D] (forward flattens them before scattering)."""
-        pooled = torch.cat(list(features))[None] if self.features_as_one_tensor else list(features)
+        """`mm_encoder_outputs` for reduced blocks [k_i, D], in the layout `get_image_features` gives: the list of
+        blocks, or, where forward takes a tensor (`stacked_features`: fixed-size images or tiles, all reduced to one
+        k), the blocks stacked [n_images, k, D]. One entry per image is what `generate` needs to give every beam /
+        returned sequence its own sample's images (`GenerationMixin._expand_multimodal_outputs` repeats whole
+        entries per sample)."""
+        pooled = torch.stack(list(features)) if self.stacked_features else list(features)
         return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}

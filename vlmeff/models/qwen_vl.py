@@ -54,7 +54,7 @@ class QwenVLAdapter:
         full = list(vcfg.fullatt_block_indexes) if self.windowed else []
         self.score_layer = (full[-1] if full else len(blocks) - 1) % len(blocks)
         self.deepstack = len(getattr(vcfg, "deepstack_visual_indexes", None) or [])
-        self.grids = None            # image_grid_thw of the latest encode
+        self.grids = self.host_grids = None      # image_grid_thw of the latest encode (tensor, host tuples)
         self.output_type = BaseModelOutputWithPooling
         self._encoding = False       # the capture hooks act only while `encode` runs the tower
         self._set_rope_deltas = False
@@ -65,6 +65,7 @@ class QwenVLAdapter:
         if image_kwargs.get("image_grid_thw") is None:
             raise ValueError(f"{self.family} needs image_grid_thw alongside pixel_values (the processor returns it)")
         self.grids = image_kwargs["image_grid_thw"]
+        self.host_grids = [tuple(g) for g in self.grids.tolist()]     # the model's own split reads them too
         self._encoding = True
         try:
             out = self.model.model.get_image_features(**image_kwargs, return_dict=True)
@@ -90,9 +91,13 @@ class QwenVLAdapter:
     def protected_rows(self, features):
         return [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
 
+    def layout_key(self, i, features):
+        """Images of one (t, h, w) grid share their (empty) protected rows and their pool grid."""
+        return self.host_grids[i]
+
     def image_grids(self, i, protected):
         """Image i's feature rows as one grid: the merged grid of its frames stacked vertically."""
-        t, h, w = (int(v) for v in self.grids[i])
+        t, h, w = self.host_grids[i]
         return ((t * (h // self.merge), w // self.merge),)
 
     def _rows(self, i):
