@@ -32,7 +32,11 @@ register(MethodInfo(
 register(MethodInfo(
     "visionzip", "Keep dominant patches by [CLS] attention and fold the rest into contextual tokens (VisionZip)",
     "VisionZip arXiv 2412.04467", ("before LLM",), ("lvlm",),
-    {"contextual": 10 / 64, "score_layers": None, "layer": None, "positions": None}, needs_cls=True))
+    # contextual: int count in [0, keep - 1] or float share of keep in [0, 1) (10 / 64: VisionZip's 54 + 10);
+    # cls_token: "keep" ([CLS] fed, one of the dominant tokens, as VisionZip) or "drop"; order: "reference"
+    # (dominant, then contextual, as VisionZip) or "raster" (see vlmeff.engine.rows._visionzip)
+    {"contextual": 10 / 64, "cls_token": "keep", "order": "reference", "score_layers": None, "layer": None,
+     "positions": None}, needs_cls=True))
 register(MethodInfo(
     "received", "Keep the patches that receive the most attention, mean over all queries (towers without [CLS])",
     "attention-received scoring as in VFlowOpt's context map / Zero-TPrune's first step, simplified",

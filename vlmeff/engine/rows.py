@@ -1,5 +1,7 @@
 """One reduction step over the rows of sequences that share a layout: the selector + reducer half of a method,
 used by both the ViT engine (hidden states after a layer) and the pre-LLM engine (feature blocks)."""
+import numbers
+
 import torch
 
 from ..pruners import (contextual_merge, drop_tokens, merge_into_kept, pool_views, random_scores, reduce_by_assignment,
@@ -32,7 +34,7 @@ def reduce_rows(method, options, x, keep, protected, scores=None, metric=None, g
         gen = torch.Generator().manual_seed(options["seed"])
         scores = random_scores(1, N, generator=gen).to(x.device).expand(n, -1)
     if method == "visionzip":
-        return _visionzip(x, scores, metric, prot, free, k, options["contextual"])
+        return _visionzip(x, scores, metric, prot, free, k, options)
     chosen = free[topk_keep_indices(scores[:, free], k)]
     rows = torch.cat([prot.expand(n, -1), chosen], dim=1).sort(dim=1).values
     if options.get("reduce") == "merge":
@@ -42,18 +44,91 @@ def reduce_rows(method, options, x, keep, protected, scores=None, metric=None, g
     return out, sizes, rows
 
 
-def _visionzip(x, scores, metric, prot, free, k, contextual):
-    """Dominant rows by score; the other free rows folded into `contextual` tokens (a count, or a share of k)."""
-    n = x.shape[0]
-    c = min(k - 1, round(contextual * k) if isinstance(contextual, float) else contextual)
-    ranked = scores[:, free].argsort(dim=1, descending=True)
-    dominant = torch.cat([prot.expand(n, -1), free[ranked[:, :k - c]]], dim=1).sort(dim=1).values
-    if c <= 0:
-        out, sizes = drop_tokens(x, dominant)
-        return out, None, dominant
-    remaining = free[ranked[:, k - c:]].sort(dim=1).values
-    out, rows = contextual_merge(x, dominant, remaining, metric, c)
+def _visionzip(x, scores, metric, prot, free, k, options):
+    """VisionZip (Yang et al., CVPR 2025) on blocks x [n, N, D]: the free rows with the highest [CLS] attention
+    (`scores` [n, N]) are dominant, the other free rows fold into `contextual` tokens by key similarity (`metric`
+    [n, N, C], the scoring layer's keys averaged over heads).
+
+    prot / free: protected / free row indices [P] / [F] (ascending); k: the budget over the free rows.
+    options (see the registry entry): contextual, an int count or a float share of k (`visionzip_counts`);
+    cls_token: "keep" (VisionZip) counts [CLS] as one of the k - contextual dominant tokens, so only
+    k - contextual - 1 free rows are dominant; [CLS] is the block's protected first row where the features carry it,
+    and on LLaVA's "default" features (which drop it) the adapter puts it in front of the reduced block
+    (`LlavaAdapter.encode_reduced`). "drop" (vlmeff's earlier convention): k - contextual free rows are dominant and [CLS]
+    only counts as the protected row it may be. order: "reference" (VisionZip) gives the protected and dominant rows
+    in ascending order, then the contextual tokens in target order; "raster" gives every output at the row of its
+    dominant token or contextual target, ascending.
+    A full budget (k == F) returns the blocks unchanged, [CLS] not added.
+    Returns (x' [n, K, D], None, rows [n, K]): rows, ascending, are the protected, dominant and target rows (under
+    order="reference" the i-th output is not the i-th row's token: only their set matters with compact positions).
+    Host-sync free: every shape comes from P, F, k and the options.
+    """
+    n, N, D = x.shape
+    F = free.numel()
+    dominant, contextual = visionzip_counts(k, options)
+    if k == F:
+        return x, None, torch.arange(N, device=x.device).expand(n, -1)
+    every_row_free = prot.numel() == 0
+    ranked = (scores if every_row_free else scores[:, free]).argsort(dim=1, descending=True)
+    dominant_rows, rest = ranked[:, :dominant].sort(dim=1).values, ranked[:, dominant:].sort(dim=1).values
+    if not every_row_free:                                       # free positions -> rows, protected rows kept
+        dominant_rows, rest = free[dominant_rows], free[rest]
+        dominant_rows = torch.cat([prot.expand(n, -1), dominant_rows], dim=1).sort(dim=1).values
+    kept = _gather_rows(x, dominant_rows)
+    if contextual == 0:
+        return kept, None, dominant_rows
+    merged, step = contextual_merge(_gather_rows(x, rest), _gather_rows(metric, rest), contextual)
+    targets = rest[:, :contextual * step:step]
+    rows, order = torch.cat([dominant_rows, targets], dim=1).sort(dim=1)
+    out = torch.cat([kept, merged], dim=1)
+    if options.get("order", "reference") == "raster":
+        out = out.gather(1, order[..., None].expand(-1, -1, D))
     return out, None, rows
+
+
+VISIONZIP_CLS_TOKEN = ("keep", "drop")
+VISIONZIP_ORDER = ("reference", "raster")
+
+
+def check_visionzip_options(options):
+    """Validate visionzip's options that do not depend on the budget (TypeError / ValueError naming the option, the
+    value and what is accepted): contextual an int >= 0 or a float in [0, 1) (not bool, not nan), cls_token
+    "keep" or "drop", order "reference" or "raster"."""
+    contextual, cls_token, order = options["contextual"], options.get("cls_token", "keep"), options.get("order", "reference")
+    if cls_token not in VISIONZIP_CLS_TOKEN:
+        raise ValueError(f"cls_token={cls_token!r}; accepted: {', '.join(VISIONZIP_CLS_TOKEN)}")
+    if order not in VISIONZIP_ORDER:
+        raise ValueError(f"order={order!r}; accepted: {', '.join(VISIONZIP_ORDER)}")
+    if isinstance(contextual, bool) or not isinstance(contextual, numbers.Real):
+        raise TypeError(f"contextual must be an int count >= 0 or a float share of keep in [0, 1), got {contextual!r}")
+    if isinstance(contextual, numbers.Integral):
+        if contextual < 0:
+            raise ValueError(f"contextual={contextual}: a count must be >= 0 (or pass a float share of keep in [0, 1))")
+    elif not 0.0 <= contextual < 1.0:             # also rejects nan
+        raise ValueError(f"contextual={contextual}: a share of keep must lie in [0, 1) (or pass an int count >= 0)")
+
+
+def visionzip_counts(k, options):
+    """(dominant free rows, contextual tokens) for a budget of k tokens per image, validating the options.
+
+    contextual: an int count in [0, k - 1], or a float share of k in [0, 1), rounded and capped at k - 1, so that
+    at least one dominant token ([CLS] with cls_token="keep") is left.
+    """
+    check_visionzip_options(options)
+    contextual = options["contextual"]
+    if isinstance(contextual, numbers.Integral):
+        if contextual > k - 1:
+            raise ValueError(f"contextual={contextual}: with {k} visual tokens kept per image, a count must lie in "
+                             f"[0, {k - 1}] (at least one dominant token), or pass a float share of keep in [0, 1)")
+        c = int(contextual)
+    else:
+        c = min(k - 1, round(contextual * k))
+    return k - c - (options.get("cls_token", "keep") == "keep"), c
+
+
+def _gather_rows(t, rows):
+    """t [n, N, C] at rows [n, K] -> [n, K, C]."""
+    return t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1]))
 
 
 def _order_groups(group, num_groups):

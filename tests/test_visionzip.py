@@ -1,0 +1,224 @@
+"""`visionzip` feeds the LLM the rows the reference VisionZip (dvlab-research/VisionZip, CVPR 2025) feeds it.
+
+The oracle is written from the reference algorithm with plain loops over tokens and the unpatched model's own
+weights (eager [CLS] attention computed here, not by vlmeff's capture); the patched model's LLM-input rows must equal
+it, on a tiny random LLaVA and on the embedded `tiny-llava-evqa`.
+"""
+import math
+
+import pytest
+import torch
+
+import vlmeff
+from lvlm_models import IMAGE, batch, logits, pixels, prompt, tiny_llava
+from opcount import count_ops
+from vlmeff.engine.rows import _visionzip
+from vlmeff.models.llava import with_cls_row
+
+
+def reference_rows(model, pixel_values, keep, contextual, cls_token="keep", order="reference",
+                   aggregate="target+mean"):
+    """Per image, the [K, D_text] rows VisionZip feeds the LLM (its `CLIPVisionTower_VisionZip.forward` + LLaVA's
+    projector), for the unpatched `model`.
+
+    Reference steps: the tower layer whose output is the feature layer gives, from its eager attention, the
+    [CLS] -> patch row summed over heads, and its keys averaged over heads (`metric`). [CLS] plus the
+    keep - contextual - 1 best patches are dominant, taken in sequence order. The other patches, in sequence order,
+    give `contextual` targets at stride max(1, R // contextual); every other one joins the target of highest cosine
+    similarity of keys (the first on ties); a contextual token = target + mean of its members. Fed: dominant, then
+    contextual. Variants for the other conventions (cls_token="drop": [CLS] neither counted nor fed;
+    order="raster": every token at its position) and for a mutant (aggregate="mean": mean over target and members).
+    """
+    tower, feature_layer = model.model.vision_tower, model.config.vision_feature_layer
+    with torch.no_grad():
+        hidden = tower(pixel_values, output_hidden_states=True).hidden_states
+        layer = tower.encoder.layers[len(hidden) + feature_layer - 1]        # its output is hidden[feature_layer]
+        features, attn = hidden[feature_layer], layer.self_attn
+        h = layer.layer_norm1(hidden[feature_layer - 1])
+        heads, head_dim = attn.num_heads, attn.head_dim
+        q = (attn.q_proj(h) * attn.scale).unflatten(-1, (heads, head_dim))   # [n, T, H, d]
+        k = attn.k_proj(h).unflatten(-1, (heads, head_dim))
+        fed = []
+        for i in range(features.shape[0]):
+            T = features.shape[1]
+            cls_attention = [0.0] * T
+            for head in range(heads):
+                row = torch.softmax(k[i, :, head] @ q[i, 0, head], dim=0)
+                for t in range(T):
+                    cls_attention[t] += float(row[t])
+            patches = sorted(range(1, T), key=lambda t: -cls_attention[t])
+            n_dominant = keep - contextual - (1 if cls_token == "keep" else 0)
+            dominant = sorted(([0] if cls_token == "keep" else []) + patches[:n_dominant])
+            remaining = [t for t in range(1, T) if t not in dominant]
+            metric = k[i].mean(dim=1)
+            unit = {t: metric[t] / metric[t].norm() for t in remaining}
+            step = max(1, len(remaining) // contextual) if contextual else 1
+            targets = [remaining[p] for p in range(0, len(remaining), step)][:contextual]
+            members = {t: [] for t in targets}
+            for t in remaining if targets else []:       # contextual=0: the rest is dropped
+                if t in members:
+                    continue
+                sims = [float(unit[t] @ unit[g]) for g in targets]
+                members[targets[sims.index(max(sims))]].append(t)
+            tokens = {t: features[i, t] for t in dominant}
+            for g in targets:
+                group = members[g]
+                if aggregate == "mean":
+                    tokens[g] = features[i, [g] + group].mean(dim=0)
+                else:
+                    tokens[g] = features[i, g] + (features[i, group].mean(dim=0) if group else 0)
+            sequence = dominant + targets if order == "reference" else sorted(dominant + targets)
+            fed.append(model.model.multi_modal_projector(torch.stack([tokens[t] for t in sequence])))
+    return fed
+
+
+def patched_rows(model, inputs, keep, **options):
+    """Per image, the rows the patched model hands the LLM, checked against the LLM's own inputs_embeds."""
+    seen = {}
+    lm = model.model.language_model
+    handles = [model.model.register_forward_pre_hook(lambda m, a, kw: seen.update(outer=kw), with_kwargs=True),
+               lm.register_forward_pre_hook(lambda m, a, kw: seen.update(inner=kw), with_kwargs=True)]
+    try:
+        with vlmeff.patch(model, "visionzip", keep=keep, **options):
+            logits(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = list(seen["outer"]["mm_encoder_outputs"]["image"].pooler_output)
+    image = seen["outer"]["input_ids"] == model.config.image_token_id
+    assert torch.equal(seen["inner"]["inputs_embeds"][image], torch.cat(rows))      # scattered in order
+    return rows
+
+
+def assert_rows_equal(got, expected):
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def rows_differ(got, expected):
+    return any(g.shape != e.shape or not torch.allclose(g, e, atol=1e-4, rtol=1e-4) for g, e in zip(got, expected))
+
+
+def tiny_inputs(n=2):
+    ids, mask = batch([prompt([1, 5, 6], 1, [7, 8, 9]), prompt([1, 5], 1, [7, 8, 9, 10, 11])][:n])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(n))
+
+
+CONVENTIONS = [dict(), dict(cls_token="drop"), dict(order="raster"), dict(cls_token="drop", order="raster")]
+
+
+@pytest.mark.parametrize("keep,contextual", [(8, 2), (5, 1), (3, 2), (6, 0)])
+@pytest.mark.parametrize("options", CONVENTIONS)
+def test_tiny_llava_feeds_the_reference_rows(keep, contextual, options):
+    model, inputs = tiny_llava(), tiny_inputs()
+    got = patched_rows(model, inputs, keep, contextual=contextual, **options)
+    assert_rows_equal(got, reference_rows(model, inputs["pixel_values"], keep, contextual, **options))
+
+
+def test_default_is_the_reference_convention_and_the_oracle_sees_each_deviation():
+    model, inputs = tiny_llava(), tiny_inputs()
+    got = patched_rows(model, inputs, 8, contextual=3)
+    assert [g.shape[0] for g in got] == [8, 8]                      # [CLS] + 4 patches + 3 contextual
+    expected = reference_rows(model, inputs["pixel_values"], 8, 3)
+    assert_rows_equal(got, expected)
+    for mutant in (dict(cls_token="drop"), dict(order="raster"), dict(aggregate="mean")):
+        assert rows_differ(got, reference_rows(model, inputs["pixel_values"], 8, 3, **mutant)), mutant
+
+
+def test_full_strategy_counts_its_cls_row_among_the_dominant_tokens():
+    model, inputs = tiny_llava("full"), tiny_inputs()
+    ids, mask = batch([prompt([1, 5, 6], 1, [7, 8, 9], 17), prompt([1, 5], 1, [7, 8, 9, 10, 11], 17)])
+    inputs.update(input_ids=ids, attention_mask=mask)
+    got = patched_rows(model, inputs, 6, contextual=2)
+    assert_rows_equal(got, reference_rows(model, inputs["pixel_values"], 6, 2))
+
+
+def test_a_float_contextual_is_a_share_of_keep():
+    model, inputs = tiny_llava(), tiny_inputs()
+    got = patched_rows(model, inputs, 8, contextual=0.3)            # round(2.4) = 2
+    assert_rows_equal(got, reference_rows(model, inputs["pixel_values"], 8, 2))
+
+
+@pytest.mark.parametrize("contextual,error,message", [
+    (-1, ValueError, r"contextual=-1: a count must be >= 0"),
+    (4, ValueError, r"contextual=4: with 4 visual tokens kept per image, a count must lie in \[0, 3\]"),
+    (1000, ValueError, r"contextual=1000: with 4 visual tokens"),
+    (2.0, ValueError, r"contextual=2.0: a share of keep must lie in \[0, 1\)"),
+    (1.0, ValueError, r"contextual=1.0: a share of keep must lie in \[0, 1\)"),
+    (math.nan, ValueError, r"contextual=nan: a share of keep must lie in \[0, 1\)"),
+    ("a", TypeError, r"contextual must be an int count >= 0 or a float share of keep in \[0, 1\), got 'a'"),
+    (None, TypeError, r"contextual must be .* got None"),
+    (True, TypeError, r"contextual must be .* got True"),
+])
+def test_contextual_is_validated(contextual, error, message):
+    model, inputs = tiny_llava(), tiny_inputs()
+    with pytest.raises(error, match=message):
+        with vlmeff.patch(model, "visionzip", keep=4, contextual=contextual):
+            logits(model, inputs)
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("cls_token", "yes", "cls_token='yes'; accepted: keep, drop"),
+    ("order", "sorted", "order='sorted'; accepted: reference, raster"),
+])
+def test_conventions_are_validated(option, value, message):
+    model, inputs = tiny_llava(), tiny_inputs()
+    with pytest.raises(ValueError, match=message):
+        with vlmeff.patch(model, "visionzip", keep=4, **{option: value}):
+            logits(model, inputs)
+
+
+def test_cls_takes_the_first_placeholder_and_patches_keep_theirs():
+    cls_rows, kept = torch.zeros(2, 1, 1), torch.ones(2, 3, 1)
+    out, slots = with_cls_row(cls_rows, kept, torch.tensor([[2, 5, 7], [0, 1, 5]]))
+    assert slots.tolist() == [[0, 2, 5, 7], [0, 1, 2, 5]]          # 0 and 1 taken: the patch of row 1 moves to 2
+    assert out[:, :, 0].tolist() == [[0, 1, 1, 1]] * 2
+    model, inputs = tiny_llava(), tiny_inputs()
+    with vlmeff.patch(model, "visionzip", keep=6, contextual=2, order="raster") as h:
+        logits(model, inputs)
+    for rows in h.stats["kept"]:
+        assert rows.shape == (6,) and rows[0] == 0 and bool((rows.diff() > 0).all())
+
+
+def test_reduction_is_sync_free_with_pinned_op_count():
+    n, N = 2, 256
+    x, metric, scores = torch.randn(n, N, 96), torch.randn(n, N, 24), torch.rand(n, N)
+    prot, free = torch.arange(0), torch.arange(N)
+    options = dict(contextual=10, cls_token="keep", order="reference")
+    (out, _, rows), counter = count_ops(_visionzip, x, scores, metric, prot, free, 64, options)
+    assert out.shape == (n, 63, 96) and rows.shape == (n, 63)       # + [CLS] from the adapter = 64
+    assert counter.syncs == 0, counter.ops
+    assert counter.total <= 21, counter.ops           # 4 sorts, 3 gathers, 2 bmm, one-hot, mean, cat
+
+
+# -- the embedded model ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def zoo_inputs():
+    pytest.importorskip("easy_vqa")
+    from vlmeff.data import easyvqa
+    model, processor = vlmeff.zoo.load("tiny-llava-evqa")
+    images = easyvqa.load_images("test")
+    questions = ["what shape is in the image?", "what color is the shape?", "is there a circle?"]
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for q in questions]
+    texts = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[images[i] for i in range(3)], text=texts, padding=True, return_tensors="pt")
+    return model, dict(inputs)
+
+
+@pytest.mark.parametrize("keep,contextual", [(64, 10), (32, 5), (16, 2)])
+@pytest.mark.parametrize("options", [dict(), dict(cls_token="drop", order="raster")])
+def test_embedded_model_feeds_the_reference_rows(zoo_inputs, keep, contextual, options):
+    model, inputs = zoo_inputs
+    got = patched_rows(model, inputs, keep, contextual=contextual, **options)
+    expected = reference_rows(model, inputs["pixel_values"], keep, contextual, **options)
+    assert_rows_equal(got, expected)
+    if not options:
+        for mutant in (dict(cls_token="drop"), dict(aggregate="mean")):
+            assert rows_differ(got, reference_rows(model, inputs["pixel_values"], keep, contextual, **mutant))
+
+
+def test_embedded_model_default_options_are_visionzip_54_plus_10(zoo_inputs):
+    model, inputs = zoo_inputs
+    assert_rows_equal(patched_rows(model, inputs, 64), reference_rows(model, inputs["pixel_values"], 64, 10))
