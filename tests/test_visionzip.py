@@ -126,12 +126,28 @@ def test_default_is_the_reference_convention_and_the_oracle_sees_each_deviation(
         assert rows_differ(got, reference_rows(model, inputs["pixel_values"], 8, 3, **mutant)), mutant
 
 
-def test_full_strategy_counts_its_cls_row_among_the_dominant_tokens():
+@pytest.mark.parametrize("options", [dict(), dict(order="raster")])
+def test_full_strategy_counts_its_cls_row_among_the_dominant_tokens(options):
     model, inputs = tiny_llava("full"), tiny_inputs()
     ids, mask = batch([prompt([1, 5, 6], 1, [7, 8, 9], 17), prompt([1, 5], 1, [7, 8, 9, 10, 11], 17)])
     inputs.update(input_ids=ids, attention_mask=mask)
-    got = patched_rows(model, inputs, 6, contextual=2)
-    assert_rows_equal(got, reference_rows(model, inputs["pixel_values"], 6, 2))
+    with vlmeff.patch(model, "visionzip", keep=6, contextual=2, **options) as h:
+        logits(model, inputs)
+    assert all(rows[0] == 0 for rows in h.stats["kept"])            # [CLS] keeps its own placeholder
+    got = patched_rows(model, inputs, 6, contextual=2, **options)
+    assert_rows_equal(got, reference_rows(model, inputs["pixel_values"], 6, 2, **options))
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_full_budget_feeds_the_unpatched_features(strategy):
+    model, inputs = tiny_llava(strategy), tiny_inputs()
+    if strategy == "full":
+        ids, mask = batch([prompt([1, 5, 6], 1, [7, 8, 9], 17), prompt([1, 5], 1, [7, 8, 9, 10, 11], 17)])
+        inputs.update(input_ids=ids, attention_mask=mask)
+    reference = logits(model, inputs)
+    with vlmeff.patch(model, "visionzip", keep=1.0) as h:
+        assert torch.equal(logits(model, inputs), reference)
+    assert h.stats["visual_tokens"]["before LLM"] == h.stats["visual_tokens"]["input"]
 
 
 def test_a_float_contextual_is_a_share_of_keep():
@@ -171,9 +187,11 @@ def test_conventions_are_validated(option, value, message):
 
 def test_cls_takes_the_first_placeholder_and_patches_keep_theirs():
     cls_rows, kept = torch.zeros(2, 1, 1), torch.ones(2, 3, 1)
-    out, slots = with_cls_row(cls_rows, kept, torch.tensor([[2, 5, 7], [0, 1, 5]]))
+    out, slots = with_cls_row(cls_rows, kept, torch.tensor([[2, 5, 7], [0, 1, 5]]), own_placeholder=False)
     assert slots.tolist() == [[0, 2, 5, 7], [0, 1, 2, 5]]          # 0 and 1 taken: the patch of row 1 moves to 2
     assert out[:, :, 0].tolist() == [[0, 1, 1, 1]] * 2
+    _, slots = with_cls_row(cls_rows, kept, torch.tensor([[2, 5, 7], [0, 1, 5]]), own_placeholder=True)
+    assert slots.tolist() == [[0, 3, 6, 8], [0, 1, 2, 6]]          # "full": [CLS] is placeholder 0, patch r is r + 1
     model, inputs = tiny_llava(), tiny_inputs()
     with vlmeff.patch(model, "visionzip", keep=6, contextual=2, order="raster") as h:
         logits(model, inputs)
@@ -190,6 +208,20 @@ def test_reduction_is_sync_free_with_pinned_op_count():
     assert out.shape == (n, 63, 96) and rows.shape == (n, 63)       # + [CLS] from the adapter = 64
     assert counter.syncs == 0, counter.ops
     assert counter.total <= 21, counter.ops           # 4 sorts, 3 gathers, 2 bmm, one-hot, mean, cat
+
+
+@pytest.mark.parametrize("options", CONVENTIONS)
+def test_llava_next_blocks_have_no_cls_slot(options):
+    """LLaVA-NeXT's packed blocks carry newline rows and no [CLS]: keep - contextual dominant + contextual rows,
+    newlines outside the budget, under every convention."""
+    from test_lvlm_families import newline_rows, setup
+    model, inputs = setup("next")
+    newlines = newline_rows(model, inputs)
+    with vlmeff.patch(model, "visionzip", keep=10, contextual=2, **options) as h:
+        logits(model, inputs)
+    assert h.stats["visual_tokens"]["before LLM"] == [10 + nl.numel() for nl in newlines]
+    for rows, nl in zip(h.stats["kept"], newlines):
+        assert set(nl.tolist()) <= set(rows.tolist())
 
 
 # -- the embedded model ------------------------------------------------------------------------------------------

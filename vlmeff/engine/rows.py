@@ -51,13 +51,14 @@ def _visionzip(x, scores, metric, prot, free, k, options):
 
     prot / free: protected / free row indices [P] / [F] (ascending); k: the budget over the free rows.
     options (see the registry entry): contextual, an int count or a float share of k (`visionzip_counts`);
-    cls_token: "keep" (VisionZip) counts [CLS] as one of the k - contextual dominant tokens, so only
-    k - contextual - 1 free rows are dominant; [CLS] is the block's protected first row where the features carry it,
-    and on LLaVA's "default" features (which drop it) the adapter puts it in front of the reduced block
-    (`LlavaAdapter.encode_reduced`). "drop" (vlmeff's earlier convention): k - contextual free rows are dominant and [CLS]
-    only counts as the protected row it may be. order: "reference" (VisionZip) gives the protected and dominant rows
-    in ascending order, then the contextual tokens in target order; "raster" gives every output at the row of its
-    dominant token or contextual target, ascending.
+    cls_token: "keep" (VisionZip) counts [CLS] as one of the k - contextual dominant tokens: in a block of patch rows
+    only (no protected row) k - contextual - 1 rows are dominant and one slot is left for the [CLS] row that the
+    adapter puts in front (`LlavaAdapter.encode_reduced`, on "default" and "full" features alike); blocks with
+    protected rows (LLaVA-NeXT's newline rows) carry no [CLS] and get no slot for it. "drop" (vlmeff's earlier
+    convention): k - contextual rows are dominant, [CLS] is not fed ("default" features) or is a protected row
+    outside the budget ("full"). order: "reference" (VisionZip) gives the protected and dominant rows in ascending
+    order, then the contextual tokens in target order; "raster" gives every output at the row of its dominant token
+    or contextual target, ascending.
     A full budget (k == F) returns the blocks unchanged, [CLS] not added.
     Returns (x' [n, K, D], None, rows [n, K]): rows, ascending, are the protected, dominant and target rows (under
     order="reference" the i-th output is not the i-th row's token: only their set matters with compact positions).
@@ -65,7 +66,7 @@ def _visionzip(x, scores, metric, prot, free, k, options):
     """
     n, N, D = x.shape
     F = free.numel()
-    dominant, contextual = visionzip_counts(k, options)
+    dominant, contextual = visionzip_counts(k, options, cls_slot=prot.numel() == 0)
     if k == F:
         return x, None, torch.arange(N, device=x.device).expand(n, -1)
     every_row_free = prot.numel() == 0
@@ -94,7 +95,8 @@ def check_visionzip_options(options):
     """Validate visionzip's options that do not depend on the budget (TypeError / ValueError naming the option, the
     value and what is accepted): contextual an int >= 0 or a float in [0, 1) (not bool, not nan), cls_token
     "keep" or "drop", order "reference" or "raster"."""
-    contextual, cls_token, order = options["contextual"], options.get("cls_token", "keep"), options.get("order", "reference")
+    contextual, cls_token = options["contextual"], options.get("cls_token", "keep")
+    order = options.get("order", "reference")
     if cls_token not in VISIONZIP_CLS_TOKEN:
         raise ValueError(f"cls_token={cls_token!r}; accepted: {', '.join(VISIONZIP_CLS_TOKEN)}")
     if order not in VISIONZIP_ORDER:
@@ -108,11 +110,12 @@ def check_visionzip_options(options):
         raise ValueError(f"contextual={contextual}: a share of keep must lie in [0, 1) (or pass an int count >= 0)")
 
 
-def visionzip_counts(k, options):
-    """(dominant free rows, contextual tokens) for a budget of k tokens per image, validating the options.
+def visionzip_counts(k, options, cls_slot=True):
+    """(dominant rows, contextual tokens) for a budget of k tokens per image, validating the options.
 
     contextual: an int count in [0, k - 1], or a float share of k in [0, 1), rounded and capped at k - 1, so that
-    at least one dominant token ([CLS] with cls_token="keep") is left.
+    at least one dominant token ([CLS] with cls_token="keep") is left. cls_slot: whether the block leaves a dominant
+    slot for [CLS] when cls_token="keep" (see `_visionzip`).
     """
     check_visionzip_options(options)
     contextual = options["contextual"]
@@ -123,7 +126,7 @@ def visionzip_counts(k, options):
         c = int(contextual)
     else:
         c = min(k - 1, round(contextual * k))
-    return k - c - (options.get("cls_token", "keep") == "keep"), c
+    return k - c - (cls_slot and options.get("cls_token", "keep") == "keep"), c
 
 
 def _gather_rows(t, rows):

@@ -8,11 +8,13 @@ The reduction runs on the projector's input, so the projector (a row-wise MLP) o
 dropping this is exactly the same as reducing its output (FasterVLM), and merges happen in the tower's feature
 space, as in VisionZip.
 
-[CLS] fed although the features drop it: a method option `cls_token="keep"` (visionzip, as VisionZip does) asks
-for the feature layer's [CLS] row to reach the LLM as one of the kept tokens. With the "default" strategy the
-adapter then encodes with the "full" one (the same tower forward, [CLS] not sliced off; several feature layers:
-their [CLS] rows concatenated like the patches'), reduces the N patch rows, and puts the [CLS] row, projected by
-the same projector, in front of each reduced block; the method leaves one slot of its budget for it.
+[CLS] as a dominant token: a method option `cls_token="keep"` (visionzip, as VisionZip does) asks for the feature
+layer's [CLS] row to reach the LLM as one of the kept tokens, inside the budget. The adapter then encodes with the
+"full" strategy (the same tower forward, [CLS] not sliced off; with several feature layers their [CLS] rows are
+concatenated like the patches'), hands only the patch rows to the reduction, which leaves one slot of its budget
+free, and puts the [CLS] row in front of each reduced block, mapped by the same projector. With the "default"
+strategy [CLS] has no placeholder of its own and takes the first kept one (`with_cls_row`); at a full budget the
+features stay as the model makes them, without [CLS]. With "full" it keeps its own first placeholder.
 """
 import torch
 
@@ -21,7 +23,8 @@ from .lvlm import LVLMAdapter, tower_layer
 
 class LlavaAdapter(LVLMAdapter):
     reduces_before_projector = True
-    feeds_cls = False      # set by `capture` from the patch's cls_token option
+    feeds_cls = False          # set by `capture` from the patch's cls_token option
+    cls_placeholder = False    # [CLS] fed apart has a placeholder of its own ("full" strategy)
 
     def __init__(self, model):
         super().__init__(model)
@@ -31,9 +34,11 @@ class LlavaAdapter(LVLMAdapter):
         self.feature_prefix = 0 if cfg.vision_feature_select_strategy == "default" else self.tower.num_prefix_tokens
 
     def capture(self, patch, scorer, layers, metric):
-        # the patch is known from here on: a method that feeds [CLS] (cls_token="keep") gets it added back to
-        # features that drop it; features that keep it ("full") already hold it as their protected first row
-        self.feeds_cls = patch.config.get("cls_token") == "keep" and self.has_cls and self.feature_prefix == 0
+        # the patch is known from here on: with cls_token="keep" the [CLS] row is handled apart from the patch rows
+        # (see the module docstring), so the reduction, its scores and its metric see patch rows only
+        self.feeds_cls = patch.config.get("cls_token") == "keep" and self.has_cls and self.reduces_before_projector
+        if self.feeds_cls:
+            self.cls_placeholder, self.feature_prefix = self.feature_prefix > 0, 0
         return super().capture(patch, scorer, layers, metric)
 
     def encode_reduced(self, image_kwargs, reduce):
@@ -51,11 +56,11 @@ class LlavaAdapter(LVLMAdapter):
         def reduce_input(module, args):
             x = args[0]                                      # [n_img, N, Dv]: LLaVA images share one size
             cls_rows, x = (x[:, :1], x[:, 1:]) if self.feeds_cls else (None, x)
-            seen["counts"] = [x.shape[1]] * x.shape[0]
             kept, rows = reduce(list(x))
             kept, rows = torch.stack(kept), torch.stack(rows)
-            if cls_rows is not None and kept.shape[1] < x.shape[1]:
-                kept, rows = with_cls_row(cls_rows, kept, rows)
+            if cls_rows is not None and (self.cls_placeholder or kept.shape[1] < x.shape[1]):
+                kept, rows = with_cls_row(cls_rows, kept, rows, self.cls_placeholder)
+            seen["counts"] = [x.shape[1] + (cls_rows is not None and self.cls_placeholder)] * x.shape[0]
             seen["rows"] = list(rows)
             return (kept,)
 
@@ -67,16 +72,19 @@ class LlavaAdapter(LVLMAdapter):
         return features, seen["counts"], seen["rows"]
 
 
-def with_cls_row(cls_rows, kept, rows):
-    """Put [CLS] in front of reduced blocks and give it a placeholder.
+def with_cls_row(cls_rows, kept, rows, own_placeholder):
+    """Put [CLS] in front of reduced blocks and give every output a placeholder slot.
 
-    cls_rows [n, 1, Dv]; kept [n, K, Dv] reduced patch rows; rows [n, K] their placeholder slots (ascending, of
-    N > K). Returns (kept' [n, K + 1, Dv], slots [n, K + 1]): [CLS] takes the first placeholder of the run, every
-    other output keeps its own slot unless all slots up to it are taken, then it moves to the next one
-    (slot_j = max(previous row, j)), so slots stay distinct and ascending. With compact positions (the default)
-    which slots are kept does not change the LLM's input.
+    cls_rows [n, 1, Dv]; kept [n, K, Dv] reduced patch rows; rows [n, K] their patch rows (ascending, of N > K
+    without `own_placeholder`). With `own_placeholder` ("full" features: placeholder 0 is [CLS]'s, patch r has r + 1)
+    the slots are [0, rows + 1]. Without ("default"), [CLS] takes the first placeholder and every other output keeps
+    its own unless all slots up to it are taken, then it moves to the next one (slot_j = max(previous row, j)), so
+    slots stay distinct and ascending; with compact positions (the default) which slots are kept does not change the
+    LLM's input. Returns (kept' [n, K + 1, Dv], slots [n, K + 1]).
     """
-    n, K = rows.shape
-    shifted = torch.cat([torch.zeros_like(rows[:, :1]), rows], dim=1)
-    slots = torch.maximum(shifted, torch.arange(K + 1, device=rows.device))
+    first = torch.zeros_like(rows[:, :1])
+    if own_placeholder:
+        slots = torch.cat([first, rows + 1], dim=1)
+    else:
+        slots = torch.maximum(torch.cat([first, rows], dim=1), torch.arange(rows.shape[1] + 1, device=rows.device))
     return torch.cat([cls_rows, kept], dim=1), slots
