@@ -41,25 +41,25 @@ def reference_rows(model, pixel_values, keep, contextual, cls_token="keep", orde
         fed = []
         for i in range(features.shape[0]):
             T = features.shape[1]
-            cls_attention = [0.0] * T
-            for head in range(heads):
-                row = torch.softmax(k[i, :, head] @ q[i, 0, head], dim=0)
-                for t in range(T):
-                    cls_attention[t] += float(row[t])
+            # fp32 sums as the reference's (float64 would decide near-ties differently from it)
+            cls_attention = torch.stack([torch.softmax(k[i, :, head] @ q[i, 0, head], dim=0)
+                                         for head in range(heads)]).sum(dim=0).tolist()
             patches = sorted(range(1, T), key=lambda t: -cls_attention[t])
             n_dominant = keep - contextual - (1 if cls_token == "keep" else 0)
             dominant = sorted(([0] if cls_token == "keep" else []) + patches[:n_dominant])
             remaining = [t for t in range(1, T) if t not in dominant]
-            metric = k[i].mean(dim=1)
-            unit = {t: metric[t] / metric[t].norm() for t in remaining}
             step = max(1, len(remaining) // contextual) if contextual else 1
             targets = [remaining[p] for p in range(0, len(remaining), step)][:contextual]
+            others = [t for t in remaining if t not in targets]
             members = {t: [] for t in targets}
-            for t in remaining if targets else []:       # contextual=0: the rest is dropped
-                if t in members:
-                    continue
-                sims = [float(unit[t] @ unit[g]) for g in targets]
-                members[targets[sims.index(max(sims))]].append(t)
+            if targets and others:                       # contextual=0: the rest is dropped
+                # the similarities with the reference's arithmetic (normalised head-mean keys of the remaining
+                # tokens, one matrix product), which decides exact and near ties of plain-background patches
+                keys = k[i, remaining].mean(dim=1)
+                unit = dict(zip(remaining, keys / keys.norm(dim=-1, keepdim=True)))
+                sims = (torch.stack([unit[t] for t in others]) @ torch.stack([unit[g] for g in targets]).T).tolist()
+                for t, row in zip(others, sims):
+                    members[targets[row.index(max(row))]].append(t)      # the first of equal maxima
             tokens = {t: features[i, t] for t in dominant}
             for g in targets:
                 group = members[g]
@@ -232,10 +232,11 @@ def zoo_inputs():
     from vlmeff.data import easyvqa
     model, processor = vlmeff.zoo.load("tiny-llava-evqa")
     images = easyvqa.load_images("test")
-    questions = ["what shape is in the image?", "what color is the shape?", "is there a circle?"]
+    questions = ["what shape is in the image?", "what color is the shape?", "is there a circle?"] * 3
     messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for q in questions]
     texts = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[images[i] for i in range(3)], text=texts, padding=True, return_tensors="pt")
+    inputs = processor(images=[images[i] for i in range(len(questions))], text=texts, padding=True,
+                       return_tensors="pt")
     return model, dict(inputs)
 
 

@@ -46,8 +46,8 @@ def reduce_rows(method, options, x, keep, protected, scores=None, metric=None, g
 
 def _visionzip(x, scores, metric, prot, free, k, options):
     """VisionZip (Yang et al., CVPR 2025) on blocks x [n, N, D]: the free rows with the highest [CLS] attention
-    (`scores` [n, N]) are dominant, the other free rows fold into `contextual` tokens by key similarity (`metric`
-    [n, N, C], the scoring layer's keys averaged over heads).
+    (`scores` [n, N]; equal scores: the lower row first) are dominant, the other free rows fold into `contextual`
+    tokens by key similarity (`metric` [n, N, C], the scoring layer's keys averaged over heads; `contextual_merge`).
 
     prot / free: protected / free row indices [P] / [F] (ascending); k: the budget over the free rows.
     options (see the registry entry): contextual, an int count or a float share of k (`visionzip_counts`);
@@ -65,22 +65,21 @@ def _visionzip(x, scores, metric, prot, free, k, options):
     Host-sync free: every shape comes from P, F, k and the options.
     """
     n, N, D = x.shape
-    F = free.numel()
-    dominant, contextual = visionzip_counts(k, options, cls_slot=prot.numel() == 0)
-    if k == F:
-        return x, None, torch.arange(N, device=x.device).expand(n, -1)
     every_row_free = prot.numel() == 0
-    ranked = (scores if every_row_free else scores[:, free]).argsort(dim=1, descending=True)
-    dominant_rows, rest = ranked[:, :dominant].sort(dim=1).values, ranked[:, dominant:].sort(dim=1).values
-    if not every_row_free:                                       # free positions -> rows, protected rows kept
-        dominant_rows, rest = free[dominant_rows], free[rest]
-        dominant_rows = torch.cat([prot.expand(n, -1), dominant_rows], dim=1).sort(dim=1).values
-    kept = _gather_rows(x, dominant_rows)
+    dominant, contextual = visionzip_counts(k, options, cls_slot=every_row_free)
+    if k == free.numel():
+        return x, None, torch.arange(N, device=x.device).expand(n, -1)
+    ranked = (scores if every_row_free else scores[:, free]).argsort(dim=1, descending=True, stable=True)
+    kept_rows, rest = ranked[:, :dominant].sort(dim=1).values, ranked[:, dominant:].sort(dim=1).values
+    if not every_row_free:                           # positions among the free rows -> rows; protected rows kept
+        kept_rows, rest = free[kept_rows], free[rest]
+        kept_rows = torch.cat([prot.expand(n, -1), kept_rows], dim=1).sort(dim=1).values
+    kept = _gather_rows(x, kept_rows)
     if contextual == 0:
-        return kept, None, dominant_rows
+        return kept, None, kept_rows
     merged, step = contextual_merge(_gather_rows(x, rest), _gather_rows(metric, rest), contextual)
     targets = rest[:, :contextual * step:step]
-    rows, order = torch.cat([dominant_rows, targets], dim=1).sort(dim=1)
+    rows, order = torch.cat([kept_rows, targets], dim=1).sort(dim=1)
     out = torch.cat([kept, merged], dim=1)
     if options.get("order", "reference") == "raster":
         out = out.gather(1, order[..., None].expand(-1, -1, D))
