@@ -207,8 +207,6 @@ def test_contextual_count_at_forward_time():
         registry.contextual_count(4, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="needs vlmeff/engine/rows.py _visionzip to call registry.contextual_count "
-                                       "(engine owned by another helper; remove this marker at merge)")
 def test_contextual_count_above_a_ratio_budget_is_an_error_at_forward(llava):
     with vlmeff.patch(llava, "visionzip", keep=0.25, contextual=1000):     # 0.25 of 16 patches: 4 tokens
         with pytest.raises(ValueError, match="contextual=1000 needs a budget of at least 1001 tokens"):

@@ -1,9 +1,8 @@
-"""The pure tensor functions: selectors, reducers, ToMe matching, pooling, VisionZip contextual merge."""
+"""The pure tensor functions: selectors, reducers, ToMe matching, pooling (VisionZip: tests/test_visionzip.py)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from vlmeff.pruners import (bipartite_soft_matching, contextual_merge, drop_tokens, merge_into_kept,
+from vlmeff.pruners import (bipartite_soft_matching, drop_tokens, merge_into_kept,
                             pool_assignment, received_attention, reduce_by_assignment, resolve_keep,
                             topk_keep_indices)
 from vlmeff.pruners.pool import pool_grid, pool_views, split_budget
@@ -74,20 +73,3 @@ def test_received_attention_matches_full_softmax():
     q, k = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4)
     full = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1)          # [B, H, N, N]
     torch.testing.assert_close(received_attention(q, k, 0.5, chunk=3), full.mean(dim=2).mean(dim=1))
-
-
-def test_contextual_merge_matches_a_loop_oracle():
-    torch.manual_seed(0)
-    x, metric = torch.randn(1, 12, 3), torch.randn(1, 12, 5)
-    dominant, remaining = torch.tensor([[1, 4, 7]]), torch.tensor([[0, 2, 3, 5, 6, 8, 9, 10, 11]])
-    out, rows = contextual_merge(x, dominant, remaining, metric, contextual=3)
-    targets = remaining[0, torch.arange(3) * 3]                          # uniform stride 9 // 3
-    assert rows[0].tolist() == sorted(dominant[0].tolist() + targets.tolist())
-    m = F.normalize(metric[0], dim=-1)
-    groups = {int(t): [] for t in targets}
-    for r in remaining[0].tolist():
-        if r not in groups:
-            groups[int(targets[(m[r] @ m[targets].T).argmax()])].append(r)
-    for slot, row in enumerate(rows[0].tolist()):
-        expected = x[0, row] + (x[0, groups[row]].mean(0) if groups.get(row) else 0)
-        torch.testing.assert_close(out[0, slot], expected)

@@ -190,6 +190,10 @@ CONTEXTUAL = Option("contextual", 10 / 64, (int, float), _contextual_valid,
 TOME_R = Option("r", None, (type(None), int, tuple, list), _tome_r_valid,
                 "None (derived from keep), an int >= 0 merged in every layer, or a list of ints >= 0, one per layer",
                 _tome_r_accepted)
+# VisionZip: [CLS] fed as one of the dominant tokens ("keep", as the reference) or not ("drop"); outputs in the
+# reference's order (dominant, then contextual) or in raster order (see vlmeff.engine.rows._visionzip)
+CLS_TOKEN = Option("cls_token", "keep", *choice("keep", "drop"))
+VISIONZIP_ORDER = Option("order", "reference", *choice("reference", "raster"))
 PROP_ATTN = Option("prop_attn", True, (bool,), accepted="True or False (proportional attention by log token size)")
 SEED = Option("seed", 0, (int,), lambda v, c: 0 <= v < 2 ** 64, "an int in [0, 2**64)")
 
@@ -240,7 +244,7 @@ register("cls", "Keep the patches the [CLS] token attends to most (FasterVLM; VT
          (LAYER, SCORE_LAYERS, REDUCE, POSITIONS), needs_cls=True)
 register("visionzip", "Keep dominant patches by [CLS] attention and fold the rest into contextual tokens (VisionZip)",
          "VisionZip arXiv 2412.04467", ("before LLM",), ("lvlm",),
-         (CONTEXTUAL, LAYER, SCORE_LAYERS, POSITIONS), needs_cls=True)
+         (CONTEXTUAL, CLS_TOKEN, VISIONZIP_ORDER, LAYER, SCORE_LAYERS, POSITIONS), needs_cls=True)
 register("received", "Keep the patches that receive the most attention, mean over all queries (towers without [CLS])",
          "attention-received scoring as in VFlowOpt's context map / Zero-TPrune's first step, simplified",
          ("vision encoder", "before LLM"), ("vit", "lvlm"), (LAYER, SCORE_LAYERS, REDUCE, POSITIONS))

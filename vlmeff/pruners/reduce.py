@@ -46,32 +46,23 @@ def merge_into_kept(x, keep_idx, metric, sizes=None, targets=None):
     return reduce_by_assignment(x, dst, keep_idx.shape[1], sizes)
 
 
-def contextual_merge(x, dominant, remaining, metric, contextual):
-    """VisionZip-style reduction: keep the dominant tokens and fold the remaining ones into `contextual` tokens.
+def contextual_merge(x, metric, contextual):
+    """VisionZip's contextual tokens: fold the tokens left after the dominant ones into `contextual` tokens.
 
-    x: [B, N, D]; dominant: [B, Kd] and remaining: [B, R] disjoint token indices (sorted); metric: [B, N, C].
-    Contextual targets are `contextual` of the remaining tokens at a uniform stride; every other remaining token
-    joins its most cosine-similar target, and each contextual token is target + mean(its members), as in
-    VisionZip. Returns (x' [B, Kd + contextual, D], rows [B, Kd + contextual]): each output sits at the row of
-    its dominant token or target, in ascending row order.
+    x: [B, R, D] the remaining tokens in their original order; metric: [B, R, C] their keys (head mean);
+    1 <= contextual <= R. As in VisionZip: the targets are every step-th remaining token, step = R // contextual,
+    the first `contextual` of them; every other token joins the target whose normalised key is most similar (the
+    first on ties); a contextual token is its target + the plain mean of its members (the target alone when it
+    has none). Returns (tokens [B, contextual, D] in target order, step): the targets are positions
+    0, step, ..., (contextual - 1) * step of the R tokens. A dense one-hot product: no sort, no host sync.
     """
-    B, N, _ = x.shape
-    R = remaining.shape[1]
-    stride = torch.arange(contextual, device=x.device) * (R // contextual)
-    targets = remaining[:, stride]                                                  # [B, C]
-    rows = torch.cat([dominant, targets], dim=1).sort(dim=1).values
-    dst = keep_assignment(rows, N)
-    m = F.normalize(metric.float(), dim=-1)
-    gather = lambda idx: m.gather(1, idx[..., None].expand(-1, -1, m.shape[-1]))
-    nearest = (gather(remaining) @ gather(targets).transpose(1, 2)).argmax(dim=-1)  # [B, R] -> target
-    target_slot = dst.gather(1, targets)                                            # [B, C]
-    members = dst.gather(1, remaining) < 0                                          # not a target itself
-    dst = dst.scatter(1, remaining, torch.where(members, target_slot.gather(1, nearest), dst.gather(1, remaining)))
-    # weights: 1 for kept rows, 1 / (members of its target) for folded rows -> weighted mean x total = t + mean
-    counts = torch.zeros(B, rows.shape[1], device=x.device).scatter_add_(
-        1, target_slot.gather(1, nearest), members.float())
-    weight = torch.ones(B, N, device=x.device)
-    folded = 1 / counts.gather(1, target_slot.gather(1, nearest)).clamp_min(1)
-    weight = weight.scatter(1, remaining, torch.where(members, folded, 1.0))
-    out, total = reduce_by_assignment(x, dst, rows.shape[1], weight)
-    return (out.float() * total[..., None]).to(x.dtype), rows
+    B, R, D = x.shape
+    step = R // contextual
+    targets = slice(0, contextual * step, step)
+    keys = metric / metric.norm(dim=-1, keepdim=True)
+    nearest = (keys @ keys[:, targets].transpose(1, 2)).argmax(dim=-1)              # [B, R] -> target
+    nearest[:, targets] = contextual              # a target is no member: send it to a spare column, dropped below
+    members = torch.zeros(B, R, contextual + 1, dtype=x.dtype, device=x.device).scatter_(2, nearest[..., None], 1)
+    members = members[..., :contextual]                                             # [B, R, contextual] one-hot
+    mean = (members.transpose(1, 2) @ x) / members.sum(dim=1).clamp_min(1)[..., None]
+    return x[:, targets] + mean, step
