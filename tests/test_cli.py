@@ -6,7 +6,29 @@ import pytest
 pytest.importorskip("easy_vqa")
 
 from vlmeff import cli, zoo  # noqa: E402
+from vlmeff.data import easyvqa  # noqa: E402
 from vlmeff.zoo import build  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def untrained_weights(tmp_path_factory):
+    """A weights folder holding an untrained tiny-llava-evqa (the showcase only needs the model's shapes)."""
+    weights = tmp_path_factory.mktemp("weights")
+    model, processor = build.build_llava()
+    model.save_pretrained(weights / "tiny-llava-evqa")
+    processor.save_pretrained(weights / "tiny-llava-evqa")
+    return weights
+
+
+@pytest.fixture
+def showcase(untrained_weights, monkeypatch, capsys):
+    """Runs `vlmeff showcase ARGS...` on the untrained model; returns what it printed."""
+    monkeypatch.setattr(zoo, "WEIGHTS", untrained_weights)
+
+    def run(*args):
+        cli.main(["showcase", *map(str, args)])
+        return capsys.readouterr().out
+    return run
 
 
 def test_parse_method_specs():
@@ -23,13 +45,9 @@ def test_methods_table(capsys):
         assert f"\n{name} " in out
 
 
-def test_showcase_runs_every_method_and_writes_results(tmp_path, monkeypatch):
-    model, processor = build.build_llava()
-    model.save_pretrained(tmp_path / "weights" / "tiny-llava-evqa")
-    processor.save_pretrained(tmp_path / "weights" / "tiny-llava-evqa")
-    monkeypatch.setattr(zoo, "WEIGHTS", tmp_path / "weights")
-    cli.main(["showcase", "--limit", "8", "--batch-size", "4", "--methods", "cls", "pool", "--budgets", "0.25", "0.125",
-              "--out", str(tmp_path / "out")])
+def test_showcase_runs_every_method_and_writes_results(tmp_path, showcase, monkeypatch):
+    showcase("--limit", 8, "--batch-size", 4, "--methods", "cls", "pool", "--budgets", 0.25, 0.125,
+             "--out", tmp_path / "out")
     rows = json.loads((tmp_path / "out" / "showcase.json").read_text())
     assert [(r["method"], r["keep"]) for r in rows] == [("unpatched", None), ("cls", 0.25), ("cls", 0.125),
                                                         ("pool", 0.25), ("pool", 0.125)]
@@ -38,8 +56,61 @@ def test_showcase_runs_every_method_and_writes_results(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "showcase.png").stat().st_size > 0
     # a second run resumes from the folder instead of recomputing or overwriting
     monkeypatch.setattr(cli, "evaluate_vqa", lambda *a, **k: pytest.fail("finished runs must not be recomputed"))
-    cli.main(["showcase", "--limit", "8", "--methods", "cls", "pool", "--budgets", "0.25", "0.125",
-              "--out", str(tmp_path / "out")])
+    showcase("--limit", 8, "--methods", "cls", "pool", "--budgets", 0.25, 0.125, "--out", tmp_path / "out")
     assert json.loads((tmp_path / "out" / "showcase.json").read_text()) == rows
     with pytest.raises(SystemExit, match="another model or question count"):
-        cli.main(["showcase", "--limit", "16", "--out", str(tmp_path / "out")])
+        showcase("--limit", 16, "--out", tmp_path / "out")
+
+
+def test_showcase_rerun_says_its_results_were_loaded_and_overwrite_recomputes(tmp_path, showcase, monkeypatch):
+    args = ("--limit", 4, "--methods", "cls", "--budgets", 0.25, "--out", tmp_path / "out")
+    first = showcase(*args)
+    assert "loaded" not in first
+    second = showcase(*args)
+    assert (f"2 of 2 runs loaded from {tmp_path / 'out' / 'showcase.json'}, computed by an earlier showcase and not "
+            f"re-measured (unpatched, cls 0.25); --overwrite recomputes them, or choose another --out folder") in second
+    assert [line.endswith("(loaded)") for line in second.splitlines()[-3:-1]] == [True, True]
+    # a new run next to the stored ones: only the stored ones are said to be loaded
+    third = showcase("--limit", 4, "--methods", "cls", "--budgets", 0.25, 0.125, "--out", tmp_path / "out")
+    assert "2 of 3 runs loaded from" in third and "(unpatched, cls 0.25);" in third
+    measured = []
+    real = cli.evaluate_vqa
+    monkeypatch.setattr(cli, "evaluate_vqa", lambda *a, **k: measured.append(a[-1]) or real(*a, **k))
+    fourth = showcase(*args, "--overwrite")
+    assert measured == ["unpatched ", "cls 0.25"] and "loaded" not in fourth
+    assert [(r["method"], r["keep"]) for r in json.loads((tmp_path / "out" / "showcase.json").read_text())] == [
+        ("unpatched", None), ("cls", 0.25)]            # replaced, not merged with the third run's rows
+    with pytest.raises(SystemExit, match="replace them with --overwrite"):
+        showcase("--limit", 8, "--out", tmp_path / "out")
+
+
+def test_showcase_says_which_subset_it_measured(showcase):
+    total = len(easyvqa.questions("test")[0])
+    out = showcase("--limit", 4, "--methods", "cls", "--budgets", 0.25)
+    assert out.splitlines()[0] == (f"tiny-llava-evqa on the first 4 of {total} easy-VQA test questions (--limit 4); "
+                                   f"README's accuracy table is the full split (--limit 0), so its figures differ "
+                                   f"from these")
+    assert cli.subset_line(total, total) == (f"all {total} easy-VQA test questions (the full split, as README's "
+                                             f"accuracy table)")
+
+
+def test_every_showcase_option_has_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["showcase", "--help"])
+    text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
+    assert "--model {tiny-llava-evqa,tiny-llava-moe-evqa} embedded VLM to evaluate (default: tiny-llava-evqa)" in text
+    assert "--batch-size BATCH_SIZE questions per padded generate call (default: 64)" in text
+    showcase_parser = cli.build_parser()._subparsers._group_actions[0].choices["showcase"]
+    assert [a.dest for a in showcase_parser._actions if not a.help] == []
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--limit", "-1", "argument --limit: -1 is below 0; accepted: an integer >= 0"),
+    ("--batch-size", "0", "argument --batch-size: 0 is below 1; accepted: an integer >= 1"),
+    ("--batch-size", "two", "argument --batch-size: invalid integer >= 1 value: 'two'"),
+    ("--model", "tiny-vit-evqa", "argument --model: invalid choice: 'tiny-vit-evqa'"),
+])
+def test_showcase_rejects_bad_counts_naming_the_option(capsys, option, value, message):
+    with pytest.raises(SystemExit):
+        cli.main(["showcase", option, value])
+    assert message in capsys.readouterr().err

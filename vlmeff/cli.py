@@ -15,6 +15,8 @@ from tqdm import tqdm
 
 import vlmeff
 
+SHOWCASE_MODELS = [name for name in vlmeff.zoo.names() if name != "tiny-vit-evqa"]  # the ViT answers no questions
+
 
 def parse_method(spec):
     """'cls' or 'cls:reduce=merge,score_layers=1' -> ('cls', {'reduce': 'merge', 'score_layers': 1})."""
@@ -63,16 +65,19 @@ def cmd_showcase(args):
     images = easyvqa.load_images("test")
     runs = [("unpatched", None, {})] + [(spec, keep, parse_method(spec)) for spec in args.methods for keep in args.budgets]
     out = Path(args.out) if args.out else None
-    done = load_previous(out, args.model, len(records))
+    done = {} if args.overwrite else load_previous(out, args.model, len(records))
     rows = []
-    print(f"{args.model} on {len(records)} easy-VQA test questions, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} CPU threads")
+    print(f"{args.model} on {subset_line(len(records), len(questions))}")
+    print(f"batch {args.batch_size}, {torch.get_num_threads()} CPU threads")
+    reused = [(label, keep) for label, keep, _ in runs if (label, keep) in done]
+    if reused:
+        print(resumed_line(out / "showcase.json", reused, len(runs)))
     print(f"{'method':22s} {'keep':>7s} {'visual tokens':>13s} {'accuracy':>9s} {'ms/question':>12s} "
           f"{'speedup':>8s} {'LLM FLOPs':>10s}")
     for label, keep, parsed in runs:
         if (label, keep) in done:                # resume: results already in the output folder
             rows.append(done[(label, keep)])
-            print_row(rows[-1])
+            print_row(rows[-1], loaded=True)
             continue
         patch = vlmeff.patch(model, method=parsed[0], keep=keep, **parsed[1]) if keep else contextlib.nullcontext()
         with patch as handle:
@@ -93,6 +98,21 @@ def cmd_showcase(args):
         print(f"wrote {out / 'showcase.json'} and {out / 'showcase.png'}")
 
 
+def subset_line(n, total):
+    """Which questions a showcase measures: README's accuracy table is the full split, the default run is not."""
+    if n >= total:
+        return f"all {total} easy-VQA test questions (the full split, as README's accuracy table)"
+    return (f"the first {n} of {total} easy-VQA test questions (--limit {n}); README's accuracy table is the full "
+            f"split (--limit 0), so its figures differ from these")
+
+
+def resumed_line(path, reused, n_runs):
+    """Says that runs were read back from an earlier showcase rather than measured, and how to re-measure them."""
+    names = ", ".join(f"{label} {keep}" if keep else label for label, keep in reused)
+    return (f"{len(reused)} of {n_runs} runs loaded from {path}, computed by an earlier showcase and not re-measured "
+            f"({names}); --overwrite recomputes them, or choose another --out folder")
+
+
 def load_previous(out, model, n):
     """(method, keep) -> row of an earlier showcase in `out`; a folder holding other results is an error."""
     path = out / "showcase.json" if out else None
@@ -101,13 +121,13 @@ def load_previous(out, model, n):
     rows = json.loads(path.read_text())
     if any(r.get("model") != model or r["n"] != n for r in rows):
         raise SystemExit(f"{path} holds results of another model or question count; resume it with the same "
-                         f"--model and --limit, or choose another --out folder (results are never overwritten)")
+                         f"--model and --limit, replace them with --overwrite, or choose another --out folder")
     return {(r["method"], r["keep"]): r for r in rows}
 
 
-def print_row(row):
+def print_row(row, loaded=False):
     print(f"{row['method']:22s} {row['keep'] or '-':>7} {row['visual_tokens'] or 'all':>13} {row['accuracy']:9.4f} "
-          f"{row['ms_per_question']:12.2f} {row['speedup']:8.2f} {row['flops_ratio']:10.2f}")
+          f"{row['ms_per_question']:12.2f} {row['speedup']:8.2f} {row['flops_ratio']:10.2f}" + ("  (loaded)" * loaded))
 
 
 def plot_accuracy(rows, path, title):
@@ -126,20 +146,45 @@ def plot_accuracy(rows, path, title):
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None):
+def int_at_least(minimum):
+    """An argparse type: an integer >= minimum, the error naming the value and what is accepted."""
+    def parse(text):
+        value = int(text)                        # a ValueError makes argparse say "invalid integer >= N value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}; accepted: an integer >= {minimum}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def build_parser():
     parser = argparse.ArgumentParser(prog="vlmeff", description="Training-free visual-token reduction")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list the methods").set_defaults(run=cmd_methods)
     show = sub.add_parser("showcase", help="easy-VQA accuracy and time of an embedded VLM, unpatched vs patched")
-    show.add_argument("--model", default="tiny-llava-evqa")
+    show.add_argument("--model", default="tiny-llava-evqa", choices=SHOWCASE_MODELS,
+                      help="embedded VLM to evaluate (default: %(default)s)")
     show.add_argument("--methods", nargs="+", default=["cls", "random", "pool"],
-                      help="method specs, e.g. cls  cls:reduce=merge  received")
-    show.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.125, 0.0625], help="keep ratios")
-    show.add_argument("--limit", type=int, default=1000, help="first N test questions (0: all 9,673)")
-    show.add_argument("--batch-size", type=int, default=64)
-    show.add_argument("--out", default=None, help="folder for showcase.json and an accuracy plot")
+                      help="method specs, e.g. cls  cls:reduce=merge  received (default: %(default)s)")
+    show.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.125, 0.0625],
+                      help="keep ratios, one run per method and budget (default: %(default)s)")
+    show.add_argument("--limit", type=int_at_least(0), default=1000,
+                      help="the first N test questions (default: %(default)s); 0: all 9,673, the full split that "
+                           "README's accuracy table measures")
+    show.add_argument("--batch-size", type=int_at_least(1), default=64,
+                      help="questions per padded generate call (default: %(default)s); the time per question "
+                           "depends on it")
+    show.add_argument("--out", default=None,
+                      help="folder for showcase.json and an accuracy plot; runs already there are loaded, not "
+                           "re-measured (the output says so)")
+    show.add_argument("--overwrite", action="store_true",
+                      help="re-measure every run and replace the results already in --out")
     show.set_defaults(run=cmd_showcase)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     args.run(args)
 
 
