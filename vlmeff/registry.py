@@ -41,7 +41,7 @@ register(MethodInfo(
 register(MethodInfo(
     "tome", "Merge the r most similar token pairs in every layer by bipartite soft matching",
     "ToMe: Token Merging, Bolya et al., ICLR 2023", ("vision encoder",), ("vit",),
-    {"r": None, "prop_attn": True}))
+    {"r": None, "prop_attn": True, "order": "tome"}))
 register(MethodInfo(
     "random", "Keep a uniformly random subset of patches (baseline)", "baseline", ("vision encoder", "before LLM"),
     ("vit", "lvlm"), {"layer": None, "reduce": "drop", "seed": 0, "positions": None}))
