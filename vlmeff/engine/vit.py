@@ -53,21 +53,22 @@ def tome_fewest_tokens(n_patches, depth):
 
 
 def tome_schedule_to_keep(n_patches, k, depth, keep=None):
-    """Per-layer r that leaves exactly k of n_patches tokens: as even as possible (the remainder in the first
-    layers), larger early where the per-layer cap would otherwise leave later layers unable to finish.
-    ValueError naming the fewest reachable count when k is below it."""
+    """Per-layer r that leaves exactly k of n_patches tokens, as even as ToMe's cap allows: a layer merges at most
+    half of its tokens, i.e. at most the tokens left after it. One token at a time goes to the layer with the
+    smallest r that can still take one (the earliest on ties). ValueError naming the fewest reachable count when
+    k is below it."""
     fewest = tome_fewest_tokens(n_patches, depth)
     if k < fewest:
         raise ValueError(f"keep={k if keep is None else keep!r} asks method 'tome' for {k} of the {n_patches} patch "
                          f"tokens, but ToMe merges at most half of the tokens per layer, so {depth} layers leave at "
                          f"least {fewest}; use keep >= {fewest}")
-    schedule, n = [], n_patches
-    for layers_left in range(depth, 0, -1):
-        step = min(-(-(n - k) // layers_left), n // 2)
-        while tome_fewest_tokens(n - step, layers_left - 1) > k:
-            step += 1
-        schedule.append(step)
-        n -= step
+    schedule = [0] * depth
+    for _ in range(n_patches - k):
+        caps, left = [0] * depth, k
+        for i in reversed(range(depth)):
+            caps[i], left = left, left + schedule[i]
+        i = min((i for i in range(depth) if schedule[i] < caps[i]), key=schedule.__getitem__)
+        schedule[i] += 1
     return schedule
 
 
