@@ -189,6 +189,15 @@ def test_each_layer_merges_at_most_half_of_the_unprotected_tokens():
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
 
 
+def test_a_layer_with_nothing_to_merge_changes_nothing():
+    model = tiny_timm_vit(img_size=4, depth=2)                    # one patch: the cap is 0 in every layer
+    x = torch.randn(2, 3, 4, 4)
+    before = run(model, x)
+    with vlmeff.patch(model, method="tome", r=[3, 3]) as h:
+        assert torch.equal(run(model, x), before)
+    assert h.stats["visual_tokens"] == {"input": [1, 1], "layer 0": [1, 1], "layer 1": [1, 1]}
+
+
 @pytest.mark.parametrize("bug", BUGS)
 def test_the_oracle_comparison_catches_each_known_bug(bug):
     """Each bug of the list, put into the oracle, moves it far from the patched model: the equality tests above
@@ -318,3 +327,15 @@ def test_runs_under_fake_tensors():
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             out = model(mode.from_tensor(images()))
     assert out.shape == (2, 10) and h.stats["visual_tokens"]["layer 3"] == [58, 58]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_sync_on_cuda():
+    model, x = tiny_timm_vit().cuda(), images().cuda()
+    with vlmeff.patch(model, method="tome", r=[4, 0, 0, 2]):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -189,7 +189,7 @@ class ViTReduction:
         def merge(x):
             x, sizes = tome_merge(x, self.state["sizes"], self.keys.keys(i).mean(dim=1), r, self.prefix, self.order)
             self.state["sizes"] = sizes
-            if self.prop_attn:   # computed once per merge, reused by the layers up to the next merge
+            if self.prop_attn and sizes is not None:   # once per merge, reused by the layers up to the next merge
                 self.state["attn_bias"] = sizes[..., 0].log()[:, None, None, :]
             self._record(f"layer {i}", x)
             return x
