@@ -3,7 +3,6 @@
 Sites: `cls`, `random` and `pool` reduce the tokens once, on the output of layer `layer`; `tome` merges r tokens
 between the attention and MLP branches of every layer. Prefix tokens ([CLS], registers) are never reduced.
 """
-import math
 import numbers
 
 import torch
