@@ -6,6 +6,7 @@ from vlmeff.pruners import (bipartite_soft_matching, drop_tokens, merge_into_kep
                             pool_assignment, received_attention, reduce_by_assignment, resolve_keep,
                             topk_keep_indices)
 from vlmeff.pruners.pool import pool_grid, pool_views, split_budget
+from vlmeff.pruners.tome import merge_wavg
 
 
 def test_resolve_keep_counts_and_ratios():
@@ -38,17 +39,21 @@ def test_bipartite_matching_protects_prefix_and_merges_r():
     torch.manual_seed(0)
     metric = torch.randn(2, 11, 8)
     metric[:, 4] = metric[:, 5]            # an obvious pair: a-token 4 -> b-token 5
-    dst, n_out = bipartite_soft_matching(metric, r=3, protected=2)
-    assert n_out == 8
-    assert dst[:, 0].tolist() == [0, 0] and dst[:, 1].tolist() == [1, 1]         # prefix keeps its own slots
-    assert (dst[:, 4] == dst[:, 5]).all()
-    assert all(torch.bincount(d, minlength=n_out).min() >= 1 for d in dst)       # every slot has a member
-    x = torch.randn(2, 11, 4)
-    out, sizes = reduce_by_assignment(x, dst, n_out)
-    assert sizes.sum(1).tolist() == [11.0, 11.0]
-    members = (dst[0] == dst[0, 5]).nonzero().squeeze(1)
-    assert {4, 5} <= set(members.tolist())
-    torch.testing.assert_close(out[0, dst[0, 5]], x[0, members].mean(0))
+    unm, src, dst = bipartite_soft_matching(metric, r=3, protected=2)
+    # unprotected a = positions 2, 4, 6, 8, 10 (indices 0..4), b = positions 3, 5, 7, 9 (indices 0..3)
+    assert src.shape == dst.shape == (2, 3) and unm.shape == (2, 2)
+    assert (src == 1).any(1).all() and (dst[src == 1] == 1).all()                # 4 -> 5 is merged
+    assert torch.equal(torch.cat([unm, src], 1).sort(1).values, torch.arange(5).expand(2, 5))
+    assert torch.equal(unm, unm.sort(1).values)                                  # ToMe sorts the unmerged a
+    x, sizes = torch.randn(2, 11, 4), torch.tensor([1.0, 1, 2, 1, 1, 3, 1, 1, 1, 1, 1]).expand(2, 11)[..., None]
+    out, new_sizes = merge_wavg(x, sizes, unm, src, dst, protected=2)
+    assert out.shape == (2, 8, 4) and new_sizes.sum(1).flatten().tolist() == [14.0, 14.0]
+    assert torch.equal(out[:, :2], x[:, :2])                                     # prefix first, untouched
+    b5 = 2 + 2 + 1                                                               # slot of b-token 5: prefix, unm, b 0
+    merged_into_5 = [2 + 2 * int(a) for a, d in zip(src[0], dst[0]) if d == 1] + [5]
+    w = sizes[0, merged_into_5]
+    torch.testing.assert_close(out[0, b5], (x[0, merged_into_5] * w).sum(0) / w.sum())
+    assert new_sizes[0, b5].item() == w.sum().item()
 
 
 def test_pool_grid_and_assignment():
