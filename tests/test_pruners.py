@@ -25,7 +25,9 @@ def test_drop_and_merge_with_sizes():
     x = torch.arange(12.0).view(1, 6, 2)
     keep = torch.tensor([[0, 3]])
     out, sizes = drop_tokens(x, keep)
-    assert torch.equal(out, x[:, [0, 3]]) and sizes.tolist() == [[1.0, 1.0]]
+    assert torch.equal(out, x[:, [0, 3]]) and sizes is None          # unit sizes stay implicit
+    out, sizes = drop_tokens(x, keep, torch.tensor([[2.0, 1, 1, 3, 1, 1]]))
+    assert torch.equal(out, x[:, [0, 3]]) and sizes.tolist() == [[2.0, 3.0]]
     metric = torch.tensor([[[1.0, 0], [1, 0.1], [1, 0.2], [0, 1], [0.1, 1], [0.2, 1]]])
     sizes_in = torch.tensor([[1.0, 2, 1, 1, 1, 3]])
     out, sizes = merge_into_kept(x, keep, metric, sizes_in)
