@@ -57,8 +57,9 @@ class LVLMAdapter:
         return t[:, self.tower.num_prefix_tokens - self.feature_prefix:]
 
     def protected_rows(self, features):
-        """Per image, bool [N_i]: rows kept regardless of the budget (the prefix rows)."""
-        return [torch.arange(f.shape[0], device=f.device) < self.feature_prefix for f in features]
+        """Per image, bool [N_i] on the CPU (the reduction reads it on the host, so a device mask would cost a sync):
+        rows kept regardless of the budget (the prefix rows)."""
+        return [torch.arange(f.shape[0]) < self.feature_prefix for f in features]
 
     def image_grids(self, i, protected):
         """For `pool`: the (h, w) grids that image i's unprotected feature rows form one after another (protected:
