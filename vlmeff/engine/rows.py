@@ -7,6 +7,7 @@ built once per device (`layout_constant`), and a forward runs only the launches 
 """
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..kernels import gather_merge
 from ..pruners import (contextual_merge, drop_tokens, merge_into_kept, pool_views, random_scores, resolve_keep,
@@ -94,10 +95,11 @@ def row_layout(n, protected):
     """The RowLayout of n rows given protected as an int prefix count or a bool [n] mask (read on the host)."""
     if isinstance(protected, int):
         return RowLayout(n, tuple(range(protected)))
-    mask = protected.detach()
-    if mask.device.type != "cpu":
-        mask = mask.cpu()                  # a device read: callers should hand in CPU masks
-    return RowLayout(n, tuple(int(i) for i in mask.numpy().nonzero()[0]))
+    # host data, read outside any dispatch mode (a fake tensor mode would otherwise hand back a fake copy); a device
+    # mask is copied to the host first, which is a sync: callers should hand in CPU masks
+    with _disable_current_modes():
+        rows = protected.cpu().numpy().nonzero()[0]
+    return RowLayout(n, tuple(int(i) for i in rows))
 
 
 class _Device:

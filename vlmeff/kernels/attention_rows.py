@@ -44,7 +44,7 @@ def _rows(q_rows, keys_t, scale, Hk, mean_rows):
     # the H / Hk query heads of each key head become extra rows instead of repeating k
     q = q_rows.to(torch.float32, memory_format=torch.contiguous_format).reshape(B * Hk, (H // Hk) * Q, d)
     logits = torch.baddbmm(q.new_empty(()), q, keys_t, beta=0, alpha=scale)      # [B * Hk, (H / Hk) * Q, N]
-    probs = logits.softmax(dim=-1).view(B, Hk, H // Hk, Q, -1)
+    probs = logits.softmax(dim=-1).view(B, Hk, H // Hk, Q, keys_t.shape[-1])
     return probs.mean(dim=(1, 2, 3)) if mean_rows else probs.mean(dim=(1, 2))
 
 
