@@ -126,13 +126,13 @@ class ViTReduction:
         p, N = self.prefix, out.shape[1]
         stage = f"after layer {self.layer}"
         if resolve_keep(self.keep, N - p) == N - p:     # full budget (a static fact of the shape): no launch at all
-            self.scored.clear()
+            self._release()
             self._record(stage, out)
             return None
         scores = self._scores() if self.method in ("cls", "received") else None
-        metric = self.keys.keys(self.layer).mean(dim=1, dtype=torch.float32) if self.options.get("reduce") == "merge" else None
-        self.scored.clear()                 # the captured q/k are consumed: release them now
-        self.keys.clear()
+        merge = self.options.get("reduce") == "merge"
+        metric = self.keys.keys(self.layer).mean(dim=1, dtype=torch.float32) if merge else None
+        self._release()
         grids = (self.adapter.patch_grid(N - p),) if self.method == "pool" else None
         x, self.state["sizes"], rows = reduce_rows(self.method, self.options, out, self.keep, p, scores,
                                                    metric, grids, self.state["sizes"])
@@ -142,6 +142,11 @@ class ViTReduction:
             self.state["scores"] = scores[:, p:]
         self._record(stage, x)
         return x
+
+    def _release(self):
+        """The captured q/k are consumed once per forward: release them as soon as the reduction has read them."""
+        self.scored.clear()
+        self.keys.clear()
 
     def _scores(self):
         return self.scored.received_scores() if self.method == "received" else self.scored.cls_scores()
