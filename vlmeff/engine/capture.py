@@ -2,6 +2,8 @@
 import functools
 import operator
 
+import torch
+
 from ..pruners.scores import cls_attention, received_attention
 
 
@@ -70,7 +72,7 @@ class TowerCapture:
 
     def metric(self):
         """Per-image merge metric [n_img, N, C]: the metric layer's keys averaged over heads."""
-        return self.to_rows(self.metric_qk.keys(self.metric_layer).mean(dim=1))
+        return self.to_rows(self.metric_qk.keys(self.metric_layer).mean(dim=1, dtype=torch.float32))
 
     def clear(self):
         self.qk.clear()
