@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from vlmeff.pruners import (bipartite_soft_matching, drop_tokens, merge_into_kept,
-                            pool_assignment, received_attention, reduce_by_assignment, resolve_keep,
+from vlmeff.pruners import (bipartite_soft_matching, cls_attention, drop_tokens, merge_into_kept,
+                            pool_assignment, random_scores, received_attention, reduce_by_assignment, resolve_keep,
                             topk_keep_indices)
 from vlmeff.pruners.pool import pool_grid, pool_views, split_budget
 from vlmeff.pruners.tome import merge_wavg
@@ -25,7 +25,9 @@ def test_drop_and_merge_with_sizes():
     x = torch.arange(12.0).view(1, 6, 2)
     keep = torch.tensor([[0, 3]])
     out, sizes = drop_tokens(x, keep)
-    assert torch.equal(out, x[:, [0, 3]]) and sizes.tolist() == [[1.0, 1.0]]
+    assert torch.equal(out, x[:, [0, 3]]) and sizes is None          # unit sizes stay implicit
+    out, sizes = drop_tokens(x, keep, torch.tensor([[2.0, 1, 1, 3, 1, 1]]))
+    assert torch.equal(out, x[:, [0, 3]]) and sizes.tolist() == [[2.0, 3.0]]
     metric = torch.tensor([[[1.0, 0], [1, 0.1], [1, 0.2], [0, 1], [0.1, 1], [0.2, 1]]])
     sizes_in = torch.tensor([[1.0, 2, 1, 1, 1, 3]])
     out, sizes = merge_into_kept(x, keep, metric, sizes_in)
@@ -78,3 +80,42 @@ def test_received_attention_matches_full_softmax():
     q, k = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4)
     full = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1)          # [B, H, N, N]
     torch.testing.assert_close(received_attention(q, k, 0.5, chunk=3), full.mean(dim=2).mean(dim=1))
+
+
+@pytest.mark.parametrize("H,Hk,token_major", [(4, 4, True), (4, 2, True), (6, 3, False)])
+def test_cls_attention_matches_full_softmax(H, Hk, token_major):
+    """The one-row path (block-diagonal queries against token-major keys), grouped-query heads included."""
+    B, N, d, scale = 2, 11, 8, 0.4
+    q = torch.randn(B, H, N, d)
+    k = torch.randn(B, N, Hk, d).transpose(1, 2) if token_major else torch.randn(B, Hk, N, d)
+    full = torch.softmax(q @ k.repeat_interleave(H // Hk, dim=1).transpose(-1, -2) * scale, dim=-1)   # [B, H, N, N]
+    torch.testing.assert_close(cls_attention(q[:, :, :1], k, scale), full[:, :, 0].mean(dim=1))
+
+
+def test_random_scores_are_a_seeded_counter_hash():
+    """Oracle: the lowbias32 mixer written with Python ints; distinct rows never tie; seeds give other draws."""
+    def mix(seed, i):
+        x = (i + seed * 0x9E3779B9) & 0xFFFFFFFF
+        for _ in range(2):
+            x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    scores = random_scores(500, seed=7)
+    assert scores.tolist() == [mix(7, i) for i in range(500)]
+    assert scores.unique().numel() == 500
+    assert not torch.equal(random_scores(500, seed=8), scores)
+    assert random_scores(4, seed=-3).tolist() == [mix(-3, i) for i in range(4)]
+
+
+def test_merge_never_feeds_the_tokens_that_may_not_receive():
+    """Row 0 ([CLS]) is the most similar kept token of every pruned row, yet receives nothing: with `fixed` (a
+    protected prefix) and with a `targets` mask (protected rows anywhere) alike."""
+    x = torch.randn(1, 6, 3)
+    metric = torch.tensor([[[1.0, 0], [1, 0.01], [0.9, 0.1], [0, 1], [1, 0.02], [0.2, 1]]])
+    keep = torch.tensor([[0, 3]])
+    for kwargs in (dict(fixed=1), dict(targets=torch.tensor([[False, True]]))):
+        out, sizes = merge_into_kept(x, keep, metric, **kwargs)
+        assert torch.equal(out[0, 0], x[0, 0]) and sizes.tolist() == [[1.0, 5.0]]
+        torch.testing.assert_close(out[0, 1], x[0, 1:].mean(0))
+    out, sizes = merge_into_kept(x, keep, metric)           # unrestricted, row 0 takes its neighbours
+    assert sizes.tolist() == [[4.0, 2.0]]

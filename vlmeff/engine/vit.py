@@ -121,13 +121,15 @@ class ViTReduction:
         self.scored = QKCapture(p, a, self.score_layers, queries="all" if self.method == "received" else "cls")
         merge_metric = self.options.get("reduce") == "merge" and self.layer not in self.score_layers
         self.keys = QKCapture(p, a, [self.layer], queries=None) if merge_metric else self.scored
-        p.hook(a.layers[self.layer].register_forward_hook(self._reduce_after_layer))
+        # prepended: on the last layer the reduction runs before `_finish` records the stats
+        p.hook(a.layers[self.layer].register_forward_hook(self._reduce_after_layer, prepend=True))
 
     # -- per-forward state --------------------------------------------------------------------------------------
     def _start(self, module, args):
         x = args[0]
         n_patches = x.shape[1] - self.prefix
-        self.state = dict(sizes=None, batch=x.shape[0], tokens=[], visual={"input": [n_patches] * x.shape[0]})
+        self.state = dict(sizes=None, batch=x.shape[0], n_patches=n_patches, tokens=[],
+                          visual={"input": [n_patches] * x.shape[0]})
 
     def _count(self, i):
         def hook(module, args):
@@ -136,7 +138,7 @@ class ViTReduction:
 
     def _finish(self, module, args, out):
         s, a = self.state, self.adapter
-        n0 = s["visual"]["input"][0] + self.prefix
+        n0 = s["n_patches"] + self.prefix
         self.patch.stats = {
             "visual_tokens": s["visual"],
             "flops": s["batch"] * a.flops(s["tokens"]),
@@ -153,18 +155,29 @@ class ViTReduction:
     # -- reductions ---------------------------------------------------------------------------------------------
     def _reduce_after_layer(self, module, args, out):
         p, N = self.prefix, out.shape[1]
-        protected = torch.arange(N, device=out.device) < p
+        stage = f"after layer {self.layer}"
+        if resolve_keep(self.keep, N - p) == N - p:     # full budget (a static fact of the shape): no launch at all
+            self._release()
+            self._record(stage, out)
+            return None
         scores = self._scores() if self.method in ("cls", "received") else None
-        metric = self.keys.keys(self.layer).mean(dim=1) if self.options.get("reduce") == "merge" else None
+        merge = self.options.get("reduce") == "merge"
+        metric = self.keys.keys(self.layer).mean(dim=1, dtype=torch.float32) if merge else None
+        self._release()
         grids = (self.adapter.patch_grid(N - p),) if self.method == "pool" else None
-        x, self.state["sizes"], rows = reduce_rows(self.method, self.options, out, self.keep, protected, scores,
+        x, self.state["sizes"], rows = reduce_rows(self.method, self.options, out, self.keep, p, scores,
                                                    metric, grids, self.state["sizes"])
         if self.method != "pool":
-            self.state["kept"] = rows[:, p:] - p
+            self.state["kept"] = rows[:, p:] - p if p else rows
         if scores is not None:
             self.state["scores"] = scores[:, p:]
-        self._record(f"after layer {self.layer}", x)
+        self._record(stage, x)
         return x
+
+    def _release(self):
+        """The captured q/k are consumed once per forward: release them as soon as the reduction has read them."""
+        self.scored.clear()
+        self.keys.clear()
 
     def _scores(self):
         return self.scored.received_scores() if self.method == "received" else self.scored.cls_scores()

@@ -1,22 +1,29 @@
-"""Reducers: shrink a token sequence given what to keep. Both drop and merge end in `kernels.gather_merge`."""
+"""Reducers: shrink a token sequence given what to keep. Merges end in `kernels.gather_merge` (one fused
+launch); a pure drop is one `gather`."""
 import torch
 import torch.nn.functional as F
 
-from ..kernels import gather_merge, segments_from_assignment
+from ..kernels import gather_merge
+from .constants import slot_ranges
 
 
-def reduce_by_assignment(x, dst, num_out, sizes=None):
+def reduce_by_assignment(x, dst, num_out, sizes=None, drops=True):
     """Average tokens into output slots.
 
-    x: [B, N, D]; dst: [B, N] int64 output slot in [0, num_out) of every token, -1 to drop it; sizes: [B, N]
-    token sizes (how many original patches each token stands for), None for all 1. Output slot k is the
-    size-weighted mean of its members, in their original order. Returns (x' [B, num_out, D], sizes' [B, num_out]).
+    x: [B, N, D]; dst: [B, N] int64 output slot in [0, num_out) of every token, -1 to drop it (`drops=False`
+    promises there is none, saving a launch); sizes: [B, N] token sizes (how many original patches each token
+    stands for), None for all 1. Output slot k is the size-weighted mean of its members, in their original order.
+    Returns (x' [B, num_out, D], sizes' [B, num_out]).
+    Launches: sort, searchsorted, gather_merge (+ where with drops, + gather with sizes); no host sync.
     """
-    index, offsets = segments_from_assignment(dst, num_out)
+    slot = torch.where(dst < 0, num_out, dst) if drops else dst
+    # members grouped by slot, stably (original order within a slot); dropped tokens (slot num_out) come last
+    sorted_slot, index = slot.sort(dim=1, stable=True)
+    # offsets[b, k] = members of batch b in slots < k
+    offsets = torch.searchsorted(sorted_slot, slot_ranges(dst.shape[0], num_out + 1, dst))
     weight = None if sizes is None else sizes.gather(1, index)
-    # segments built by segments_from_assignment are valid by construction: skip the checks' host sync
-    out, total = gather_merge(x, index, offsets, weight, validate=False)
-    return out, total
+    # segments built this way are valid by construction: skip the checks' host sync
+    return gather_merge(x, index, offsets, weight, validate=False)
 
 
 def keep_assignment(keep_idx, n):
@@ -26,24 +33,34 @@ def keep_assignment(keep_idx, n):
 
 
 def drop_tokens(x, keep_idx, sizes=None):
-    """Keep tokens keep_idx [B, K] of x [B, N, D] (sorted indices), drop the rest. Returns (x' [B, K, D], sizes')."""
-    return reduce_by_assignment(x, keep_assignment(keep_idx, x.shape[1]), keep_idx.shape[1], sizes)
+    """Keep tokens keep_idx [B, K] of x [B, N, D], drop the rest: one gather (two with sizes), bit-exact.
+    Returns (x' [B, K, D], sizes' [B, K], None when sizes is None: every kept token still stands for itself)."""
+    out = x.gather(1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
+    return out, None if sizes is None else sizes.gather(1, keep_idx)
 
 
-def merge_into_kept(x, keep_idx, metric, sizes=None, targets=None):
+def merge_into_kept(x, keep_idx, metric, sizes=None, targets=None, fixed=0):
     """Keep keep_idx [B, K] and merge every other token into its most similar kept token (cosine of `metric`
-    [B, N, C]) by size-weighted average. `targets` [B, K] bool marks which kept tokens may receive merges
-    (default: all; prefix tokens such as [CLS] are excluded by the caller). Returns (x' [B, K, D], sizes' [B, K]).
+    [B, N, C]) by size-weighted average. Kept tokens that may not receive merges (prefix tokens such as [CLS],
+    row separators): the first `fixed` ones (a protected prefix, sorted first in keep_idx), and, if given, those
+    where `targets` [B, K] bool is False. Returns (x' [B, K, D], sizes' [B, K]).
+    Launches (float32 metric, no targets mask): gather, normalize (3), bmm, argmax, scatter, then
+    `reduce_by_assignment` (3), plus one add with `fixed`.
     """
-    B, N, _ = x.shape
-    dst = keep_assignment(keep_idx, N)
-    m = F.normalize(metric.float(), dim=-1)
-    sim = m @ m.gather(1, keep_idx[..., None].expand(-1, -1, m.shape[-1])).transpose(1, 2)   # [B, N, K]
+    K, C = keep_idx.shape[1], metric.shape[-1]
+    metric = metric.float()
+    receivers = keep_idx[:, fixed:]
+    candidates = F.normalize(metric.gather(1, receivers[..., None].expand(-1, -1, C)), dim=-1)
+    # cosine up to the positive factor |metric_i| of each source row, which leaves its argmax unchanged
+    sim = metric @ candidates.transpose(1, 2)                                    # [B, N, K - fixed]
     if targets is not None:
-        sim = sim.masked_fill(~targets[:, None, :], float("-inf"))
+        sim = sim.masked_fill(~targets[:, None, fixed:], float("-inf"))
     nearest = sim.argmax(dim=-1)
-    dst = torch.where(dst < 0, nearest, dst)
-    return reduce_by_assignment(x, dst, keep_idx.shape[1], sizes)
+    if fixed:
+        nearest = nearest + fixed
+    # kept tokens keep their own slot
+    dst = nearest.scatter(1, keep_idx, slot_ranges(1, K, keep_idx).expand_as(keep_idx))
+    return reduce_by_assignment(x, dst, K, sizes, drops=False)
 
 
 def contextual_merge(x, metric, contextual):
