@@ -18,12 +18,6 @@ def default_layer(depth):
     return depth // 4
 
 
-def _layer_index(layer, depth, name="layer"):
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not -depth <= layer < depth:
-        raise ValueError(f"{name}={layer!r}: expected a layer index in [{-depth}, {depth - 1}] for this {depth}-layer model")
-    return layer % depth
-
-
 def tome_schedule(r, keep, n_patches, depth):
     """Tokens merged per layer: r (an int for every layer, or a list with one int per layer), or, with r None, the
     schedule that leaves exactly `keep` of the n_patches patch tokens (`tome_schedule_to_keep`)."""
@@ -72,8 +66,8 @@ class ViTReduction:
     """Installs `method` on a ViT adapter's layers and records `patch.stats` on every forward."""
 
     def __init__(self, patch, adapter, method, keep, options):
-        if options.get("positions") is not None:
-            raise ValueError("positions applies to LVLMs (prompt positions of kept visual tokens), not to a ViT")
+        # option types and ranges (layer and score_layers within the depth, positions None) were checked by the
+        # registry in vlmeff.patch
         self.patch, self.adapter, self.method, self.keep, self.options = patch, adapter, method, keep, options
         self.depth = len(adapter.layers)
         self.prefix = adapter.num_prefix_tokens
@@ -88,7 +82,7 @@ class ViTReduction:
             if self.n_patches is not None:
                 resolve_keep(keep, self.n_patches)
             layer = default_layer(self.depth) if options["layer"] is None else options["layer"]
-            self.layer = _layer_index(layer, self.depth)
+            self.layer = layer % self.depth
             self.score_layers = self._score_layers(options.get("score_layers"))
         self.state = {}
 
@@ -98,10 +92,7 @@ class ViTReduction:
         if spec is None:
             return [self.layer]
         start, end = (spec, self.layer) if isinstance(spec, numbers.Integral) else tuple(spec)
-        start, end = _layer_index(start, self.depth, "score_layers"), _layer_index(end, self.depth, "score_layers")
-        if not start <= end <= self.layer:
-            raise ValueError(f"score_layers={spec!r}: need start <= end <= the pruning layer {self.layer}")
-        return list(range(start, end + 1))
+        return list(range(start % self.depth, end % self.depth + 1))
 
     # -- installation -------------------------------------------------------------------------------------------
     def install(self):
@@ -126,6 +117,7 @@ class ViTReduction:
 
     # -- per-forward state --------------------------------------------------------------------------------------
     def _start(self, module, args):
+        self.patch.new_call()                  # a forward that fails leaves no stats of an earlier one
         x = args[0]
         n_patches = x.shape[1] - self.prefix
         self.state = dict(sizes=None, batch=x.shape[0], n_patches=n_patches, tokens=[],
