@@ -320,6 +320,20 @@ def test_launcher_reads_no_tensor_data(monkeypatch, D):
     assert grid == (-(-20 // block_k), -(-D // block_d), 2)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_reference_and_op_read_no_tensor_data_on_fake_tensors(device):
+    # fake tensors (FakeTensorMode; CUDA ones need no GPU) have no values: the reference's CPU shortcut (a host
+    # read of offsets[:, -1]) must not run on them nor on CUDA, and the custom op answers with its fake
+    with FakeTensorMode():
+        x = torch.empty(2, 10, 4, device=device)
+        index, offsets = (torch.empty(2, n, dtype=torch.long, device=device) for n in (10, 4))
+        weight = torch.empty(2, 10, device=device)
+        for out, total in (gather_merge_reference(x, index, offsets, weight),
+                           gather_merge(x, index, offsets, weight, validate=False)):
+            assert (out.shape, out.stride(), total.shape, total.stride()) == ((2, 3, 4), (12, 4, 1), (2, 3), (3, 1))
+            assert out.device.type == device
+
+
 def test_launch_configs_are_exactly_the_launchers_choices():
     # the AOT proof compiles `launch_configs()`: it must hold every variant the launcher can pick, and no other
     from vlmeff.kernels import triton_gather_merge as module
