@@ -36,40 +36,43 @@ def _gather_merge_kernel(
     pid_k = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)   # int64 before any stride product: B * N * D may exceed 2**31
-    # Per-row values are [BLOCK_K, 1] columns of the tile, never 1-d vectors: 1-d vectors that meet the 2-d tile
-    # take slice layouts, and Triton 3.6's layout-conversion pass breaks those for BLOCK_K >= 32 ("'tt.load' op
-    # failed to verify that mask type matches ptr type", "'arith.uitofp' ... cast incompatible").
-    rows = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)[:, None]                       # [BLOCK_K, 1]
+    rows = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_mask = rows < K
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_D), BLOCK_D)[None, :]   # [1, BLOCK_D], one aligned run
+    cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_D), BLOCK_D)   # one contiguous, aligned run per row
     col_mask = cols < D
 
     start = tl.load(offsets_ptr + b * stride_ob + rows, mask=row_mask, other=0)
     length = tl.load(offsets_ptr + b * stride_ob + rows + 1, mask=row_mask, other=0) - start
-    x_base = x_ptr + b * stride_xb + cols
+    # The tile's mask comes from its own [BLOCK_K, 1] copy of the lengths, not from expanding the 1-d member
+    # mask: a 1-d value used both alone and expanded into the tile gets rewritten into the tile's slice layout by
+    # Triton 3.6's layout-conversion pass, leaving the 1-d loads with a mask whose layout differs from their
+    # pointers' ("'tt.load' op failed to verify that mask type matches ptr type", and "'arith.uitofp' ... cast
+    # incompatible" on member.to(float32)): the kernel failed to compile for BLOCK_K >= 32.
+    tile_length = length[:, None]
+    x_base = x_ptr + b * stride_xb + cols[None, :]
 
     acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
-    total = tl.zeros((BLOCK_K, 1), dtype=tl.float32)
+    total = tl.zeros((BLOCK_K,), dtype=tl.float32)
     # Members in order, as the reference sums them. Rows with shorter segments idle (masked, no memory traffic)
     # until the tile's longest segment is done.
-    for j in range(0, tl.max(length)):
+    for j in range(0, tl.max(length, axis=0)):
         member = j < length
         src = tl.load(index_ptr + b * stride_ib + start + j, mask=member, other=0)   # int64 token ids
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + b * stride_wb + start + j, mask=member, other=0.0)
         else:
             w = tl.where(member, 1.0, 0.0)
-        vals = tl.load(x_base + src * stride_xn, mask=member & col_mask, other=0.0)
-        acc += vals.to(tl.float32) * w
+        vals = tl.load(x_base + src[:, None] * stride_xn, mask=(j < tile_length) & col_mask[None, :], other=0.0)
+        acc += vals.to(tl.float32) * w[:, None]
         total += w
 
     # IEEE division (not Triton's fast fp32 divide) so results match the reference and pure gather is exact;
     # the clamp gives an empty segment 0 / tiny = 0.
-    denom = tl.broadcast_to(tl.maximum(total, 1.1754943508222875e-38), (BLOCK_K, BLOCK_D))
+    denom = tl.broadcast_to(tl.maximum(total, 1.1754943508222875e-38)[:, None], (BLOCK_K, BLOCK_D))
     out = tl.math.div_rn(acc, denom)
-    y_ptrs = out_ptr + b * stride_yb + rows.to(tl.int64) * stride_yk + cols
-    tl.store(y_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask & col_mask)
+    y_ptrs = out_ptr + b * stride_yb + rows[:, None].to(tl.int64) * stride_yk + cols[None, :]
+    tl.store(y_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
     # every D tile computed the same totals; the first one writes them
     tl.store(total_ptr + b * stride_tb + rows, total, mask=row_mask & (pid_d == 0))
 
