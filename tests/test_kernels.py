@@ -395,11 +395,13 @@ def sm90_ptx(dtype):
     return compile_variant((dtype, True, 16, 256), 90, "aligned").asm["ptx"]
 
 
-@pytest.mark.parametrize("dtype,vectors", [("bf16", 4), ("fp32", 8)])
-def test_kernel_compiles_for_sm90_with_16_byte_accesses(dtype, vectors):
+@pytest.mark.parametrize("dtype,vectors,loads", [("bf16", 4, 23), ("fp32", 8, 43)])
+def test_kernel_compiles_for_sm90_with_16_byte_accesses(dtype, vectors, loads):
     # each thread's 32 elements of the 16 x 256 tile must move as 16-byte vectors: 4 per load and per store in
-    # bf16, 8 in fp32. In a subprocess without TRITON_INTERPRET: the interpreter patches triton.language while
-    # it runs kernels, which breaks compiling in the same process.
+    # bf16, 8 in fp32; and the per-row index / weight loads must not be duplicated across layouts (a [BLOCK_K, 1]
+    # formulation once made 69 global loads per member step instead of 13). In a subprocess without
+    # TRITON_INTERPRET: the interpreter patches triton.language while it runs kernels, which breaks compiling in
+    # the same process.
     pytest.importorskip("triton")
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"import test_kernels as t; print(t.sm90_ptx({dtype!r}))")
@@ -408,6 +410,7 @@ def test_kernel_compiles_for_sm90_with_16_byte_accesses(dtype, vectors):
     assert run.returncode == 0, run.stderr[-3000:]
     ptx = run.stdout
     assert len(re.findall(r"ld\.global\S*\.v4", ptx)) == vectors
+    assert len(re.findall(r"ld\.global", ptx)) == loads
     assert len(re.findall(r"st\.global\S*\.v4", ptx)) == vectors
     assert "div.rn.f32" in ptx
 
