@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ..kernels import gather_merge
 from ..pruners import (contextual_merge, drop_tokens, merge_into_kept, pool_views, random_scores, resolve_keep,
                        topk_keep_indices)
-from ..pruners.constants import layout_constant, slot_ranges
+from ..layout import layout_constant, slot_ranges
 from ..registry import contextual_count
 
 

@@ -2,19 +2,20 @@
 tokens to output slots, and checking it."""
 import torch
 
+from ..layout import slot_ranges
 
-def segments_from_assignment(dst, num_out):
+
+def segments_from_assignment(dst, num_out, drops=True):
     """(index [B, N], offsets [B, num_out + 1]) for `gather_merge` from dst [B, N] int64: each token's output slot
-    in [0, num_out), or -1 to drop it (nothing else: other values wrap modulo num_out + 1). Members are sorted by
-    slot (stably, so they keep their order); dropped tokens come after offsets[:, -1]. The segments are valid
-    whatever dst holds, so `gather_merge(..., validate=False)` is safe on them. Five ops, no host synchronisation."""
+    in [0, num_out), or -1 to drop it (nothing else: other values wrap modulo num_out + 1); `drops=False` promises
+    there is no -1, saving a launch. Members are sorted by slot (stably, so they keep their order); dropped tokens
+    come after offsets[:, -1]. The segments are valid whatever dst holds, so `gather_merge(..., validate=False)` is
+    safe on them. Three launches (two without drops), no host synchronisation."""
     # -1 -> num_out: dropped tokens sort after every slot (one op, where torch.where needs three)
-    slot = dst.remainder(num_out + 1)
+    slot = dst.remainder(num_out + 1) if drops else dst
     sorted_slot, index = slot.sort(dim=1, stable=True)
     # offsets[b, k] = number of members of slots < k = first position of slot k in the sorted row
-    # (contiguous: searchsorted would copy an expanded tensor itself, and warn)
-    slots = torch.arange(num_out + 1, device=dst.device).expand(dst.shape[0], -1).contiguous()
-    return index, torch.searchsorted(sorted_slot, slots)
+    return index, torch.searchsorted(sorted_slot, slot_ranges(dst.shape[0], num_out + 1, dst))
 
 
 def check_layout(x, index, offsets, weight):

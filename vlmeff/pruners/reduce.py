@@ -3,8 +3,8 @@ launch); a pure drop is one `gather`."""
 import torch
 import torch.nn.functional as F
 
-from ..kernels import gather_merge
-from .constants import slot_ranges
+from ..kernels import gather_merge, segments_from_assignment
+from ..layout import slot_ranges
 
 
 def reduce_by_assignment(x, dst, num_out, sizes=None, drops=True):
@@ -14,13 +14,9 @@ def reduce_by_assignment(x, dst, num_out, sizes=None, drops=True):
     promises there is none, saving a launch); sizes: [B, N] token sizes (how many original patches each token
     stands for), None for all 1. Output slot k is the size-weighted mean of its members, in their original order.
     Returns (x' [B, num_out, D], sizes' [B, num_out]).
-    Launches: sort, searchsorted, gather_merge (+ where with drops, + gather with sizes); no host sync.
+    Launches: `segments_from_assignment` (2, 3 with drops), gather_merge (+ gather with sizes); no host sync.
     """
-    slot = torch.where(dst < 0, num_out, dst) if drops else dst
-    # members grouped by slot, stably (original order within a slot); dropped tokens (slot num_out) come last
-    sorted_slot, index = slot.sort(dim=1, stable=True)
-    # offsets[b, k] = members of batch b in slots < k
-    offsets = torch.searchsorted(sorted_slot, slot_ranges(dst.shape[0], num_out + 1, dst))
+    index, offsets = segments_from_assignment(dst, num_out, drops)
     weight = None if sizes is None else sizes.gather(1, index)
     # segments built this way are valid by construction: skip the checks' host sync
     return gather_merge(x, index, offsets, weight, validate=False)
