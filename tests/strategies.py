@@ -20,6 +20,7 @@ import test_qwen_vl as qwen
 from lvlm_models import tiny_llava
 
 IMAGE, VIDEO, START, END, PAD = 100, 101, 98, 99, 0
+PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")   # [B, L] prompt inputs
 TEXT_IDS = st.integers(3, 90)          # never pad, bos/eos, image/video placeholders or vision start/end
 
 
@@ -153,6 +154,11 @@ def ratio(draw):
                           st.floats(0.02, 1.0, allow_nan=False, exclude_min=True)))
 
 
+def small_count(n):
+    """A count budget in [1, n], small ones (below the number of grids, heads, layers) drawn as often as any."""
+    return st.one_of(st.integers(1, min(n, 4)), st.integers(1, n))
+
+
 @st.composite
 def lvlm_config(draw, family, min_free, full=False):
     """(method, keep, options) valid for an LVLM family whose smallest image block has `min_free` rows outside the
@@ -162,7 +168,7 @@ def lvlm_config(draw, family, min_free, full=False):
     if full:
         keep = 1.0
     else:
-        keep = draw(st.one_of(ratio(), st.integers(1, max(1, min_free))))
+        keep = draw(st.one_of(ratio(), small_count(max(1, min_free))))
     options = {}
     if "reduce" in info.options and draw(st.booleans()):
         options["reduce"] = draw(st.sampled_from(["drop", "merge"]))
@@ -197,8 +203,8 @@ def vit_config(draw, family, full=False):
             return method, None, dict(options, r=draw(st.integers(0, 40)))
         if form == "r per layer":
             return method, None, dict(options, r=draw(st.lists(st.integers(0, 20), min_size=4, max_size=4)))
-        return method, draw(st.one_of(ratio(), st.integers(1, family.patches))), options
-    keep = 1.0 if full else draw(st.one_of(ratio(), st.integers(1, family.patches)))
+        return method, draw(st.one_of(ratio(), small_count(family.patches))), options
+    keep = 1.0 if full else draw(st.one_of(ratio(), small_count(family.patches)))
     if full and draw(st.booleans()):
         keep = family.patches
     layer = draw(st.integers(-family.depth, family.depth - 1))
