@@ -13,11 +13,9 @@ import math
 import torch
 from hypothesis import strategies as st
 
-import vlmeff
+import lvlm_models as families
 import models as vit_models
-import test_lvlm_families as families
-import test_qwen_vl as qwen
-from lvlm_models import tiny_llava
+import vlmeff
 
 IMAGE, VIDEO, START, END, PAD = 100, 101, 98, 99, 0
 PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")   # [B, L] prompt inputs
@@ -78,16 +76,16 @@ class LVLMFamily:
 
 
 LVLMS = {f.name: f for f in [
-    LVLMFamily("llava", tiny_llava, "fixed", True, 1, rows=16),
-    LVLMFamily("llava_full", lambda: tiny_llava("full"), "fixed", True, 1, rows=17, prefix=1),
+    LVLMFamily("llava", families.tiny_llava, "fixed", True, 1, rows=16),
+    LVLMFamily("llava_full", lambda: families.tiny_llava("full"), "fixed", True, 1, rows=17, prefix=1),
     LVLMFamily("llava_next", families.tiny_next, "anyres", True, 1),
     LVLMFamily("onevision", families.tiny_onevision, "anyres", False, 2),
     LVLMFamily("internvl", families.tiny_internvl, "tiles", False, 2),
     LVLMFamily("gemma3", families.tiny_gemma3, "fixed", False, 2, rows=16, pixels=64),
-    LVLMFamily("qwen2", lambda: qwen.tiny_qwen("qwen2"), "qwen", False, 1),
-    LVLMFamily("qwen2_5", lambda: qwen.tiny_qwen("qwen2_5"), "qwen", False, 1),
-    LVLMFamily("qwen3", lambda: qwen.tiny_qwen("qwen3"), "qwen", False, 2),
-    LVLMFamily("qwen3_moe", lambda: qwen.tiny_qwen("qwen3_moe"), "qwen", False, 2),
+    LVLMFamily("qwen2", lambda: families.tiny_qwen("qwen2"), "qwen", False, 1),
+    LVLMFamily("qwen2_5", lambda: families.tiny_qwen("qwen2_5"), "qwen", False, 1),
+    LVLMFamily("qwen3", lambda: families.tiny_qwen("qwen3"), "qwen", False, 2),
+    LVLMFamily("qwen3_moe", lambda: families.tiny_qwen("qwen3_moe"), "qwen", False, 2),
 ]}
 ANYRES_SIZES = [(40, 60), (30, 30), (32, 32), (64, 64), (20, 64)]      # (height, width) in pixels
 QWEN_GRIDS = [(4, 4), (4, 8), (8, 4), (8, 8)]                          # patches; / 4 tokens after the merger
@@ -173,7 +171,8 @@ def lvlm_config(draw, family, min_free, full=False):
     if "reduce" in info.options and draw(st.booleans()):
         options["reduce"] = draw(st.sampled_from(["drop", "merge"]))
     if "positions" in info.options and draw(st.booleans()):
-        options["positions"] = draw(st.sampled_from(["compact", "original"]))
+        # M-RoPE models (Qwen-VL) keep their original 3-D positions: "original" only
+        options["positions"] = draw(st.sampled_from(["original"] if family.image == "qwen" else ["compact", "original"]))
     if "score_layers" in info.options:
         options.update(draw(score_layers(family.score_layer)))
     if "seed" in info.options and draw(st.booleans()):
@@ -390,7 +389,7 @@ def image_inputs(family, specs):
     elif family.image == "tiles":
         out["pixel_values"] = torch.cat([_pixels((tiles, 3, 32, 32), seed) for tiles, seed in flat])
     else:
-        out["pixel_values"] = torch.cat([_pixels((h * w, qwen.PATCH_DIM), seed) for (h, w), seed in flat])
+        out["pixel_values"] = torch.cat([_pixels((h * w, families.PATCH_DIM), seed) for (h, w), seed in flat])
         out["image_grid_thw"] = torch.tensor([[1, h, w] for (h, w), _ in flat])
     return out
 
