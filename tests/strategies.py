@@ -172,7 +172,8 @@ def lvlm_config(draw, family, min_free, full=False):
         options["reduce"] = draw(st.sampled_from(["drop", "merge"]))
     if "positions" in info.options and draw(st.booleans()):
         # M-RoPE models (Qwen-VL) keep their original 3-D positions: "original" only
-        options["positions"] = draw(st.sampled_from(["original"] if family.image == "qwen" else ["compact", "original"]))
+        modes = ["original"] if family.image == "qwen" else ["compact", "original"]
+        options["positions"] = draw(st.sampled_from(modes))
     if "score_layers" in info.options:
         options.update(draw(score_layers(family.score_layer)))
     if "seed" in info.options and draw(st.booleans()):
