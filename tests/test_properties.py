@@ -52,8 +52,10 @@ def bounded(examples):
 def assert_same(got, want, what):
     """Bit-identical, or a message with the largest difference (or the shapes)."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, unpatched {tuple(want.shape)}"
-    assert torch.equal(got, want), \
-        f"{what} differs from the unpatched model: max |diff| {(got.float() - want.float()).abs().max():.3g}"
+    if not torch.equal(got, want):
+        diff = torch.where(got == want, 0.0, (got.float() - want.float()).abs())     # equal infinities: no diff
+        raise AssertionError(f"{what} differs from the unpatched model: max |diff| {diff.max():.3g} "
+                             f"at {tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))}")
 
 
 def final_counts(stats):
