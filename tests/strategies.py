@@ -245,6 +245,10 @@ def expected_rows(method, keep, block):
     count (pool over a packed anyres block, whose budget is split between two grids): then only a bound."""
     free = block.rows - block.protected
     counts = budget(keep, free)
+    if method == "visionzip" and block.cls_row:
+        # VisionZip feeds [CLS] as one of its dominant tokens (inside the budget); the rest of vlmeff keeps prefix
+        # rows outside it: either convention is a count the user asked for
+        return {block.protected + k for k in counts} | counts
     if method == "pool":
         if block.grid is None:
             return None
@@ -274,6 +278,7 @@ class Block:
     rows: int
     protected: int
     grid: tuple = None
+    cls_row: bool = False        # the protected row is [CLS] (LLaVA's "full" features)
 
 
 @dataclasses.dataclass
@@ -294,10 +299,8 @@ class Prompts:
         return len(self.templates)
 
     def sample_blocks(self, i):
+        """Indices (into `blocks`) of sample i's blocks."""
         return [item[1] for item in self.templates[i] if isinstance(item, tuple)]
-
-    def lengths(self):
-        return [len(expand(t, [b.rows for b in self.blocks])) for t in self.templates]
 
 
 def expand(template, counts):
@@ -309,6 +312,7 @@ def expand(template, counts):
 
 
 def pad(prompts, side, value=PAD):
+    """Id lists -> (input_ids, attention_mask) [B, L], padded on `side`."""
     L = max(map(len, prompts))
     ids = torch.full((len(prompts), L), value)
     mask = torch.zeros(len(prompts), L, dtype=torch.long)
@@ -320,6 +324,7 @@ def pad(prompts, side, value=PAD):
 
 @st.composite
 def image_spec(draw, family):
+    """(what the family's image needs, pixel seed): an anyres image size, a tile count, a Qwen patch grid, or None."""
     seed = draw(st.integers(0, 1000))
     if family.image == "anyres":
         return (draw(st.sampled_from(ANYRES_SIZES)), seed)
@@ -371,6 +376,7 @@ def build_prompts(family, specs, texts, side, labels_on_images=False):
 
 
 def _pixels(shape, seed):
+    """Gaussian pixels (or Qwen's flattened patches) of `shape`, reproducible from `seed`."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
@@ -400,7 +406,7 @@ def image_blocks(family, specs):
     get_image_features: rows, and newline rows (equal to `image_newline`) as the protected ones."""
     if family.image == "fixed":
         side = math.isqrt(family.rows - family.prefix)
-        return [[[Block(family.rows, family.prefix, (side, side))] for _ in spec] for spec in specs]
+        return [[[Block(family.rows, family.prefix, (side, side), family.prefix > 0)] for _ in spec] for spec in specs]
     if family.image == "tiles":
         return [[[Block(4, 0, (2, 2))] * tiles for tiles, _ in spec] for spec in specs]
     if family.image == "qwen":
