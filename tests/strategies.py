@@ -196,8 +196,10 @@ def vit_config(draw, family, full=False):
     if method == "tome":
         if "prop_attn" in info.options and draw(st.booleans()):
             options["prop_attn"] = draw(st.booleans())
-        if full:
-            return method, draw(st.sampled_from([None, 1.0])), dict(options, r=0)
+        if "order" in info.options and draw(st.booleans()):
+            options["order"] = draw(st.sampled_from(["tome", "raster"]))
+        if full:                           # r and keep exclude each other: r=0, or keep=1.0 alone
+            return (method, None, dict(options, r=0)) if draw(st.booleans()) else (method, 1.0, options)
         form = draw(st.sampled_from(["r", "r per layer", "keep"]))
         if form == "r":
             return method, None, dict(options, r=draw(st.integers(0, 40)))
