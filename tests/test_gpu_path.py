@@ -144,3 +144,20 @@ def test_cuda_forward_never_syncs(case):
             run(model, x)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["cls", "cls-merge", "received", "random", "pool", "tome"])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_cuda_compile_and_cuda_graphs_equal_eager(case, mode):
+    """The routes README recommends for speed: torch.compile (inductor) and CUDA graphs ("reduce-overhead")."""
+    model, x = tiny_timm_vit().cuda(), images(8).cuda()
+    with (vlmeff.patch(model, method="tome", r=4) if case == "tome" else patch(model, case)) as h:
+        eager = run(model, x)
+        eager_stats = h.stats["visual_tokens"]
+        torch._dynamo.reset()
+        compiled = torch.compile(model, mode=mode, fullgraph=True)
+        for _ in range(3):                               # warm-up runs, then the recorded graph replays
+            out = run(compiled, x.clone())
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+        assert h.stats["visual_tokens"] == eager_stats
