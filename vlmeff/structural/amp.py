@@ -216,7 +216,7 @@ def distill_features(model: nn.Module, data, targets: list[torch.Tensor], epochs
         with torch.enable_grad():
             for _ in tqdm(range(epochs), desc="AMP distill", disable=not progress):
                 for batch, target in zip(data, targets):
-                    loss = F.mse_loss(fam.features(model, batch).float(), target.to(loss_device(model)).float())
+                    loss = F.mse_loss(fam.features(model, batch).float(), target.to(_device(model)).float())
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -226,7 +226,7 @@ def distill_features(model: nn.Module, data, targets: list[torch.Tensor], epochs
             p.requires_grad_(f)
 
 
-def loss_device(model: nn.Module) -> torch.device:
+def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -234,7 +234,7 @@ def feature_mse(model: nn.Module, data, targets: list[torch.Tensor]) -> float:
     """Mean over batches of MSE(features, target)."""
     fam = family(model)
     with torch.no_grad():
-        return sum(F.mse_loss(fam.features(model, b).float(), t.to(loss_device(model)).float()).item()
+        return sum(F.mse_loss(fam.features(model, b).float(), t.to(_device(model)).float()).item()
                    for b, t in zip(data, targets)) / len(targets)
 
 
