@@ -186,6 +186,16 @@ def test_report_counts_params_and_flops():
     assert report.flops_before - report.flops_after == 4 * 2 * 65 * 2 * 32 * 64
 
 
+def test_a_labelled_dataloader_is_calibration_data():
+    """(images, labels) batches of a DataLoader: the labels are ignored, the result is that of the bare images."""
+    x = torch.cat(data())
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.arange(len(x))), batch_size=4)
+    a, b = tiny_timm_vit(), tiny_timm_vit()
+    ra = vlmeff.prune_mlp(a, loader, tolerance=0.01, temp=10.0, steps=3, progress=False)
+    rb = vlmeff.prune_mlp(b, data(), tolerance=0.01, temp=10.0, steps=3, progress=False)
+    assert ra.widths_after == rb.widths_after and ra.loss_after == rb.loss_after
+
+
 def test_zero_tolerance_never_raises_the_loss():
     model, batches = tiny_clip(), data()
     report = vlmeff.prune_mlp(model, batches, tolerance=0, temp=10.0, progress=False)

@@ -270,8 +270,8 @@ def prune_mlp(model: nn.Module, data, tolerance: float = DEFAULT_TOLERANCE, temp
 
     model: timm VisionTransformer, HF CLIPVisionModel / SiglipVisionModel / Dinov2Model, or a
     LlavaForConditionalGeneration (its vision tower is pruned, against the projected image tokens the LLM reads).
-    data: a re-iterable of batches (a list or DataLoader) of (B >= 2, 3, H, W) pixels or mappings with
-    "pixel_values"; the same calibration batches serve the importance, the search and the distillation (use
+    data: a re-iterable of batches (a list or DataLoader) of (B >= 2, 3, H, W) pixels, mappings with
+    "pixel_values" or (images, labels) tuples (labels are ignored); the same calibration batches serve the importance, the search and the distillation (use
     training images, never the evaluation split). tolerance: loss increase accepted per layer (>= 0). temp: the
     softmax scale T of the entropy loss. steps: binary-search iterations per layer. distill: then train the tower
     for `distill_epochs` passes over `data` (AdamW, `distill_lr`) to match the unpruned model's features (MSE;

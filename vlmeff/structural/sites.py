@@ -55,12 +55,14 @@ class Family:
 
 
 def pixels(model: nn.Module, batch) -> torch.Tensor:
-    """The (B, 3, H, W) pixel tensor of a batch (a tensor, or a mapping with "pixel_values"), on the model's device
-    and in its floating dtype."""
+    """The (B, 3, H, W) pixel tensor of a batch (a tensor, a mapping with "pixel_values", or an (images, labels, ...)
+    tuple / list as a DataLoader over a labelled dataset yields), on the model's device and in its floating dtype."""
     x = batch["pixel_values"] if isinstance(batch, Mapping) and "pixel_values" in batch else batch
+    x = x[0] if isinstance(x, (tuple, list)) and x else x
     if not torch.is_tensor(x) or x.dim() != 4:
         got = type(x).__name__ if not torch.is_tensor(x) else f"a tensor of shape {tuple(x.shape)}"
-        raise TypeError(f"each batch of data must be a (B, 3, H, W) pixel tensor or a mapping with 'pixel_values'; "
+        raise TypeError(f"each batch of data must be a (B, 3, H, W) pixel tensor, a mapping with 'pixel_values' or "
+                        f"an (images, ...) tuple; "
                         f"got {got}")
     p = next(model.parameters())
     return x.to(p.device, p.dtype if p.dtype.is_floating_point else x.dtype)
