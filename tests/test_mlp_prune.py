@@ -283,6 +283,21 @@ def test_reloaded_model_equals_the_pruned_one(name, tmp_path):
     assert torch.equal(run(fresh, images(2)), run(model, images(2)))
 
 
+def test_zoo_vit_prunes_on_train_images_and_reloads_into_a_fresh_copy(tmp_path):
+    from vlmeff.data import easyvqa
+
+    vit, preprocess = vlmeff.zoo.load("tiny-vit-evqa")
+    train = easyvqa.load_images("train")
+    ids = sorted(train)[:8]
+    batches = [preprocess([train[i] for i in ids[:4]]), preprocess([train[i] for i in ids[4:]])]
+    report = vlmeff.prune_mlp(vit, batches, tolerance=0.005, steps=2, progress=False)
+    assert report.params_after < report.params_before
+    vlmeff.save_pruned_mlp(vit, tmp_path / "vit.safetensors")
+    fresh = vlmeff.load_pruned_mlp(vlmeff.zoo.load("tiny-vit-evqa")[0], tmp_path / "vit.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(batches[0]), vit(batches[0]))
+
+
 def test_reloading_a_foreign_or_mismatched_file_is_an_error(tmp_path):
     from safetensors.torch import save_model
 
