@@ -175,6 +175,16 @@ def test_search_respects_the_tolerance_per_layer():
     assert abs(measured - report.loss_after) < 1e-5 and abs(prev - report.loss_after) < 1e-5
     assert report.loss_after - report.loss_before <= 4 * tol
     assert report.params_after < report.params_before and report.flops_after < report.flops_before
+    assert not any(lin._forward_pre_hooks or lin._forward_hooks for lin in out_linears(model))   # no mask left
+
+
+def test_pruned_model_compiles_fullgraph():
+    """Only smaller linears are left (no hook, no mask): the pruned model compiles as one graph, same outputs."""
+    model = tiny_timm_vit()
+    vlmeff.prune_mlp(model, data(1), tolerance=0.01, temp=10.0, steps=3, progress=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(run(compiled, images(2)), run(model, images(2)), rtol=0, atol=1e-6)
 
 
 def test_report_counts_params_and_flops():
