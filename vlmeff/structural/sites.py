@@ -40,10 +40,6 @@ class MlpSlot:
     def out_linear(self) -> nn.Linear:
         return getattr(self.module, self.out)
 
-    def params(self) -> int:
-        names = self.rows + (self.out,) + ((self.fused,) if self.fused else ())
-        return sum(p.numel() for n in names for p in getattr(self.module, n).parameters())
-
 
 @dataclass(frozen=True)
 class Family:
