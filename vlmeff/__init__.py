@@ -4,6 +4,7 @@ from .api import patch
 from .errors import UnsupportedModelError
 from .patching import Patch
 from .registry import MethodInfo, method_info, methods
+from .structural import MlpPruneReport, load_pruned_mlp, prune_mlp, save_pruned_mlp
 
 __version__ = "0.1.0"
 __all__ = ["MethodInfo", "Patch", "UnsupportedModelError", "method_info", "methods", "patch", "zoo"]
