@@ -7,4 +7,5 @@ from .registry import MethodInfo, method_info, methods
 from .structural import MlpPruneReport, load_pruned_mlp, prune_mlp, save_pruned_mlp
 
 __version__ = "0.1.0"
-__all__ = ["MethodInfo", "Patch", "UnsupportedModelError", "method_info", "methods", "patch", "zoo"]
+__all__ = ["MethodInfo", "MlpPruneReport", "Patch", "UnsupportedModelError", "load_pruned_mlp", "method_info", "methods",
+           "patch", "prune_mlp", "save_pruned_mlp", "zoo"]
