@@ -161,3 +161,22 @@ def test_cuda_compile_and_cuda_graphs_equal_eager(case, mode):
             out = run(compiled, x.clone())
         torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
         assert h.stats["visual_tokens"] == eager_stats
+
+
+def test_layout_constants_built_under_inference_mode_still_serve_autograd():
+    """A cached layout tensor (here `random`'s rows) first built under torch.inference_mode() must not be an
+    inference tensor: a later forward that autograd records saves it for backward."""
+    model, x = tiny_timm_vit(), images()
+    with vlmeff.patch(model, method="random", keep=5, seed=123):
+        with torch.inference_mode():
+            run(model, x)
+        model(x).sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_op_counter_sees_host_reads_that_bypass_the_dispatcher():
+    t = torch.arange(4)
+    with OpCounter() as counter:
+        t.tolist(), t.numpy(), (t + 1).sum().item()
+    assert counter.syncs == 3 and counter.total == 3            # tolist, numpy, item; add and sum launch
+    assert torch.Tensor.tolist is not None and "counted" not in repr(torch.Tensor.tolist)   # restored

@@ -18,7 +18,9 @@ def layout_constant(key, like, build):
         return build()
     entry = _CACHE.get((key, like.device))
     if entry is None:
-        entry = build()
+        # built outside inference mode: an inference tensor in the cache would break later autograd forwards
+        with torch.inference_mode(False):
+            entry = build()
         if any(isinstance(t, FakeTensor) for t in (entry if isinstance(entry, tuple) else (entry,))):
             return entry       # built under a FakeTensorMode with real inputs: never cache it
         if len(_CACHE) >= _MAX_ENTRIES:

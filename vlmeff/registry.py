@@ -2,7 +2,7 @@
 of a `vlmeff.patch` call's options (`resolve_options`).
 
 Adding an option is one line, e.g. `ORDER = Option("order", "tome", *choice("tome", "raster"))` or
-`Option("cls_token", False, (bool,), accepted="True or False")`, then naming it in the method's `register` call.
+`Option("fused", False, (bool,), accepted="True or False")`, then naming it in the method's `register` call.
 """
 import difflib
 import numbers

@@ -15,8 +15,11 @@ prompt (`_continue_conversation`).
 not calls of the caller). A call without images records no visual tokens (`visual_tokens` lists empty, `kept` and
 `scores` empty) and equal patched / unpatched FLOPs and KV-cache bytes.
 
-Host reads: a call with images reads the host once for its prompt (`prompt.read_layout`); a call without images
-once for its stats (the per-sample lengths, none without a mask); the forwards inside generate none.
+Host reads: a call with images reads the host once for its prompt (`prompt.read_layout`), plus, where a family
+keeps its image layout in tensors, once for that layout (LLaVA-NeXT / OneVision `image_sizes`, Qwen-VL
+`image_grid_thw`: host data, read as the model's own code reads it); a follow-up turn once to recognise the
+previous prompt (`torch.equal`); a call without images once for its stats (the per-sample lengths, none without a
+mask); the forwards inside generate none.
 """
 import functools
 import inspect

@@ -20,7 +20,8 @@ def reduce_rows(method, options, x, keep, protected, scores=None, metric=None, g
     """Reduce x [n, N, D] with `method` ("cls", "received", "random", "pool" or "visionzip").
 
     protected: rows always kept, outside the budget ([CLS], registers, row separators): an int P (the first P
-    rows) or a bool [N] mask, best on the CPU (a device mask is read once to the host: a sync). keep: the budget
+    rows) or a bool [N] mask, best on the CPU (a device mask is read to the host on every call: a sync; every
+    adapter hands CPU masks). keep: the budget
     over the other rows (count or ratio); scores [n, N] for scored methods; metric [n, N, C] for merges
     (options["reduce"] == "merge", visionzip); grids for pool: the (h, w) grids that the unprotected rows form one
     after another, pooled apart with the budget split in proportion to their sizes; sizes [n, N] or None.
@@ -171,7 +172,7 @@ def _visionzip(x, scores, metric, prot, free, k, options):
     every_row_free = prot.numel() == 0
     dominant, contextual = visionzip_counts(k, options, cls_slot=every_row_free)
     if k == free.numel():
-        return x, None, torch.arange(N, device=x.device).expand(n, -1)
+        return x, None, slot_ranges(1, N, x).expand(n, -1)
     ranked = (scores if every_row_free else scores[:, free]).argsort(dim=1, descending=True, stable=True)
     kept_rows, rest = ranked[:, :dominant].sort(dim=1).values, ranked[:, dominant:].sort(dim=1).values
     if not every_row_free:                           # positions among the free rows -> rows; protected rows kept

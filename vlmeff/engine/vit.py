@@ -1,6 +1,6 @@
 """Token reduction inside a vision transformer, through hooks and instance-level forward overrides.
 
-Sites: `cls`, `random` and `pool` reduce the tokens once, on the output of layer `layer`; `tome` merges r tokens
+Sites: `cls`, `received`, `random` and `pool` reduce the tokens once, on the output of layer `layer`; `tome` merges r tokens
 between the attention and MLP branches of every layer. Prefix tokens ([CLS], registers) are never reduced.
 """
 import numbers

@@ -1,4 +1,4 @@
-"""Gather-and-merge of retained tokens: every reducer in vlmeff ends in `gather_merge`.
+"""Gather-and-merge of retained tokens (`gather_merge`: the merges by assignment end in it; see `pruners.reduce`).
 
 `segments.py` builds and checks the segment format, `dispatch.py` picks the implementation (the custom op),
 `triton_gather_merge.py` is the fused kernel, `reference.py` the PyTorch reference and test oracle,

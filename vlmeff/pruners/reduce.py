@@ -1,5 +1,6 @@
-"""Reducers: shrink a token sequence given what to keep. Merges end in `kernels.gather_merge` (one fused
-launch); a pure drop is one `gather`."""
+"""Reducers: shrink a token sequence given what to keep. Merges by assignment (`merge_into_kept`, `pool`) end in
+`kernels.gather_merge` (one fused launch); a pure drop is one `gather`; VisionZip's contextual tokens are a dense
+one-hot product (`contextual_merge`); ToMe merges with its own gather / scatter (`pruners.tome`)."""
 import torch
 import torch.nn.functional as F
 
@@ -20,12 +21,6 @@ def reduce_by_assignment(x, dst, num_out, sizes=None, drops=True):
     weight = None if sizes is None else sizes.gather(1, index)
     # segments built this way are valid by construction: skip the checks' host sync
     return gather_merge(x, index, offsets, weight, validate=False)
-
-
-def keep_assignment(keep_idx, n):
-    """dst [B, n]: kept token keep_idx[b, j] -> slot j, every other token -> -1 (dropped)."""
-    dst = torch.full((keep_idx.shape[0], n), -1, dtype=torch.long, device=keep_idx.device)
-    return dst.scatter_(1, keep_idx, torch.arange(keep_idx.shape[1], device=keep_idx.device).expand_as(keep_idx))
 
 
 def drop_tokens(x, keep_idx, sizes=None):
@@ -77,5 +72,7 @@ def contextual_merge(x, metric, contextual):
     nearest[:, targets] = contextual              # a target is no member: send it to a spare column, dropped below
     members = torch.zeros(B, R, contextual + 1, dtype=x.dtype, device=x.device).scatter_(2, nearest[..., None], 1)
     members = members[..., :contextual]                                             # [B, R, contextual] one-hot
-    mean = (members.transpose(1, 2) @ x) / members.sum(dim=1).clamp_min(1)[..., None]
+    # counts in float32: bf16 holds integers exactly only up to 256, and a target may gather more members
+    counts = members.sum(dim=1, dtype=torch.float32).clamp_min(1)[..., None]
+    mean = ((members.transpose(1, 2) @ x) / counts).to(x.dtype)                   # divided in float32
     return x[:, targets] + mean, step
