@@ -384,3 +384,27 @@ def test_a_failed_call_leaves_no_stats_of_the_previous_one(llava):
         with pytest.raises(Exception):
             llava(input_ids=torch.tensor([[1, 2]]), pixel_values=torch.randn(1, 3, 7, 7))
         assert p.stats == {}
+
+
+def test_patch_messages_name_the_model_and_the_remedy(llava):
+    """Killed mutants of patching.py: the class name and the remedy in the double-patch and override errors, and
+    empty stats before the first call."""
+    vit = tiny_timm_vit()
+    with vlmeff.patch(vit, "cls", keep=16) as p:
+        assert p.stats == {}
+        with pytest.raises(RuntimeError, match=r"^VisionTransformer is already patched with method 'cls'; "
+                                               r"call \.unpatch\(\) on that patch first$"):
+            vlmeff.patch(vit, "random", keep=8)
+    llava.generate = llava.generate                      # other code's instance override, before vlmeff's
+    try:
+        with pytest.raises(RuntimeError, match=r"^LlavaForConditionalGeneration\.generate is already overridden on "
+                                               r"this instance by other code$"):
+            vlmeff.patch(llava, "cls", keep=4)
+    finally:
+        del llava.generate
+    assert not hasattr(llava, "_vlmeff_patch")
+
+
+def test_vit_option_errors_name_the_model_family():
+    with pytest.raises(ValueError, match=r"^method 'cls' on timm VisionTransformer: layer=9 is not accepted"):
+        vlmeff.patch(tiny_timm_vit(), "cls", keep=16, layer=9)
