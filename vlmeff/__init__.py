@@ -2,8 +2,9 @@
 from . import zoo
 from .api import patch
 from .errors import UnsupportedModelError
+from .experts import calibrate, skip_experts
 from .patching import Patch
 from .registry import MethodInfo, method_info, methods
 
 __version__ = "0.1.0"
-__all__ = ["MethodInfo", "Patch", "UnsupportedModelError", "method_info", "methods", "patch", "zoo"]
+__all__ = ["MethodInfo", "Patch", "UnsupportedModelError", "calibrate", "method_info", "methods", "patch", "skip_experts", "zoo"]
