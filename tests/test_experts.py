@@ -34,7 +34,27 @@ def qwen_moe():
     return tiny_qwen("qwen3_moe"), qwen_inputs([A, B]), IMAGE
 
 
-@pytest.fixture(params=["llava_moe", "qwen_moe"])
+@pytest.fixture(scope="module")
+def glm_moe():
+    """GLM-4.5V-style: sigmoid router with a correction bias, group-limited, unsorted top-3 weights x 2.5, a shared
+    expert, the first layer dense."""
+    from transformers import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3], "partial_rotary_factor": 1.0}
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_local_experts=8,
+                num_experts_per_tok=3, n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1,
+                routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_parameters=rope,
+                pad_token_id=0, eos_token_id=2, initializer_range=0.2)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, temporal_patch_size=2,
+                  spatial_merge_size=2, out_hidden_size=64, image_size=32)
+    cfg = Glm4vMoeConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=101,
+                         image_start_token_id=98, image_end_token_id=99)
+    return Glm4vMoeForConditionalGeneration(cfg).eval(), qwen_inputs([A, B]), IMAGE
+
+
+@pytest.fixture(params=["llava_moe", "qwen_moe", "glm_moe"])
 def moe(request):
     return request.getfixturevalue(request.param)
 

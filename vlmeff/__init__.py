@@ -7,4 +7,5 @@ from .patching import Patch
 from .registry import MethodInfo, method_info, methods
 
 __version__ = "0.1.0"
-__all__ = ["MethodInfo", "Patch", "UnsupportedModelError", "calibrate", "method_info", "methods", "patch", "skip_experts", "zoo"]
+__all__ = ["MethodInfo", "Patch", "UnsupportedModelError", "calibrate", "method_info", "methods", "patch",
+           "skip_experts", "zoo"]
