@@ -169,6 +169,7 @@ def calibrate(model, data, method: str = "modes", target_skip: float = 0.7, grid
         return f, g
 
     i, j, f, g, evaluations = frontier_search(evaluate, grid_size, grid_size, target_skip)
+    bar.total = bar.n          # the total was an upper bound on the evaluations
     bar.close()
     schedule = dict(method="modes", model=model_identity(model), alpha=alpha.tolist(),
                     thresholds=[grids[0][i], grids[1][j]], target_skip=target_skip, calibration_skip=f,
