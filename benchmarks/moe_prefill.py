@@ -23,7 +23,6 @@ import vlmeff
 from common import add_device_args, device_and_dtype, machine, time_interleaved
 from vlmeff.experts import easyvqa_calibration
 from vlmeff.experts.calibrate import answer_log_probs
-from vlmeff.experts.skip import find_experts
 
 TARGETS = [0.5, 0.7, 0.85]
 

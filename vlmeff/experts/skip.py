@@ -126,7 +126,8 @@ class ExpertSkipPatch(Patch):
         self._counts = torch.zeros(n_layers, 2, 2, dtype=torch.long)   # layer x modality x (skipped, routed)
         super().__init__(model, config)
         self._attrs = []
-        self.visual = self.valid = None
+        self.visual = self.valid = None     # (T,) bool of the current forward, set by the model's pre-hook
+        self.recorder = None                 # calibration: a list collecting (scores, is_visual, valid) per call
 
     @property
     def stats(self):
@@ -191,7 +192,6 @@ def _install(model, experts, alpha, thresholds, config):
     patch._counts = patch._counts.to(device)
     ids_table = torch.tensor(visual_ids, device=device)
     alpha, taus = alpha.to(device), torch.tensor(thresholds, dtype=torch.float32, device=device)
-    patch.recorder = None          # calibration: a list that collects (scores, is_visual, valid) per layer call
 
     def read_tokens(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
