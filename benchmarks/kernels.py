@@ -18,12 +18,13 @@ all N tokens) at the same size, which is the attention it scores.
 import argparse
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from common import add_device_args, device_and_dtype, machine
-from vlmeff.kernels import gather_merge, segments_from_assignment
+from vlmeff.kernels import KernelFallbackWarning, gather_merge, segments_from_assignment
 from vlmeff.kernels.attention_rows import attention_rows
 from vlmeff.kernels.reference import gather_merge_reference
 
@@ -132,6 +133,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, hidden 1024 only")
     args = parser.parse_args()
     device, dtype = device_and_dtype(args)
+    # a kernel variant that fell back to the reference must not be timed as "fused"
+    warnings.simplefilter("error", KernelFallbackWarning)
     args.rounds = args.rounds or (20 if device.type == "cuda" else 7)
     torch.manual_seed(0)
     print(f"{machine(device)}, torch {torch.__version__}")

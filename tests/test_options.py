@@ -185,7 +185,7 @@ def test_every_family_bounds_score_layers_by_its_tower_and_patches_with_defaults
 ])
 def test_valid_values_patch_with_plain_numbers_in_the_config(llava, model, method, options, config):
     target = tiny_timm_vit() if model == "vit" else llava
-    with vlmeff.patch(target, method, keep=4, **options) as p:
+    with vlmeff.patch(target, method, keep=None if method == "tome" else 4, **options) as p:   # tome: r or keep
         if model == "vit":
             run(target, images())
         else:
@@ -368,3 +368,19 @@ def test_bad_keep_is_refused_at_patch_time(keep, error, match):
     with pytest.raises(error, match=match):
         vlmeff.patch(model, "random", keep=keep)
     assert not hasattr(model, "_vlmeff_patch")
+
+
+def test_a_failed_call_leaves_no_stats_of_the_previous_one(llava):
+    vit = tiny_timm_vit()
+    with vlmeff.patch(vit, "cls", keep=16) as p:
+        run(vit, images())
+        assert p.stats["visual_tokens"]["input"] == [64, 64]
+        with pytest.raises(RuntimeError):
+            vit.blocks[0](torch.randn(2, 65, 7))                       # the first block's hooks see a bad width
+        assert p.stats == {}
+    with vlmeff.patch(llava, "cls", keep=4) as p:
+        logits(llava, two_samples())
+        assert p.stats["visual_tokens"]
+        with pytest.raises(Exception):
+            llava(input_ids=torch.tensor([[1, 2]]), pixel_values=torch.randn(1, 3, 7, 7))
+        assert p.stats == {}

@@ -252,3 +252,16 @@ def test_embedded_model_feeds_the_reference_rows(zoo_inputs, keep, contextual, o
 def test_embedded_model_default_options_are_visionzip_54_plus_10(zoo_inputs):
     model, inputs = zoo_inputs
     assert_rows_equal(patched_rows(model, inputs, 64), reference_rows(model, inputs["pixel_values"], 64, 10))
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_keep_one_feeds_only_the_cls_token(strategy):
+    """keep=1 leaves no dominant patch and no contextual token: the LLM gets the [CLS] row alone (found by the
+    property test: the empty patch rows once gave [CLS] no placeholder)."""
+    model, inputs = tiny_llava(strategy), tiny_inputs()
+    if strategy == "full":                           # 17 placeholders: [CLS] + 16 patches
+        ids, mask = batch([prompt([1, 5, 6], 1, [7, 8, 9], 17), prompt([1, 5], 1, [7, 8, 9, 10, 11], 17)])
+        inputs.update(input_ids=ids, attention_mask=mask)
+    with vlmeff.patch(model, "visionzip", keep=1) as h:
+        logits(model, inputs)
+    assert h.stats["visual_tokens"]["before LLM"] == [1] * len(h.stats["visual_tokens"]["input"])

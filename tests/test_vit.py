@@ -9,18 +9,21 @@ from models import images, run, tiny_clip, tiny_dinov2, tiny_siglip, tiny_timm_v
 
 CLS_MODELS = {"timm": tiny_timm_vit, "timm-reg": lambda: tiny_timm_vit(reg_tokens=2, qk_norm=True),
               "clip": tiny_clip, "dinov2": tiny_dinov2}
-ALL_MODELS = {**CLS_MODELS, "siglip": tiny_siglip}
-PREFIX = {"timm": 1, "timm-reg": 3, "clip": 1, "dinov2": 1, "siglip": 0}
+NO_CLS_MODELS = {"siglip": tiny_siglip, "timm-nocls": lambda: tiny_timm_vit(class_token=False, global_pool="avg")}
+ALL_MODELS = {**CLS_MODELS, **NO_CLS_MODELS}
+PREFIX = {"timm": 1, "timm-reg": 3, "clip": 1, "dinov2": 1, "siglip": 0, "timm-nocls": 0}
 
 
 def applicable(cases):
-    """(model name, *case) for every model the case's method applies to ([CLS] methods skip SigLIP)."""
-    return [(name, *case) for name in ALL_MODELS for case in cases if not (case[0] == "cls" and name == "siglip")]
+    """(model name, *case) for every model the case's method applies to ([CLS] methods skip the models without)."""
+    return [(name, *case) for name in ALL_MODELS for case in cases if not (case[0] == "cls" and name in NO_CLS_MODELS)]
 
 
 @pytest.mark.parametrize("name,method,kwargs", applicable([
     ("cls", dict(keep=1.0)), ("cls", dict(keep=64, reduce="merge")), ("cls", dict(keep=1.0, score_layers=0)),
-    ("random", dict(keep=1.0)), ("received", dict(keep=1.0)), ("pool", dict(keep=64)), ("tome", dict(r=0))]))
+    ("cls", dict(keep=1.0, layer=-1)), ("random", dict(keep=1.0)), ("random", dict(keep=64, reduce="merge")),
+    ("received", dict(keep=1.0)), ("received", dict(keep=1.0, reduce="merge", layer=3)), ("pool", dict(keep=64)),
+    ("tome", dict(r=0))]))
 def test_full_budget_is_bit_identical(name, method, kwargs):
     model, x = ALL_MODELS[name](), images()
     before = run(model, x)
@@ -95,7 +98,7 @@ def test_cls_scores_match_eager_oracle(name, layer, score_layers):
 def test_unpatch_restores_and_context_manager(name):
     model, x = ALL_MODELS[name](), images()
     before = run(model, x)
-    method = "random" if name == "siglip" else "cls"
+    method = "random" if name in NO_CLS_MODELS else "cls"
     h = vlmeff.patch(model, method=method, keep=8)
     assert not torch.equal(run(model, x), before)
     with pytest.raises(RuntimeError, match="already patched"):
@@ -211,3 +214,77 @@ def test_method_records():
     assert info.paper.startswith("ToMe") and "vision encoder" in info.acts_in and "vit" in info.model_kinds
     with pytest.raises(ValueError, match="unknown method"):
         vlmeff.method_info("nope")
+
+
+@pytest.mark.parametrize("name,method,kwargs", applicable([
+    ("cls", dict(keep=8, layer=-1)), ("cls", dict(keep=8, layer=3, score_layers=1)), ("received", dict(keep=8, layer=-1)),
+    ("random", dict(keep=8, layer=3, reduce="merge")), ("cls", dict(keep=8, layer=-1, reduce="merge"))]))
+def test_reduction_after_the_last_layer(name, method, kwargs):
+    """Regression (issue 11 item 4): the end-of-forward hook cleared the captured q/k before the reduction after
+    the last layer read them (KeyError: ('q', 3))."""
+    model, x = ALL_MODELS[name](), images()
+    scored = method == "cls" and "reduce" not in kwargs
+    if scored:
+        layers = range(kwargs.get("score_layers", 3), 4)
+        oracle = sum(eager_cls_rows(model, x, i) for i in layers)[:, PREFIX[name]:]
+    h = vlmeff.patch(model, method=method, **kwargs)
+    out = run(model, x)
+    assert h.stats["visual_tokens"]["after layer 3"] == [8, 8]
+    if out.dim() == 3:
+        assert out.shape[1] == 8 + PREFIX[name]
+    if scored:
+        torch.testing.assert_close(h.stats["scores"], oracle, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method,kwargs", [("cls", dict(keep=8)), ("cls", dict(keep=8, reduce="merge")),
+                                           ("received", dict(keep=8)), ("random", dict(keep=8)), ("pool", dict(keep=9)),
+                                           ("tome", dict(r=4)), ("cls", dict(keep=1.0))])
+def test_empty_batch_behaves_like_the_unpatched_model(method, kwargs):
+    model, empty = tiny_timm_vit(), torch.empty(0, 3, 32, 32)
+    expected = run(model, empty)
+    with vlmeff.patch(model, method=method, **kwargs) as h:
+        out = run(model, empty)
+    assert out.shape == expected.shape == (0, 10)
+    assert h.stats["visual_tokens"]["input"] == [] and h.stats["flops"] == 0
+
+
+@pytest.mark.parametrize("name", CLS_MODELS)
+def test_merges_never_reach_the_prefix_tokens(name):
+    """The prefix rows ([CLS], registers) leave the reduction layer exactly as they entered it: no pruned token
+    merges into them (a mutant letting [CLS] receive merges changes outputs by up to 2.9)."""
+    model, x, layer = CLS_MODELS[name](), images(), 1
+    h = vlmeff.patch(model, method="cls", keep=8, reduce="merge", layer=layer)
+    seen = {}
+    block = model.blocks[layer] if hasattr(model, "blocks") else model.encoder.layers[layer] \
+        if hasattr(model.encoder, "layers") else model.encoder.layer[layer]
+    before = block.register_forward_hook(lambda m, i, o: seen.setdefault("before", o), prepend=True)
+    after = block.register_forward_hook(lambda m, i, o: seen.setdefault("after", o))
+    run(model, x)
+    before.remove(), after.remove(), h.unpatch()
+    p = PREFIX[name]
+    assert seen["after"].shape[1] == p + 8
+    assert torch.equal(seen["after"][:, :p], seen["before"][:, :p])
+    assert not torch.equal(seen["after"][:, p:], seen["before"].gather(
+        1, (h.stats["kept"] + p)[..., None].expand(-1, -1, seen["before"].shape[-1])))     # patches did merge
+
+
+@pytest.mark.parametrize("keep,expected", [(0.2, 13), (0.3, 19), (0.55, 35)])
+def test_ratio_budgets_round_to_the_nearest_count(keep, expected):
+    """64 x 0.2 = 12.8 -> 13 (truncation would give 12), 19.2 -> 19, 35.2 -> 35."""
+    model = tiny_timm_vit()
+    h = vlmeff.patch(model, method="cls", keep=keep)
+    run(model, images())
+    assert h.stats["visual_tokens"]["after layer 1"] == [expected] * 2
+
+
+def test_flops_match_a_hand_count():
+    """tiny_timm_vit: D = 32, 4 heads x 8, MLP 128, 4 layers, 64 patches + [CLS]; cls keep=16 after layer 1.
+    Per layer on n tokens, multiply-adds: q, k, v, o projections 4 n D^2, Q K^T and A V 2 n^2 D, MLP 2 n D 128."""
+    def layer(n):
+        return 2 * (4 * n * 32 * 32 + 2 * n * n * 32 + 2 * n * 32 * 128)
+
+    model = tiny_timm_vit()
+    h = vlmeff.patch(model, method="cls", keep=16, layer=1)
+    run(model, images(3))
+    assert h.stats["flops"] == 3 * (2 * layer(65) + 2 * layer(17)) == 3 * (2 * 2_138_240 + 2 * 454_784)
+    assert h.stats["flops_unpatched"] == 3 * 4 * layer(65)

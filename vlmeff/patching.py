@@ -26,8 +26,8 @@ class Patch:
         setattr(model, self.ATTR, self)
 
     def new_call(self):
-        """Engines call this when a patched forward starts, so that `stats` never describes an earlier call
-        (one without images, or one that raised, leaves them empty)."""
+        """Engines call this when a patched call starts, so that `stats` never describes an earlier call (a call
+        that raises leaves them empty; what a completed call records is the engine's: see its docstring)."""
         self.stats = {}
 
     def hook(self, handle):

@@ -2,7 +2,7 @@
 of a `vlmeff.patch` call's options (`resolve_options`).
 
 Adding an option is one line, e.g. `ORDER = Option("order", "tome", *choice("tome", "raster"))` or
-`Option("cls_token", False, (bool,), accepted="True or False")`, then naming it in the method's `register` call.
+`Option("fused", False, (bool,), accepted="True or False")`, then naming it in the method's `register` call.
 """
 import difflib
 import numbers
@@ -194,6 +194,8 @@ TOME_R = Option("r", None, (type(None), int, tuple, list), _tome_r_valid,
 # reference's order (dominant, then contextual) or in raster order (see vlmeff.engine.rows._visionzip)
 CLS_TOKEN = Option("cls_token", "keep", *choice("keep", "drop"))
 VISIONZIP_ORDER = Option("order", "reference", *choice("reference", "raster"))
+# ToMe: merged tokens in ToMe's order ([prefix, unmerged a, b], as the reference) or in raster order
+TOME_ORDER = Option("order", "tome", *choice("tome", "raster"))
 PROP_ATTN = Option("prop_attn", True, (bool,), accepted="True or False (proportional attention by log token size)")
 SEED = Option("seed", 0, (int,), lambda v, c: 0 <= v < 2 ** 64, "an int in [0, 2**64)")
 
@@ -249,7 +251,7 @@ register("received", "Keep the patches that receive the most attention, mean ove
          "attention-received scoring as in VFlowOpt's context map / Zero-TPrune's first step, simplified",
          ("vision encoder", "before LLM"), ("vit", "lvlm"), (LAYER, SCORE_LAYERS, REDUCE, POSITIONS))
 register("tome", "Merge the r most similar token pairs in every layer by bipartite soft matching",
-         "ToMe: Token Merging, Bolya et al., ICLR 2023", ("vision encoder",), ("vit",), (TOME_R, PROP_ATTN))
+         "ToMe: Token Merging, Bolya et al., ICLR 2023", ("vision encoder",), ("vit",), (TOME_R, PROP_ATTN, TOME_ORDER))
 register("random", "Keep a uniformly random subset of patches (baseline)", "baseline", ("vision encoder", "before LLM"),
          ("vit", "lvlm"), (LAYER, REDUCE, SEED, POSITIONS))
 register("pool", "Average-pool the patch grid down to the budget (baseline)", "baseline",

@@ -1,4 +1,9 @@
 """Capture q/k of chosen ViT layers as the model computes them (no eager attention, no N x N matrix)."""
+import functools
+import operator
+
+import torch
+
 from ..pruners.scores import cls_attention, received_attention
 
 
@@ -29,14 +34,20 @@ class QKCapture:
 
     def cls_scores(self):
         """[CLS] -> token attention [B, N], head-mean, summed over the captured layers (VTC-CLS ensemble)."""
-        return sum(cls_attention(self.store[("q", i)], self.store[("k", i)], self.scale[i]) for i in self.layers)
+        return _total(cls_attention(self.store[("q", i)], self.store[("k", i)], self.scale[i]) for i in self.layers)
 
     def received_scores(self):
         """Mean attention received [B, N], summed over the captured layers."""
-        return sum(received_attention(self.store[("q", i)], self.store[("k", i)], self.scale[i]) for i in self.layers)
+        return _total(received_attention(self.store[("q", i)], self.store[("k", i)], self.scale[i])
+                      for i in self.layers)
 
     def clear(self):
         self.store.clear()
+
+
+def _total(scores):
+    """Sum of per-layer scores without Python sum's extra `0 + first` launch."""
+    return functools.reduce(operator.add, scores)
 
 
 class TowerCapture:
@@ -61,7 +72,7 @@ class TowerCapture:
 
     def metric(self):
         """Per-image merge metric [n_img, N, C]: the metric layer's keys averaged over heads."""
-        return self.to_rows(self.metric_qk.keys(self.metric_layer).mean(dim=1))
+        return self.to_rows(self.metric_qk.keys(self.metric_layer).mean(dim=1, dtype=torch.float32))
 
     def clear(self):
         self.qk.clear()

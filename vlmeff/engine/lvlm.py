@@ -15,8 +15,11 @@ prompt (`_continue_conversation`).
 not calls of the caller). A call without images records no visual tokens (`visual_tokens` lists empty, `kept` and
 `scores` empty) and equal patched / unpatched FLOPs and KV-cache bytes.
 
-Host reads: a call with images reads the host once for its prompt (`prompt.read_layout`); a call without images
-once for its stats (the per-sample lengths, none without a mask); the forwards inside generate none.
+Host reads: a call with images reads the host once for its prompt (`prompt.read_layout`), plus, where a family
+keeps its image layout in tensors, once for that layout (LLaVA-NeXT / OneVision `image_sizes`, Qwen-VL
+`image_grid_thw`: host data, read as the model's own code reads it); a follow-up turn once to recognise the
+previous prompt (`torch.equal`); a call without images once for its stats (the per-sample lengths, none without a
+mask); the forwards inside generate none.
 """
 import functools
 import inspect
@@ -28,7 +31,6 @@ from ..pruners import resolve_keep
 from . import prompt
 from .rows import reduce_rows
 
-POSITION_MODES = ("compact", "original")
 SCORERS = {"cls": "cls", "visionzip": "cls", "received": "received"}   # method -> what the capture scores
 CACHE_KWARGS = ("cache", "past_key_values")     # transformers v5's name for the KV cache, then the deprecated one
 
@@ -37,14 +39,9 @@ class PreLLMReduction:
     def __init__(self, patch, adapter, method, keep, options):
         if keep is None:
             raise ValueError(f"method {method!r} needs keep (an int count per image or a ratio in (0, 1])")
-        if options.get("layer") is not None:
-            raise ValueError(f"layer={options['layer']!r}: on {adapter.family} the visual tokens are reduced at the "
-                             f"tower's feature layer (tower layer {adapter.score_layer}); leave layer unset")
-        positions = options.get("positions") or "compact"
-        if positions not in POSITION_MODES:
-            raise ValueError(f"positions={positions!r}; accepted: {', '.join(POSITION_MODES)}")
+        # option types and ranges (layer None, positions, score_layers within the tower) were checked by the registry
         self.patch, self.adapter, self.method, self.keep, self.options = patch, adapter, method, keep, options
-        self.positions = "original" if adapter.mrope else positions
+        self.positions = "original" if adapter.mrope else options.get("positions") or "compact"
         self.score_layers = self._score_layers(options.get("score_layers"))
         self.last_prompt = None        # (caller's ids, reduced ids, mask, positions) of the last call with images
         self.last_extras = {}          # its other reduced per-token inputs, e.g. token_type_ids
@@ -62,10 +59,7 @@ class PreLLMReduction:
             return [last]
         start = spec if isinstance(spec, int) else spec[0]
         end = last if isinstance(spec, int) else spec[1] % (len(self.adapter.tower.layers))
-        start %= len(self.adapter.tower.layers)
-        if not start <= end <= last:
-            raise ValueError(f"score_layers={spec!r}: need start <= end <= the feature layer's tower layer {last}")
-        return list(range(start, end + 1))
+        return list(range(start % len(self.adapter.tower.layers), end + 1))
 
     # -- the wrappers ---------------------------------------------------------------------------------------------
     def install(self):
@@ -79,6 +73,7 @@ class PreLLMReduction:
             kwargs = {**dict(zip(names, args)), **kwargs}
             if self._generating:               # a step of our generate: its prompt is reduced already
                 return forward(**kwargs)
+            self.patch.new_call()              # a call that fails leaves no stats of an earlier one
             if kwargs.get("pixel_values") is None:
                 self._record_text_only(kwargs)
                 return forward(**kwargs)
@@ -89,6 +84,7 @@ class PreLLMReduction:
             if args:                                   # generate(input_ids, ...)
                 kwargs["input_ids"], args = args[0], args[1:]
             caller_ids = kwargs.get("input_ids")
+            self.patch.new_call()
             if kwargs.get("pixel_values") is not None:
                 reduced = self.reduce_inputs(kwargs, numbering="generate")
             else:

@@ -1,46 +1,151 @@
 """One reduction step over the rows of sequences that share a layout: the selector + reducer half of a method,
-used by both the ViT engine (hidden states after a layer) and the pre-LLM engine (feature blocks)."""
-import torch
+used by both the ViT engine (hidden states after a layer) and the pre-LLM engine (feature blocks).
 
-from ..pruners import (contextual_merge, drop_tokens, merge_into_kept, pool_views, random_scores, reduce_by_assignment,
-                       resolve_keep, topk_keep_indices)
+GPU-first: which rows are protected is known on the host (a prefix count, or a CPU mask), so nothing here reads
+device data; tensors that depend only on the layout (pool segments, the seeded random rows, index ranges) are
+built once per device (`layout_constant`), and a forward runs only the launches that depend on the data.
+"""
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
+
+from ..kernels import gather_merge
+from ..pruners import (contextual_merge, drop_tokens, merge_into_kept, pool_views, random_scores, resolve_keep,
+                       topk_keep_indices)
+from ..layout import layout_constant, slot_ranges
 from ..registry import contextual_count
 
 
 def reduce_rows(method, options, x, keep, protected, scores=None, metric=None, grids=None, sizes=None):
     """Reduce x [n, N, D] with `method` ("cls", "received", "random", "pool" or "visionzip").
 
-    protected [N] bool: rows always kept, outside the budget ([CLS], registers, row separators); keep: the
-    budget over the other rows (count or ratio); scores [n, N] for scored methods; metric [n, N, C] for merges
+    protected: rows always kept, outside the budget ([CLS], registers, row separators): an int P (the first P
+    rows) or a bool [N] mask, best on the CPU (a device mask is read to the host on every call: a sync; every
+    adapter hands CPU masks). keep: the budget
+    over the other rows (count or ratio); scores [n, N] for scored methods; metric [n, N, C] for merges
     (options["reduce"] == "merge", visionzip); grids for pool: the (h, w) grids that the unprotected rows form one
     after another, pooled apart with the budget split in proportion to their sizes; sizes [n, N] or None.
     Returns (x' [n, K, D], sizes' [n, K] or None, rows [n, K]: the kept row (or the first member) of every
-    output, ascending).
+    output, ascending). A full budget returns x itself (no launch): nothing is removed.
     """
     n, N, _ = x.shape
-    prot, free = protected.nonzero().squeeze(1), (~protected).nonzero().squeeze(1)
-    k = resolve_keep(keep, free.numel())
+    layout = row_layout(N, protected)
+    k = resolve_keep(keep, N - layout.count)
+    if k == N - layout.count and method != "visionzip":
+        return x, sizes, slot_ranges(1, N, x).expand(n, N)
     if method == "pool":
-        cells, n_cells = pool_views(grids, k, device=x.device)
-        group = torch.empty(N, dtype=torch.long, device=x.device)
-        group[prot] = torch.arange(prot.numel(), device=x.device)
-        group[free] = prot.numel() + cells
-        dst, rows = _order_groups(group, prot.numel() + n_cells)
-        out, sizes = reduce_by_assignment(x, dst.expand(n, N), rows.numel(), sizes)
-        return out, sizes, rows.expand(n, -1)
-    if method == "random":
-        # one seeded draw shared by the batch: a sequence's subset does not depend on its batch neighbours
-        gen = torch.Generator().manual_seed(options["seed"])
-        scores = random_scores(1, N, generator=gen).to(x.device).expand(n, -1)
+        index, offsets, rows = layout_constant(("pool", layout, tuple(grids), k, n), x,
+                                               lambda: _pool_segments(layout, grids, k, n, x.device))
+        weight = None if sizes is None else sizes.gather(1, index)
+        out, sizes = gather_merge(x, index, offsets, weight, validate=False)
+        return out, sizes, rows
     if method == "visionzip":
+        prot, free = layout.indices(x.device), layout.free_indices(x.device)
         return _visionzip(x, scores, metric, prot, free, k, options)
-    chosen = free[topk_keep_indices(scores[:, free], k)]
-    rows = torch.cat([prot.expand(n, -1), chosen], dim=1).sort(dim=1).values
+    if method == "random":
+        # one seeded draw shared by the batch (and every forward): a sequence's subset does not depend on its
+        # batch neighbours; the rows depend on the layout only, so they are built once
+        rows = layout_constant(("random", options["seed"], layout, k), x,
+                               lambda: _select(layout, random_scores(N, options["seed"], x.device)[None], k))
+        rows = rows.expand(n, -1)
+    else:
+        rows = _select(layout, scores, k)
     if options.get("reduce") == "merge":
-        out, sizes = merge_into_kept(x, rows, metric, sizes, targets=~protected[rows])
+        fixed = layout.count if layout.prefix else 0
+        targets = None if layout.prefix else ~layout.mask(x.device)[rows]
+        out, sizes = merge_into_kept(x, rows, metric, sizes, targets=targets, fixed=fixed)
     else:
         out, sizes = drop_tokens(x, rows, sizes)
     return out, sizes, rows
+
+
+class RowLayout:
+    """Which of N rows are protected, on the host: `count` of them, `prefix` when they are rows 0 .. count - 1.
+    Hashable (a cache key); device copies of the mask / indices are made once per device."""
+
+    def __init__(self, n, protected):
+        self.n, self.protected = n, protected            # protected: tuple of row indices, ascending
+        self.count = len(protected)
+        self.prefix = protected == tuple(range(self.count))
+        self._key = (n, protected)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, RowLayout) and self._key == other._key
+
+    def mask(self, device):
+        """[N] bool on device, True on protected rows."""
+        return layout_constant(("mask", self), _Device(device), lambda: _to_device(
+            torch.zeros(self.n, dtype=torch.bool).index_fill_(0, torch.tensor(self.protected, dtype=torch.long),
+                                                              True), device))
+
+    def indices(self, device):
+        """[count] int64 on device: the protected rows."""
+        return layout_constant(("protected", self), _Device(device),
+                               lambda: _to_device(torch.tensor(self.protected, dtype=torch.long), device))
+
+    def free_indices(self, device):
+        """[n - count] int64 on device: the other rows."""
+        free = sorted(set(range(self.n)) - set(self.protected))
+        return layout_constant(("free", self), _Device(device),
+                               lambda: _to_device(torch.tensor(free, dtype=torch.long), device))
+
+
+def row_layout(n, protected):
+    """The RowLayout of n rows given protected as an int prefix count or a bool [n] mask (read on the host)."""
+    if isinstance(protected, int):
+        return RowLayout(n, tuple(range(protected)))
+    # host data, read outside any dispatch mode (a fake tensor mode would otherwise hand back a fake copy); a device
+    # mask is copied to the host first, which is a sync: callers should hand in CPU masks
+    with _disable_current_modes():
+        rows = protected.cpu().numpy().nonzero()[0]
+    return RowLayout(n, tuple(int(i) for i in rows))
+
+
+class _Device:
+    """A stand-in `like` for layout_constant when only a device is at hand."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+
+def _to_device(t, device):
+    """A host tensor on device, without a stream sync on CUDA (pinned, non-blocking copy)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _select(layout, scores, k):
+    """Rows to keep [n, count + k], ascending: every protected row and the k best-scored others (scores [n, N])."""
+    if layout.count == 0:
+        return topk_keep_indices(scores, k)
+    # above every score: inf, or for integer scores (`random_scores`, below 2 ** 32) a float that int64 holds exactly
+    top = float("inf") if scores.is_floating_point() else float(2 ** 62)
+    if layout.prefix:        # protected rows outrank every score
+        ranked = F.pad(scores[:, layout.count:], (layout.count, 0), value=top)
+    else:
+        ranked = scores.masked_fill(layout.mask(scores.device), top)
+    return topk_keep_indices(ranked, layout.count + k)
+
+
+def _pool_segments(layout, grids, k, n, device):
+    """gather_merge segments of `pool` for n sequences: (index [n, N], offsets [n, K + 1], rows [n, K]).
+    Protected rows stay on their own; the free rows pool into the cells of `pool_views`; outputs follow their
+    first member's position."""
+    cells, n_cells = pool_views(grids, k, device=device)
+    N, P = layout.n, layout.count
+    group = torch.empty(N, dtype=torch.long, device=device)
+    group[layout.indices(device)] = torch.arange(P, device=device)
+    group[layout.free_indices(device)] = P + cells
+    dst, rows = _order_groups(group, P + n_cells)
+    index = dst.argsort(stable=True)
+    counts = torch.zeros(P + n_cells, dtype=torch.long, device=device).scatter_add_(0, dst, torch.ones_like(dst))
+    offsets = F.pad(counts.cumsum(0), (1, 0))
+    return tuple(t.expand(n, -1).contiguous() for t in (index, offsets, rows))
 
 
 def _visionzip(x, scores, metric, prot, free, k, options):
@@ -67,7 +172,7 @@ def _visionzip(x, scores, metric, prot, free, k, options):
     every_row_free = prot.numel() == 0
     dominant, contextual = visionzip_counts(k, options, cls_slot=every_row_free)
     if k == free.numel():
-        return x, None, torch.arange(N, device=x.device).expand(n, -1)
+        return x, None, slot_ranges(1, N, x).expand(n, -1)
     ranked = (scores if every_row_free else scores[:, free]).argsort(dim=1, descending=True, stable=True)
     kept_rows, rest = ranked[:, :dominant].sort(dim=1).values, ranked[:, dominant:].sort(dim=1).values
     if not every_row_free:                           # positions among the free rows -> rows; protected rows kept

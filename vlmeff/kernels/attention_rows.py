@@ -1,20 +1,66 @@
-"""Attention probabilities of a few query rows (e.g. [CLS], last query) without forming the N x N matrix."""
+"""Attention probabilities of a few query rows (e.g. [CLS], last query) without forming the N x N matrix, in as
+few launches as possible: a whole SDPA call is one kernel, so every extra small op of a score costs about as much."""
 import torch
 
 
-def attention_rows(q_rows, k, scale):
+def attention_rows(q_rows, k, scale, mean_rows=False, chunk=None):
     """Head-mean softmax(q_rows @ k^T * scale).
 
     q_rows: [B, H, Q, d] queries of the rows wanted; k: [B, Hk, N, d] keys, Hk dividing H (grouped-query
     attention: query head h reads key head h // (H / Hk), as `repeat_interleave` would give). Returns [B, Q, N]
-    float32 probabilities averaged over the H heads. Computed in float32: scores feed rankings, where bf16 logits
-    would reorder near-ties. Costs B*H*Q*N*d multiply-adds: Q/N of the attention's own Q @ K^T.
+    float32 probabilities averaged over the H heads, or with `mean_rows` [B, N] averaged over the Q rows too
+    (queries then processed `chunk` at a time, so memory stays O(chunk x N)). Computed in float32: scores feed
+    rankings, where bf16 logits would reorder near-ties. Costs B*H*Q*N*d multiply-adds: Q/N of the attention's
+    own Q @ K^T (one row: Hk times that, see `_one_row`).
+    Launches (float32 inputs): one row 4 (diag_embed, baddbmm, softmax, mean); Q rows in one chunk 5 (two copies
+    into the batched-matmul layout, baddbmm, softmax, mean).
     """
     B, H, Q, d = q_rows.shape
     Hk = k.shape[1]
     if H % Hk:
         raise ValueError(f"query heads ({H}) must be a multiple of key heads ({Hk})")
-    # group the H / Hk query heads of each key head as extra rows instead of repeating k
-    q = q_rows.float().reshape(B, Hk, (H // Hk) * Q, d)
-    probs = torch.softmax((q @ k.float().transpose(-1, -2)) * scale, dim=-1)   # [B, Hk, (H / Hk) * Q, N]
-    return probs.reshape(B, H, Q, -1).mean(dim=1)
+    if Q == 1:
+        probs = _one_row(q_rows, k, scale)
+        return probs if mean_rows else probs[:, None]
+    # [B * Hk, N, d] contiguous float32: one copy at most (none for contiguous float32 keys)
+    keys = k.to(torch.float32, memory_format=torch.contiguous_format).reshape(B * Hk, k.shape[2], d).transpose(1, 2)
+    if not mean_rows:
+        return _rows(q_rows, keys, scale, Hk, mean_rows=False)
+    chunk = chunk or Q
+    total = None
+    for start in range(0, Q, chunk):
+        share = min(chunk, Q - start) / Q          # this chunk's share of the mean over rows
+        part = _rows(q_rows[:, :, start:start + chunk], keys, scale, Hk, mean_rows=True)
+        if total is None:
+            total = part if share == 1 else part * share
+        else:
+            total = torch.add(total, part, alpha=share)
+    return total
+
+
+def _rows(q_rows, keys_t, scale, Hk, mean_rows):
+    """q_rows [B, H, Q, d], keys_t [B * Hk, d, N] -> head-mean probabilities [B, Q, N] (mean_rows: [B, N])."""
+    B, H, Q, d = q_rows.shape
+    # the H / Hk query heads of each key head become extra rows instead of repeating k
+    q = q_rows.to(torch.float32, memory_format=torch.contiguous_format).reshape(B * Hk, (H // Hk) * Q, d)
+    logits = torch.baddbmm(q.new_empty(()), q, keys_t, beta=0, alpha=scale)      # [B * Hk, (H / Hk) * Q, N]
+    probs = logits.softmax(dim=-1).view(B, Hk, H // Hk, Q, keys_t.shape[-1])
+    return probs.mean(dim=(1, 2, 3)) if mean_rows else probs.mean(dim=(1, 2))
+
+
+def _one_row(q_rows, k, scale):
+    """One query row [B, H, 1, d] against k [B, Hk, N, d] -> [B, N], reading k where it lies.
+
+    The keys are read in token-major layout [B, N, Hk * d] (a view of what the k projection wrote, no copy) and
+    multiplied by a block-diagonal [Hk * d, H] matrix holding each head's query in its key head's rows: one
+    batched matmul gives the [B, N, H] logits of every head (Hk times the multiply-adds of the row, which are
+    tiny), where a per-head matmul would first copy k into head-major layout.
+    """
+    B, H, _, d = q_rows.shape
+    Hk, N = k.shape[1], k.shape[2]
+    q = q_rows[:, :, 0].float().view(B, Hk, H // Hk, d)
+    # blocks[b, i, j, i', g] = q[b, i, g, j] if i == i' else 0
+    blocks = torch.diag_embed(q.permute(0, 3, 2, 1), dim1=1, dim2=3).reshape(B, Hk * d, H)
+    keys = k.transpose(1, 2).reshape(B, N, Hk * d).float()
+    logits = torch.baddbmm(keys.new_empty(()), keys, blocks, beta=0, alpha=scale)   # [B, N, H]
+    return logits.softmax(dim=1).mean(dim=2)

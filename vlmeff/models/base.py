@@ -22,7 +22,9 @@ class ViTAdapter:
 
     def qk_modules(self, i):
         """(q_module, k_module, to_heads, scale): forward hooks on the two modules see q and k of layer i (q
-        first); to_heads(output) -> [B, H, N, d] as they enter the attention product."""
+        first); to_heads(output) -> [B, H, N, d] as they enter the attention product. to_heads should be a view
+        (reshape / transpose / slice of the module output): the capture then launches nothing, and the [CLS] row
+        reads the keys where the projection wrote them (`attention_rows`)."""
         raise NotImplementedError
 
     def run_block(self, i, x, attn_bias, between):

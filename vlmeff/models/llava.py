@@ -82,7 +82,7 @@ def with_cls_row(cls_rows, kept, rows, own_placeholder):
     slots stay distinct and ascending; with compact positions (the default) which slots are kept does not change the
     LLM's input. Returns (kept' [n, K + 1, Dv], slots [n, K + 1]).
     """
-    first = torch.zeros_like(rows[:, :1])
+    first = rows.new_zeros(rows.shape[0], 1)          # (not zeros_like(rows[:, :1]): rows may be empty, keep=1)
     if own_placeholder:
         slots = torch.cat([first, rows + 1], dim=1)
     else:

@@ -64,8 +64,9 @@ class LlavaNextAdapter(LlavaAdapter):
         return [p[:, 0] for p in packed] if squeeze else packed
 
     def protected_rows(self, features):
-        """Per image, bool [N_i]: the `image_newline` rows."""
-        marks = torch.zeros(sum(self.layout[0]), self._tokens_per_crop(), 1, device=features[0].device)
+        """Per image, bool [N_i] on the CPU (packed there, so reading it costs no device sync): the `image_newline`
+        rows."""
+        marks = torch.zeros(sum(self.layout[0]), self._tokens_per_crop(), 1)
         return [p[:, 0] > 0.5 for p in self.pack(marks, newline=1.0)]
 
     def image_grids(self, i, protected):

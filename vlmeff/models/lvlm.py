@@ -58,8 +58,9 @@ class LVLMAdapter:
         return t[:, self.tower.num_prefix_tokens - self.feature_prefix:]
 
     def protected_rows(self, features):
-        """Per image, bool [N_i]: rows kept regardless of the budget (the prefix rows)."""
-        return [torch.arange(f.shape[0], device=f.device) < self.feature_prefix for f in features]
+        """Per image, bool [N_i] on the CPU (the reduction reads it on the host, so a device mask would cost a sync):
+        rows kept regardless of the budget (the prefix rows)."""
+        return [torch.arange(f.shape[0]) < self.feature_prefix for f in features]
 
     def layout_key(self, i, features):
         """A host value (hashable) such that images with equal keys have equal `protected_rows` and

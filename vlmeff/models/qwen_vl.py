@@ -89,7 +89,8 @@ class QwenVLAdapter:
             deepstack_features=[tuple(p[1 + j] for p in parts) for j in range(self.deepstack)])}
 
     def protected_rows(self, features):
-        return [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
+        """No protected rows; host masks (the engine reads them on the host, so a device mask would be a sync)."""
+        return [torch.zeros(f.shape[0], dtype=torch.bool) for f in features]
 
     def layout_key(self, i, features):
         """Images of one (t, h, w) grid share their (empty) protected rows and their pool grid."""

@@ -1,49 +1,57 @@
-"""Reducers: shrink a token sequence given what to keep. Both drop and merge end in `kernels.gather_merge`."""
+"""Reducers: shrink a token sequence given what to keep. Merges by assignment (`merge_into_kept`, `pool`) end in
+`kernels.gather_merge` (one fused launch); a pure drop is one `gather`; VisionZip's contextual tokens are a dense
+one-hot product (`contextual_merge`); ToMe merges with its own gather / scatter (`pruners.tome`)."""
 import torch
 import torch.nn.functional as F
 
 from ..kernels import gather_merge, segments_from_assignment
+from ..layout import slot_ranges
 
 
-def reduce_by_assignment(x, dst, num_out, sizes=None):
+def reduce_by_assignment(x, dst, num_out, sizes=None, drops=True):
     """Average tokens into output slots.
 
-    x: [B, N, D]; dst: [B, N] int64 output slot in [0, num_out) of every token, -1 to drop it; sizes: [B, N]
-    token sizes (how many original patches each token stands for), None for all 1. Output slot k is the
-    size-weighted mean of its members, in their original order. Returns (x' [B, num_out, D], sizes' [B, num_out]).
+    x: [B, N, D]; dst: [B, N] int64 output slot in [0, num_out) of every token, -1 to drop it (`drops=False`
+    promises there is none, saving a launch); sizes: [B, N] token sizes (how many original patches each token
+    stands for), None for all 1. Output slot k is the size-weighted mean of its members, in their original order.
+    Returns (x' [B, num_out, D], sizes' [B, num_out]).
+    Launches: `segments_from_assignment` (2, 3 with drops), gather_merge (+ gather with sizes); no host sync.
     """
-    index, offsets = segments_from_assignment(dst, num_out)
+    index, offsets = segments_from_assignment(dst, num_out, drops)
     weight = None if sizes is None else sizes.gather(1, index)
-    # segments built by segments_from_assignment are valid by construction: skip the checks' host sync
-    out, total = gather_merge(x, index, offsets, weight, validate=False)
-    return out, total
-
-
-def keep_assignment(keep_idx, n):
-    """dst [B, n]: kept token keep_idx[b, j] -> slot j, every other token -> -1 (dropped)."""
-    dst = torch.full((keep_idx.shape[0], n), -1, dtype=torch.long, device=keep_idx.device)
-    return dst.scatter_(1, keep_idx, torch.arange(keep_idx.shape[1], device=keep_idx.device).expand_as(keep_idx))
+    # segments built this way are valid by construction: skip the checks' host sync
+    return gather_merge(x, index, offsets, weight, validate=False)
 
 
 def drop_tokens(x, keep_idx, sizes=None):
-    """Keep tokens keep_idx [B, K] of x [B, N, D] (sorted indices), drop the rest. Returns (x' [B, K, D], sizes')."""
-    return reduce_by_assignment(x, keep_assignment(keep_idx, x.shape[1]), keep_idx.shape[1], sizes)
+    """Keep tokens keep_idx [B, K] of x [B, N, D], drop the rest: one gather (two with sizes), bit-exact.
+    Returns (x' [B, K, D], sizes' [B, K], None when sizes is None: every kept token still stands for itself)."""
+    out = x.gather(1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
+    return out, None if sizes is None else sizes.gather(1, keep_idx)
 
 
-def merge_into_kept(x, keep_idx, metric, sizes=None, targets=None):
+def merge_into_kept(x, keep_idx, metric, sizes=None, targets=None, fixed=0):
     """Keep keep_idx [B, K] and merge every other token into its most similar kept token (cosine of `metric`
-    [B, N, C]) by size-weighted average. `targets` [B, K] bool marks which kept tokens may receive merges
-    (default: all; prefix tokens such as [CLS] are excluded by the caller). Returns (x' [B, K, D], sizes' [B, K]).
+    [B, N, C]) by size-weighted average. Kept tokens that may not receive merges (prefix tokens such as [CLS],
+    row separators): the first `fixed` ones (a protected prefix, sorted first in keep_idx), and, if given, those
+    where `targets` [B, K] bool is False. Returns (x' [B, K, D], sizes' [B, K]).
+    Launches (float32 metric, no targets mask): gather, normalize (3), bmm, argmax, scatter, then
+    `reduce_by_assignment` (3), plus one add with `fixed`.
     """
-    B, N, _ = x.shape
-    dst = keep_assignment(keep_idx, N)
-    m = F.normalize(metric.float(), dim=-1)
-    sim = m @ m.gather(1, keep_idx[..., None].expand(-1, -1, m.shape[-1])).transpose(1, 2)   # [B, N, K]
+    K, C = keep_idx.shape[1], metric.shape[-1]
+    metric = metric.float()
+    receivers = keep_idx[:, fixed:]
+    candidates = F.normalize(metric.gather(1, receivers[..., None].expand(-1, -1, C)), dim=-1)
+    # cosine up to the positive factor |metric_i| of each source row, which leaves its argmax unchanged
+    sim = metric @ candidates.transpose(1, 2)                                    # [B, N, K - fixed]
     if targets is not None:
-        sim = sim.masked_fill(~targets[:, None, :], float("-inf"))
+        sim = sim.masked_fill(~targets[:, None, fixed:], float("-inf"))
     nearest = sim.argmax(dim=-1)
-    dst = torch.where(dst < 0, nearest, dst)
-    return reduce_by_assignment(x, dst, keep_idx.shape[1], sizes)
+    if fixed:
+        nearest = nearest + fixed
+    # kept tokens keep their own slot
+    dst = nearest.scatter(1, keep_idx, slot_ranges(1, K, keep_idx).expand_as(keep_idx))
+    return reduce_by_assignment(x, dst, K, sizes, drops=False)
 
 
 def contextual_merge(x, metric, contextual):
@@ -64,5 +72,7 @@ def contextual_merge(x, metric, contextual):
     nearest[:, targets] = contextual              # a target is no member: send it to a spare column, dropped below
     members = torch.zeros(B, R, contextual + 1, dtype=x.dtype, device=x.device).scatter_(2, nearest[..., None], 1)
     members = members[..., :contextual]                                             # [B, R, contextual] one-hot
-    mean = (members.transpose(1, 2) @ x) / members.sum(dim=1).clamp_min(1)[..., None]
+    # counts in float32: bf16 holds integers exactly only up to 256, and a target may gather more members
+    counts = members.sum(dim=1, dtype=torch.float32).clamp_min(1)[..., None]
+    mean = ((members.transpose(1, 2) @ x) / counts).to(x.dtype)                   # divided in float32
     return x[:, targets] + mean, step

@@ -1,0 +1,79 @@
+"""Ahead-of-time compile every variant of the gather-merge kernel for real GPUs, without a GPU.
+
+Triton ships ptxas, so `triton.compile` of an `ASTSource` for a `GPUTarget` runs the whole pipeline (TTIR, TTGIR,
+LLVM, PTX, cubin) on a CPU. This proves that the launcher cannot pick a variant the installed Triton fails to
+compile: each of `launch_configs()`, for each target, under two argument specialisations (nothing divisible by
+16, and the usual contiguous launch with D and the pointers 16-aligned).
+
+    TRITON_INTERPRET=0 python -m vlmeff.kernels.compile_check [--arch 80 90]
+
+prints one JSON object (Triton version and path, number compiled, seconds, failures) and exits 1 on any failure.
+Run it in a process of its own: the interpreter (TRITON_INTERPRET=1) cannot compile.
+"""
+import argparse
+import json
+import sys
+import time
+
+SPECIALISATIONS = ("generic", "aligned")
+# integer arguments that are multiples of 16 in an aligned launch (D % 16 == 0, contiguous x and out)
+_ALIGNED_INTS = ("D", "stride_xb", "stride_xn", "stride_yb", "stride_yk")
+
+
+def compile_variant(config, arch, specialisation):
+    """Compile one (x dtype name, HAS_WEIGHT, BLOCK_K, BLOCK_D) variant for sm<arch>; returns the compiled kernel.
+    Raises whatever Triton raises when it fails."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .triton_gather_merge import NUM_WARPS, _gather_merge_kernel as kernel
+
+    dtype, has_weight, block_k, block_d = config
+    types = {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "weight_ptr": "*fp32", "total_ptr": "*fp32",
+             "index_ptr": "*i64", "offsets_ptr": "*i64"}
+    constexprs = {"HAS_WEIGHT": has_weight, "BLOCK_K": block_k, "BLOCK_D": block_d}
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
+    attrs = {}
+    if specialisation == "aligned":
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+                 if n.endswith("_ptr") or n in _ALIGNED_INTS}
+    source = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
+
+
+def compile_all(archs=(80, 90)):
+    """Compile every launch configuration for every arch and specialisation. Returns a report dict:
+    triton version and path, compiled count, seconds, failures [{config, arch, specialisation, error}]."""
+    import triton
+
+    from .triton_gather_merge import INTERPRET, launch_configs
+
+    if INTERPRET:
+        raise RuntimeError("TRITON_INTERPRET=1 makes interpreter kernels, which cannot be compiled: run with "
+                           "TRITON_INTERPRET=0")
+    failures, count, t0 = [], 0, time.perf_counter()
+    for arch in archs:
+        for specialisation in SPECIALISATIONS:
+            for config in launch_configs():
+                count += 1
+                try:
+                    compile_variant(config, arch, specialisation)
+                except Exception as error:   # noqa: BLE001 - every compiler failure is a finding to report
+                    first = next((line for line in str(error).splitlines() if "error" in line), str(error))
+                    failures.append({"config": config, "arch": arch, "specialisation": specialisation,
+                                     "error": f"{type(error).__name__}: {first.strip()[:300]}"})
+    return {"triton": triton.__version__, "path": triton.__file__, "compiled": count,
+            "seconds": round(time.perf_counter() - t0, 1), "failures": failures}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="CUDA compute capabilities")
+    report = compile_all(tuple(parser.parse_args().arch))
+    print(json.dumps(report))
+    sys.exit(1 if report["failures"] else 0)
+
+
+if __name__ == "__main__":
+    main()
