@@ -2,10 +2,11 @@
 from . import zoo
 from .api import patch
 from .errors import UnsupportedModelError
+from .experts import calibrate, skip_experts
 from .patching import Patch
 from .registry import MethodInfo, method_info, methods
 from .structural import MlpPruneReport, load_pruned_mlp, prune_mlp, save_pruned_mlp
 
 __version__ = "0.1.0"
-__all__ = ["MethodInfo", "MlpPruneReport", "Patch", "UnsupportedModelError", "load_pruned_mlp", "method_info", "methods",
-           "patch", "prune_mlp", "save_pruned_mlp", "zoo"]
+__all__ = ["MethodInfo", "MlpPruneReport", "Patch", "UnsupportedModelError", "calibrate", "load_pruned_mlp",
+           "method_info", "methods", "patch", "prune_mlp", "save_pruned_mlp", "skip_experts", "zoo"]
