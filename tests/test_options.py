@@ -408,3 +408,12 @@ def test_patch_messages_name_the_model_and_the_remedy(llava):
 def test_vit_option_errors_name_the_model_family():
     with pytest.raises(ValueError, match=r"^method 'cls' on timm VisionTransformer: layer=9 is not accepted"):
         vlmeff.patch(tiny_timm_vit(), "cls", keep=16, layer=9)
+
+
+def test_patch_repr_names_model_config_and_state():
+    vit = tiny_timm_vit()
+    p = vlmeff.patch(vit, "cls", keep=16)
+    assert repr(p) == ("Patch(VisionTransformer, method='cls', keep=16, layer=None, score_layers=None, "
+                       "reduce='drop', positions=None)")
+    p.unpatch()
+    assert repr(p).endswith("positions=None, removed)")
