@@ -320,3 +320,18 @@ def test_shrink_matches_a_loop_oracle(right):
             expected[..., b, span] = row
         assert torch.equal(out[name], expected), name
     assert out["pixel_values"] is kwargs["pixel_values"]        # not a per-token input
+
+
+def test_kv_cache_bytes_count_the_llm_dtype_with_and_without_images():
+    """A tower and projector in another dtype than the LLM do not change the KV-cache bytes (review finding: the
+    image path counted the features' dtype, the text-only path the model's)."""
+    model, inputs = tiny_llava(), two_samples()
+    model.model.vision_tower.to(torch.float64)
+    model.model.multi_modal_projector.to(torch.float64)
+    per_token = 2 * 4 * 2 * 16 * 4                   # K and V x 4 layers x 2 kv heads x head dim 16 x fp32 bytes
+    with vlmeff.patch(model, method="cls", keep=4) as h, torch.no_grad():
+        model(**{**inputs, "pixel_values": inputs["pixel_values"].double()})
+        kept_tokens = sum(h.stats["visual_tokens"]["before LLM"]) + int((inputs["input_ids"] != IMAGE).sum())
+        assert h.stats["kv_cache_bytes"] == per_token * (kept_tokens - int((inputs["attention_mask"] == 0).sum()))
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        assert h.stats["kv_cache_bytes"] == per_token * int(inputs["attention_mask"].sum())

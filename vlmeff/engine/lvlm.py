@@ -164,8 +164,7 @@ class PreLLMReduction:
         self.last_prompt = (ids, kwargs["input_ids"], kwargs.get("attention_mask"), kwargs.get("position_ids"))
         self.last_extras = {n: v for n, v in kwargs.items() if n not in ("input_ids", "attention_mask", "position_ids")
                             and torch.is_tensor(v) and v.dim() >= 2 and v.shape[-2:] == kwargs["input_ids"].shape}
-        self._record(counts, [k.shape[0] for k in kept_features], kept_rows, lengths_before, lengths,
-                     kept_features[0].element_size())
+        self._record(counts, [k.shape[0] for k in kept_features], kept_rows, lengths_before, lengths)
         return kwargs
 
     def _reduce_images(self, features):
@@ -191,8 +190,10 @@ class PreLLMReduction:
         return kept, rows
 
     # -- stats ----------------------------------------------------------------------------------------------------
-    def _record(self, counts, kept_counts, rows, lengths_before, lengths, nbytes):
+    def _record(self, counts, kept_counts, rows, lengths_before, lengths):
         cfg = self.adapter.text_config
+        # the KV cache holds the LLM's dtype (its input embeddings'), whatever the tower or projector computes in
+        nbytes = self.adapter.model.get_input_embeddings().weight.element_size()
         stats = {
             "visual_tokens": {"input": counts, "before LLM": kept_counts},
             "prefill_flops": sum(llm_prefill_flops(cfg, n) for n in lengths),
@@ -216,7 +217,7 @@ class PreLLMReduction:
         B, L = tokens.shape[:2]
         lengths = [L] * B if mask is None or mask.dim() != 2 else mask.sum(dim=1).tolist()
         self.last_scores = []
-        self._record([], [], [], lengths, lengths, self.adapter.model.dtype.itemsize)
+        self._record([], [], [], lengths, lengths)
 
 
 def pool_layout(grids, keep):
