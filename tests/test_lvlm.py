@@ -95,16 +95,20 @@ def test_multi_image_prompt_and_text_only_sample_in_one_batch():
         assert torch.equal(generate(model, alone)[0, alone["input_ids"].shape[1]:], tokens[0, ids.shape[1]:])
 
 
+def follow_up_turn(sequences, mask, follow_up):
+    """The next turn's inputs: the returned sequences [B, T] + follow_up [B, F], the prompt's mask extended by ones."""
+    ids = torch.cat([sequences, follow_up], dim=1)
+    ones = torch.ones(ids.shape[0], ids.shape[1] - mask.shape[1], dtype=mask.dtype)
+    return dict(input_ids=ids, attention_mask=torch.cat([mask, ones], dim=1))
+
+
 @pytest.mark.parametrize("positions", ["compact", "original"])
 def test_multi_turn_continuation_on_the_reduced_cache(positions):
     model, inputs = tiny_llava(), two_samples()
     follow_up = torch.tensor([[11, 12], [13, 14]])
     with vlmeff.patch(model, method="cls", keep=4, positions=positions):
         first = generate(model, inputs, return_dict_in_generate=True)
-        ids2 = torch.cat([first.sequences, follow_up], dim=1)
-        mask2 = torch.cat([inputs["attention_mask"], torch.ones(2, ids2.shape[1] - inputs["attention_mask"].shape[1],
-                                                                  dtype=torch.long)], dim=1)
-        turn2 = dict(input_ids=ids2, attention_mask=mask2)
+        turn2 = follow_up_turn(first.sequences, inputs["attention_mask"], follow_up)
         continued = generate(model, turn2, cache=first.cache)
         recomputed = generate(model, dict(turn2, pixel_values=inputs["pixel_values"]))
         first = generate(model, inputs, return_dict_in_generate=True)
@@ -252,10 +256,7 @@ def test_follow_up_turn_with_cache_raises_no_deprecation_warning(recwarn):
     follow_up = torch.tensor([[11, 12], [13, 14]])
     with vlmeff.patch(model, method="cls", keep=4):
         first = generate(model, inputs, return_dict_in_generate=True)
-        ids2 = torch.cat([first.sequences, follow_up], dim=1)
-        mask2 = torch.cat([inputs["attention_mask"], torch.ones(2, ids2.shape[1] - inputs["attention_mask"].shape[1],
-                                                                  dtype=torch.long)], dim=1)
-        turn2 = dict(input_ids=ids2, attention_mask=mask2)
+        turn2 = follow_up_turn(first.sequences, inputs["attention_mask"], follow_up)
         continued = generate(model, turn2, cache=first.cache)
         recomputed = generate(model, dict(turn2, pixel_values=inputs["pixel_values"]))
     assert torch.equal(continued, recomputed)

@@ -167,17 +167,22 @@ def grid_pool_oracle(block, grids, shares, newlines):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("family", ["next", "onevision", "onevision_shrunk"])
-def test_pool_on_anyres_pools_base_view_and_crop_grid_apart(family):
-    """keep=20: image 0 has 16 base rows + a 6 x 8 crop grid (3 x 4 when shrunk), image 1 16 + 4 x 4; the budget is
-    split over the two grids in proportion to their sizes (largest remainders)."""
+def pooled_anyres(family, keep):
+    """(unreduced packed blocks, newline rows per block, the blocks the LLM got, the patch) of `pool` at keep."""
     model, inputs = setup(family)
     with torch.no_grad():
         packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
     newlines = newline_rows(model, inputs)
-    with vlmeff.patch(model, method="pool", keep=20) as h, Recorder(model.model) as rec:
+    with vlmeff.patch(model, method="pool", keep=keep) as h, Recorder(model.model) as rec:
         logits(model, inputs)
-    given = rec.kwargs["mm_encoder_outputs"]["image"].pooler_output
+    return packed, newlines, rec.kwargs["mm_encoder_outputs"]["image"].pooler_output, h
+
+
+@pytest.mark.parametrize("family", ["next", "onevision", "onevision_shrunk"])
+def test_pool_on_anyres_pools_base_view_and_crop_grid_apart(family):
+    """keep=20: image 0 has 16 base rows + a 6 x 8 crop grid (3 x 4 when shrunk), image 1 16 + 4 x 4; the budget is
+    split over the two grids in proportion to their sizes (largest remainders)."""
+    packed, newlines, given, h = pooled_anyres(family, keep=20)
     crop_grid = (3, 4) if family == "onevision_shrunk" else (6, 8)
     shares = {(6, 8): [(2, 2), (3, 5)], (3, 4): [(3, 3), (3, 3)]}[crop_grid]    # budgets 5 + 15, 11 + 9
     expected = [grid_pool_oracle(packed[0], [(4, 4), crop_grid], shares, newlines[0]),
@@ -389,13 +394,7 @@ def test_stats_belong_to_the_last_call(family):
 def test_pool_below_one_token_per_grid_pools_the_grids_jointly(family):
     """keep=1 on blocks of two grids (base view, crop grid): every budget >= 1 is met, the free rows pooled
     jointly into one token (their mean), in front of the kept newline rows."""
-    model, inputs = setup(family)
-    with torch.no_grad():
-        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-    newlines = newline_rows(model, inputs)
-    with vlmeff.patch(model, method="pool", keep=1) as h, Recorder(model.model) as rec:
-        logits(model, inputs)
-    given = rec.kwargs["mm_encoder_outputs"]["image"].pooler_output
+    packed, newlines, given, h = pooled_anyres(family, keep=1)
     for block, nl, got in zip(packed, newlines, given):
         free = torch.ones(block.shape[0], dtype=torch.bool)
         free[nl] = False
