@@ -130,6 +130,15 @@ def _score_layers_valid(value, ctx):
             and value[0] % ctx.depth <= value[1] % ctx.depth <= ctx.prune_layer)
 
 
+def score_layer_range(spec, reduce_layer, depth):
+    """The layers whose scores are summed for a checked `score_layers` value: [reduce_layer] for None, s ..
+    reduce_layer for an int s, start .. end for a pair (negative indices count from the end of the depth)."""
+    if spec is None:
+        return [reduce_layer]
+    start, end = (spec, reduce_layer) if _is_int(spec) else spec
+    return list(range(start % depth, end % depth + 1))
+
+
 def _score_layers_accepted(ctx):
     p = ctx.prune_layer
     return (f"None (score at layer {p}, where the tokens are reduced), a first layer index s <= {p} (scores of "

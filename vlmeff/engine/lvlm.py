@@ -28,6 +28,7 @@ import torch
 
 from ..flops import kv_cache_bytes, llm_prefill_flops
 from ..pruners import resolve_keep
+from ..registry import score_layer_range
 from . import prompt
 from .rows import reduce_rows
 
@@ -52,14 +53,9 @@ class PreLLMReduction:
         return self.options.get("reduce") == "merge" or self.method == "visionzip"
 
     def _score_layers(self, spec):
-        last = self.adapter.score_layer
         if SCORERS.get(self.method) is None:
             return []
-        if spec is None:
-            return [last]
-        start = spec if isinstance(spec, int) else spec[0]
-        end = last if isinstance(spec, int) else spec[1] % (len(self.adapter.tower.layers))
-        return list(range(start % len(self.adapter.tower.layers), end + 1))
+        return score_layer_range(spec, self.adapter.score_layer, len(self.adapter.tower.layers))
 
     # -- the wrappers ---------------------------------------------------------------------------------------------
     def install(self):

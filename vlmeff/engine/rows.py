@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..kernels import gather_merge
-from ..pruners import (contextual_merge, drop_tokens, merge_into_kept, pool_views, random_scores, resolve_keep,
-                       topk_keep_indices)
+from ..pruners import (contextual_merge, drop_tokens, gather_rows, merge_into_kept, pool_views, random_scores,
+                       resolve_keep, topk_keep_indices)
 from ..layout import layout_constant, slot_ranges
 from ..registry import contextual_count
 
@@ -178,10 +178,10 @@ def _visionzip(x, scores, metric, prot, free, k, options):
     if not every_row_free:                           # positions among the free rows -> rows; protected rows kept
         kept_rows, rest = free[kept_rows], free[rest]
         kept_rows = torch.cat([prot.expand(n, -1), kept_rows], dim=1).sort(dim=1).values
-    kept = _gather_rows(x, kept_rows)
+    kept = gather_rows(x, kept_rows)
     if contextual == 0:
         return kept, None, kept_rows
-    merged, step = contextual_merge(_gather_rows(x, rest), _gather_rows(metric, rest), contextual)
+    merged, step = contextual_merge(gather_rows(x, rest), gather_rows(metric, rest), contextual)
     targets = rest[:, :contextual * step:step]
     rows, order = torch.cat([kept_rows, targets], dim=1).sort(dim=1)
     out = torch.cat([kept, merged], dim=1)
@@ -200,11 +200,6 @@ def visionzip_counts(k, options, cls_slot=True):
     """
     c = contextual_count(options["contextual"], k)
     return k - c - (cls_slot and options["cls_token"] == "keep"), c
-
-
-def _gather_rows(t, rows):
-    """t [n, N, C] at rows [n, K] -> [n, K, C]."""
-    return t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1]))
 
 
 def _order_groups(group, num_groups):

@@ -1,14 +1,13 @@
 """Token reduction inside a vision transformer, through hooks and instance-level forward overrides.
 
-Sites: `cls`, `received`, `random` and `pool` reduce the tokens once, on the output of layer `layer`; `tome` merges r tokens
-between the attention and MLP branches of every layer. Prefix tokens ([CLS], registers) are never reduced.
+Sites: `cls`, `received`, `random` and `pool` reduce the tokens once, on the output of layer `layer`; `tome`
+merges r tokens between the attention and MLP branches of every layer. Prefix tokens ([CLS], registers) are never reduced.
 """
-import numbers
-
 import torch
 
 from ..pruners import resolve_keep
 from ..pruners.tome import tome_merge
+from ..registry import score_layer_range
 from .capture import QKCapture
 from .rows import reduce_rows
 
@@ -89,10 +88,7 @@ class ViTReduction:
     def _score_layers(self, spec):
         if self.method not in ("cls", "received"):
             return []
-        if spec is None:
-            return [self.layer]
-        start, end = (spec, self.layer) if isinstance(spec, numbers.Integral) else tuple(spec)
-        return list(range(start % self.depth, end % self.depth + 1))
+        return score_layer_range(spec, self.layer, self.depth)
 
     # -- installation -------------------------------------------------------------------------------------------
     def install(self):

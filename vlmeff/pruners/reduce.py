@@ -23,11 +23,15 @@ def reduce_by_assignment(x, dst, num_out, sizes=None, drops=True):
     return gather_merge(x, index, offsets, weight, validate=False)
 
 
+def gather_rows(t, rows):
+    """t [B, N, C] at rows [B, K] -> [B, K, C]: one gather."""
+    return t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1]))
+
+
 def drop_tokens(x, keep_idx, sizes=None):
     """Keep tokens keep_idx [B, K] of x [B, N, D], drop the rest: one gather (two with sizes), bit-exact.
     Returns (x' [B, K, D], sizes' [B, K], None when sizes is None: every kept token still stands for itself)."""
-    out = x.gather(1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
-    return out, None if sizes is None else sizes.gather(1, keep_idx)
+    return gather_rows(x, keep_idx), None if sizes is None else sizes.gather(1, keep_idx)
 
 
 def merge_into_kept(x, keep_idx, metric, sizes=None, targets=None, fixed=0):
