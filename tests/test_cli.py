@@ -12,11 +12,12 @@ from vlmeff.zoo import build  # noqa: E402
 
 @pytest.fixture(scope="module")
 def untrained_weights(tmp_path_factory):
-    """A weights folder holding an untrained tiny-llava-evqa (the showcase only needs the model's shapes)."""
+    """A weights folder holding untrained tiny-llava-evqa and tiny-llava-scenes (the showcase only needs the shapes)."""
     weights = tmp_path_factory.mktemp("weights")
-    model, processor = build.build_llava()
-    model.save_pretrained(weights / "tiny-llava-evqa")
-    processor.save_pretrained(weights / "tiny-llava-evqa")
+    for name, data in (("tiny-llava-evqa", "easyvqa"), ("tiny-llava-scenes", "scenes")):
+        model, processor = build.build_llava(dataset=data)
+        model.save_pretrained(weights / name)
+        processor.save_pretrained(weights / name)
     return weights
 
 
@@ -94,11 +95,28 @@ def test_showcase_says_which_subset_it_measured(showcase):
                                              f"accuracy table)")
 
 
+def test_showcase_on_scenes_reports_every_question_kind(tmp_path, showcase):
+    out = showcase("--model", "tiny-llava-scenes", "--limit", 24, "--batch-size", 8, "--methods", "random",
+                   "--budgets", 0.0625, "--out", tmp_path / "scenes")
+    total = len(zoo.vqa_split("scenes", "test")[1])
+    assert out.splitlines()[0].startswith(f"tiny-llava-scenes on the first 24 of {total} scenes test questions")
+    rows = json.loads((tmp_path / "scenes" / "showcase.json").read_text())
+    _, questions = zoo.vqa_split("scenes", "test")
+    kinds = sorted({kind for *_, kind in questions[:24]})
+    assert kinds == ["attribute", "count", "existence", "relation"]
+    assert [sorted(r["by_kind"]) for r in rows] == [kinds, kinds]
+    assert [r["visual_tokens"] for r in rows] == [None, 16]
+    for r in rows:  # the overall accuracy is the question-weighted mean of the kinds
+        n = {k: sum(q[3] == k for q in questions[:24]) for k in kinds}
+        assert r["accuracy"] == pytest.approx(sum(r["by_kind"][k] * n[k] for k in kinds) / 24)
+        assert "attribute " in out and "relation " in out
+
+
 def test_every_showcase_option_has_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["showcase", "--help"])
     text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
-    assert "--model {tiny-llava-evqa,tiny-llava-moe-evqa} embedded VLM to evaluate (default: tiny-llava-evqa)" in text
+    assert "--model {tiny-llava-evqa,tiny-llava-moe-evqa,tiny-llava-scenes} embedded VLM to evaluate (default: tiny-llava-evqa)" in text
     assert "--batch-size BATCH_SIZE questions per padded generate call (default: 64)" in text
     showcase_parser = cli.build_parser()._subparsers._group_actions[0].choices["showcase"]
     assert [a.dest for a in showcase_parser._actions if not a.help] == []

@@ -41,8 +41,8 @@ def inputs(processor, images, qa):
 
 
 def test_names_and_unknown_name():
-    assert zoo.names() == ["tiny-llava-evqa", "tiny-llava-moe-evqa", "tiny-vit-evqa"]
-    with pytest.raises(ValueError, match="tiny-llava-evqa, tiny-llava-moe-evqa, tiny-vit-evqa"):
+    assert zoo.names() == ["tiny-llava-evqa", "tiny-llava-moe-evqa", "tiny-vit-evqa", "tiny-llava-scenes"]
+    with pytest.raises(ValueError, match="tiny-llava-evqa, tiny-llava-moe-evqa, tiny-vit-evqa, tiny-llava-scenes"):
         zoo.load("tiny-llava")
 
 

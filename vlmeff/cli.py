@@ -2,6 +2,7 @@
 
     vlmeff methods                      # the method registry
     vlmeff showcase                     # easy-VQA accuracy and time of tiny-llava-evqa, unpatched vs patched
+    vlmeff showcase --model tiny-llava-scenes   # the same on multi-object scenes, per question kind
 """
 import argparse
 import ast
@@ -43,31 +44,34 @@ def cmd_methods(args):
 
 
 def evaluate_vqa(model, processor, records, images, batch_size, desc):
-    """Exact-match accuracy of generated answers over (image_id, question, answer) records, and seconds."""
+    """Exact match of generated answers over (image_id, question, answer, kind) records
+    -> (accuracy, {kind: accuracy}, seconds)."""
     from .zoo import ask
-    hits, start = 0, time.perf_counter()
+    right, start = [], time.perf_counter()
     for b in tqdm(range(0, len(records), batch_size), desc=desc, leave=False):
         chunk = records[b:b + batch_size]
-        answers = ask(model, processor, [images[i] for i, _, _ in chunk], [q for _, q, _ in chunk])
-        hits += sum(p == a for p, (_, _, a) in zip(answers, chunk))
-    return hits / max(len(records), 1), time.perf_counter() - start
+        answers = ask(model, processor, [images[i] for i, *_ in chunk], [q for _, q, _, _ in chunk])
+        right += [p == a for p, (_, _, a, _) in zip(answers, chunk)]
+    seconds = time.perf_counter() - start
+    by_kind = {}
+    for (*_, kind), ok in zip(records, right):
+        by_kind.setdefault(kind, []).append(ok)
+    return sum(right) / max(len(records), 1), {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}, seconds
 
 
 def cmd_showcase(args):
-    from .data import easyvqa
-    from .zoo import load
+    from .zoo import dataset, load, vqa_split
 
     torch.manual_seed(0)
     model, processor = load(args.model)
-    questions, answers, image_ids = easyvqa.questions("test")
-    records = list(zip(image_ids, questions, answers))
-    records = records[:args.limit] if args.limit else records
-    images = easyvqa.load_images("test")
+    data = dataset(args.model)
+    images, all_records = vqa_split(data, "test")
+    records = all_records[:args.limit] if args.limit else all_records
     runs = [("unpatched", None, {})] + [(spec, keep, parse_method(spec)) for spec in args.methods for keep in args.budgets]
     out = Path(args.out) if args.out else None
     done = {} if args.overwrite else load_previous(out, args.model, len(records))
     rows = []
-    print(f"{args.model} on {subset_line(len(records), len(questions))}")
+    print(f"{args.model} on {subset_line(len(records), len(all_records), data)}")
     print(f"batch {args.batch_size}, {torch.get_num_threads()} CPU threads")
     reused = [(label, keep) for label, keep, _ in runs if (label, keep) in done]
     if reused:
@@ -81,11 +85,12 @@ def cmd_showcase(args):
             continue
         patch = vlmeff.patch(model, method=parsed[0], keep=keep, **parsed[1]) if keep else contextlib.nullcontext()
         with patch as handle:
-            accuracy, seconds = evaluate_vqa(model, processor, records, images, args.batch_size, f"{label} {keep or ''}")
+            accuracy, by_kind, seconds = evaluate_vqa(model, processor, records, images, args.batch_size,
+                                                      f"{label} {keep or ''}")
         stats = handle.stats if handle is not None else {}
         tokens = stats.get("visual_tokens", {}).get("before LLM", [None])[0] if stats else None
         flops = stats["prefill_flops"] / stats["prefill_flops_unpatched"] if stats else 1.0
-        row = dict(model=args.model, method=label, keep=keep, visual_tokens=tokens, accuracy=accuracy,
+        row = dict(model=args.model, method=label, keep=keep, visual_tokens=tokens, accuracy=accuracy, by_kind=by_kind,
                    n=len(records), ms_per_question=1e3 * seconds / len(records), flops_ratio=flops)
         row["speedup"] = rows[0]["ms_per_question"] / row["ms_per_question"] if rows else 1.0
         rows.append(row)
@@ -98,11 +103,15 @@ def cmd_showcase(args):
         print(f"wrote {out / 'showcase.json'} and {out / 'showcase.png'}")
 
 
-def subset_line(n, total):
+DATASET_NAMES = {"easyvqa": "easy-VQA", "scenes": "scenes"}
+
+
+def subset_line(n, total, data="easyvqa"):
     """Which questions a showcase measures: README's accuracy table is the full split, the default run is not."""
+    name = DATASET_NAMES[data]
     if n >= total:
-        return f"all {total} easy-VQA test questions (the full split, as README's accuracy table)"
-    return (f"the first {n} of {total} easy-VQA test questions (--limit {n}); README's accuracy table is the full "
+        return f"all {total} {name} test questions (the full split, as README's accuracy table)"
+    return (f"the first {n} of {total} {name} test questions (--limit {n}); README's accuracy table is the full "
             f"split (--limit 0), so its figures differ from these")
 
 
@@ -126,24 +135,31 @@ def load_previous(out, model, n):
 
 
 def print_row(row, loaded=False):
+    kinds = "  " + " ".join(f"{k} {v:.3f}" for k, v in row.get("by_kind", {}).items())
     print(f"{row['method']:22s} {row['keep'] or '-':>7} {row['visual_tokens'] or 'all':>13} {row['accuracy']:9.4f} "
-          f"{row['ms_per_question']:12.2f} {row['speedup']:8.2f} {row['flops_ratio']:10.2f}" + ("  (loaded)" * loaded))
+          f"{row['ms_per_question']:12.2f} {row['speedup']:8.2f} {row['flops_ratio']:10.2f}" + kinds
+          + ("  (loaded)" * loaded))
 
 
 def plot_accuracy(rows, path, title):
-    """Accuracy against visual tokens kept, one line per method, the unpatched model as a dashed line."""
+    """Accuracy against visual tokens kept, one line per method, the unpatched model as a dashed line: one panel
+    for all questions, then one per question kind."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.axhline(rows[0]["accuracy"], ls="--", color="gray", label="unpatched")
-    for method in dict.fromkeys(r["method"] for r in rows[1:]):
-        points = sorted((r["visual_tokens"], r["accuracy"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*points), marker="o", label=method)
-    ax.set(xscale="log", xlabel="visual tokens per image", ylabel="easy-VQA accuracy", title=title)
-    ax.legend()
+    panels = [("all questions", lambda r: r["accuracy"])] + [
+        (kind, lambda r, kind=kind: r["by_kind"][kind]) for kind in rows[0].get("by_kind", {})]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (name, accuracy) in zip(axes[0], panels):
+        ax.axhline(accuracy(rows[0]), ls="--", color="gray", label="unpatched")
+        for method in dict.fromkeys(r["method"] for r in rows[1:]):
+            points = sorted((r["visual_tokens"], accuracy(r)) for r in rows if r["method"] == method)
+            ax.plot(*zip(*points), marker="o", label=method)
+        ax.set(xscale="log", xlabel="visual tokens per image", ylabel="accuracy", title=name)
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def int_at_least(minimum):
@@ -161,7 +177,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="vlmeff", description="Training-free visual-token reduction")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list the methods").set_defaults(run=cmd_methods)
-    show = sub.add_parser("showcase", help="easy-VQA accuracy and time of an embedded VLM, unpatched vs patched")
+    show = sub.add_parser("showcase", help="accuracy (per question kind) and time of an embedded VLM on the test split "
+                                           "of its dataset (easy-VQA or scenes), unpatched vs patched")
     show.add_argument("--model", default="tiny-llava-evqa", choices=SHOWCASE_MODELS,
                       help="embedded VLM to evaluate (default: %(default)s)")
     show.add_argument("--methods", nargs="+", default=["cls", "random", "pool"],
@@ -169,8 +186,8 @@ def build_parser():
     show.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.125, 0.0625],
                       help="keep ratios, one run per method and budget (default: %(default)s)")
     show.add_argument("--limit", type=int_at_least(0), default=1000,
-                      help="the first N test questions (default: %(default)s); 0: all 9,673, the full split that "
-                           "README's accuracy table measures")
+                      help="the first N test questions (default: %(default)s); 0: all of them (easy-VQA 9,673, "
+                           "scenes 7,876), the full split that README's accuracy tables measure")
     show.add_argument("--batch-size", type=int_at_least(1), default=64,
                       help="questions per padded generate call (default: %(default)s); the time per question "
                            "depends on it")

@@ -1,8 +1,11 @@
-"""Embedded models: tiny VLMs and a tiny ViT trained on easy-VQA, shipped in vlmeff/zoo/weights/<name> (see docs/zoo.md).
+"""Embedded models: tiny VLMs and a tiny ViT trained offline here, shipped in vlmeff/zoo/weights/<name> (docs/zoo.md).
 
     model, processor = vlmeff.zoo.load("tiny-llava-evqa")        # LlavaForConditionalGeneration, LlavaProcessor
     model, processor = vlmeff.zoo.load("tiny-llava-moe-evqa")    # same, Qwen3-MoE LM (8 experts, top-2)
     vit, preprocess = vlmeff.zoo.load("tiny-vit-evqa")           # timm VisionTransformer, ViTPreprocess
+    model, processor = vlmeff.zoo.load("tiny-llava-scenes")      # LLaVA with an 8-layer LM, multi-object scenes
+
+The first three are trained on easy-VQA, `tiny-llava-scenes` on `vlmeff.data.scenes`; `dataset(name)` says which.
 """
 from __future__ import annotations
 
@@ -14,17 +17,26 @@ import torch
 from tqdm import tqdm
 
 WEIGHTS = Path(__file__).parent / "weights"
-_NAMES = ("tiny-llava-evqa", "tiny-llava-moe-evqa", "tiny-vit-evqa")
+_NAMES = ("tiny-llava-evqa", "tiny-llava-moe-evqa", "tiny-vit-evqa", "tiny-llava-scenes")
 
 
 def names() -> list[str]:
     return list(_NAMES)
 
 
-def _path(name: str, weights_dir: str | Path | None) -> Path:
+def _check_name(name: str) -> str:
     if name not in _NAMES:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(_NAMES)}")
-    path = Path(weights_dir or WEIGHTS) / name
+    return name
+
+
+def dataset(name: str) -> str:
+    """The dataset an embedded model was trained on and is evaluated on: "easyvqa" or "scenes"."""
+    return "scenes" if _check_name(name).endswith("-scenes") else "easyvqa"
+
+
+def _path(name: str, weights_dir: str | Path | None) -> Path:
+    path = Path(weights_dir or WEIGHTS) / _check_name(name)
     if not path.is_dir():
         raise FileNotFoundError(f"no weights for {name!r} in {path}; train them with python -m vlmeff.zoo.train")
     return path
@@ -54,16 +66,31 @@ def load(name: str, device: str | torch.device = "cpu", weights_dir: str | Path 
     return model.to(device).eval(), LlavaProcessor.from_pretrained(path)
 
 
-def _split(split: str):
-    """(images: id -> PIL, [(image_id, question, answer)]) for "test", "train" or "val" (held-out train images)."""
-    from vlmeff.data import easyvqa
-
+def _check_split(split: str) -> str:
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; valid: 'train', 'val', 'test'")
+    return split
+
+
+def vqa_split(data: str, split: str = "test") -> tuple[dict, list[tuple[int, str, str, str]]]:
+    """(images: id -> PIL, [(image_id, question, answer, kind)]) of "easyvqa" or "scenes".
+
+    split "train", "val" or "test". easy-VQA "val" = the 400 train images held out from training; its kinds are
+    "shape", "color" and "yes/no" (by answer). Scenes: the split of `vlmeff.data.scenes`, kinds as it defines them.
+    """
+    _check_split(split)
+    if data == "scenes":
+        from vlmeff.data import scenes
+
+        images, questions = scenes.load_split(split)
+        return {k: sc.render() for k, sc in enumerate(images)}, [(q.image_id, q.question, q.answer, q.kind) for q in questions]
+    from vlmeff.data import easyvqa
+
     src = "test" if split == "test" else "train"
-    keep = easyvqa.validation_ids() if split == "val" else None
-    qa = [(i, q, a) for q, a, i in zip(*easyvqa.questions(src)) if keep is None or i in keep]
-    return easyvqa.load_images(src), qa, easyvqa.image_labels(src)
+    held_out = easyvqa.validation_ids() if src == "train" else set()
+    kind = lambda a: "yes/no" if a in ("yes", "no") else "shape" if a in easyvqa.SHAPES else "color"  # noqa: E731
+    qa = [(i, q, a, kind(a)) for q, a, i in zip(*easyvqa.questions(src)) if (i in held_out) == (split == "val")]
+    return easyvqa.load_images(src), qa
 
 
 def ask(model, processor, images: list, questions: list[str], max_new_tokens: int = 3) -> list[str]:
@@ -78,28 +105,34 @@ def ask(model, processor, images: list, questions: list[str], max_new_tokens: in
 
 def evaluate(name: str, split: str = "test", limit: int | None = None, batch_size: int = 64,
              device: str = "cpu", weights_dir: str | Path | None = None) -> dict:
-    """Accuracy of an embedded model on easy-VQA -> dict(accuracy, n, seconds).
+    """Accuracy of an embedded model on the split of its dataset -> dict(accuracy, n, seconds, per_kind).
 
     VLMs: exact match of the greedy generated answer for every question of the split (the first `limit` if given),
-    batched with padding. ViT: top-1 shape x colour class on the split's images whose both labels are recoverable from
-    the questions (the first `limit` of them). split "val" = the 400 train images held out from training.
+    batched with padding; per_kind: kind -> (accuracy, n) (`vqa_split` names the kinds). ViT: top-1 shape x colour
+    class on the split's easy-VQA images whose both labels are recoverable from the questions (the first `limit`).
     """
     model, proc = load(name, device, weights_dir)
-    images, qa, labels = _split(split)
-    t0, hits = time.time(), 0
+    images, qa = vqa_split(dataset(name), split)
+    t0, per_kind = time.time(), {}
     if name == "tiny-vit-evqa":
-        ids = [i for i in sorted({i for i, _, _ in qa}) if None not in labels[i]][:limit]
+        from vlmeff.data import easyvqa
+
+        labels = easyvqa.image_labels("test" if split == "test" else "train")
+        ids = [i for i in sorted({i for i, *_ in qa}) if None not in labels[i]][:limit]
+        hits = 0
         for b in tqdm(range(0, len(ids), batch_size), desc=f"eval {name} ({split})"):
             batch = ids[b : b + batch_size]
             with torch.no_grad():
                 pred = model(proc([images[i] for i in batch]).to(device)).argmax(-1).tolist()
             hits += sum(proc.classes[p] == " ".join(labels[i][::-1]) for p, i in zip(pred, batch))
-        n = len(ids)
-    else:
-        qa = qa[:limit]
-        for b in tqdm(range(0, len(qa), batch_size), desc=f"eval {name} ({split})"):
-            batch = qa[b : b + batch_size]
-            answers = ask(model, proc, [images[i] for i, _, _ in batch], [q for _, q, _ in batch])
-            hits += sum(p == a for p, (_, _, a) in zip(answers, batch))
-        n = len(qa)
-    return dict(accuracy=hits / max(n, 1), n=n, seconds=round(time.time() - t0, 1))
+        return dict(accuracy=hits / max(len(ids), 1), n=len(ids), seconds=round(time.time() - t0, 1), per_kind={})
+    qa = qa[:limit]
+    right = []
+    for b in tqdm(range(0, len(qa), batch_size), desc=f"eval {name} ({split})"):
+        batch = qa[b : b + batch_size]
+        answers = ask(model, proc, [images[i] for i, *_ in batch], [q for _, q, _, _ in batch])
+        right += [p == a for p, (_, _, a, _) in zip(answers, batch)]
+    for (*_, kind), ok in zip(qa, right):
+        per_kind.setdefault(kind, []).append(ok)
+    return dict(accuracy=sum(right) / max(len(qa), 1), n=len(qa), seconds=round(time.time() - t0, 1),
+                per_kind={k: (sum(v) / len(v), len(v)) for k, v in sorted(per_kind.items())})

@@ -1,8 +1,10 @@
 """Configs, tokenizer and processor of the embedded models, built offline from code (no hub).
 
 VLMs: LLaVA = CLIP vision tower (64 px, patch 4 -> [CLS] + 256 patches, hidden 96, 4 layers) + 2-layer GELU MLP
-projector + a small causal LM (Llama, or Qwen3-MoE with 8 experts / top-2), tokenised with a word-level tokenizer over
-the easy-VQA vocabulary. The processor emits 256 <image> placeholders per image (the [CLS] row is dropped by LLaVA's
+projector + a small causal LM, tokenised with a word-level tokenizer over the dataset's vocabulary:
+    dataset "easyvqa": Llama with 2 layers, or Qwen3-MoE (8 experts / top-2) with 2 layers
+    dataset "scenes":  Llama with 8 layers, deep enough for in-LLM methods (FastV's K=2, PyramidDrop's stages)
+The processor emits 256 <image> placeholders per image (the [CLS] row is dropped by LLaVA's
 "default" feature selection).
 
 Prompt format (the processor's chat template):
@@ -27,8 +29,9 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from vlmeff.data import easyvqa
+from vlmeff.data import easyvqa, scenes
 
+DATASETS = ("easyvqa", "scenes")
 IMAGE_SIZE, PATCH = 64, 4
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|user|>", "<|assistant|>"]
 
@@ -41,15 +44,26 @@ CHAT_TEMPLATE = (
 )
 
 
-def vocabulary() -> list[str]:
-    """Special tokens, then every word of the easy-VQA train questions and answers (lowercased, '?' split off)."""
+def _check_dataset(dataset: str) -> str:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(map(repr, DATASETS))}")
+    return dataset
+
+
+def vocabulary(dataset: str = "easyvqa") -> list[str]:
+    """Special tokens, then every word of the dataset's questions and answers (lowercased, '?' split off).
+
+    easyvqa: the words of the train questions and answers; scenes: every word its templates can produce.
+    """
+    if _check_dataset(dataset) == "scenes":
+        return SPECIAL_TOKENS + scenes.question_words()
     qs, ans, _ = easyvqa.questions("train")
     return SPECIAL_TOKENS + sorted({w for t in qs + ans + easyvqa.answers() for w in easyvqa.words(t)})
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(dataset: str = "easyvqa") -> PreTrainedTokenizerFast:
     """Word-level tokenizer (lowercases, splits punctuation), padding on the left for batched generation."""
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = {w: i for i, w in enumerate(vocabulary(dataset))}
     tk = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ | [^\w\s]+, so "shape?" -> "shape", "?"
@@ -60,8 +74,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
-    tokenizer = tokenizer or build_tokenizer()
+def build_processor(tokenizer: PreTrainedTokenizerFast | None = None, dataset: str = "easyvqa") -> LlavaProcessor:
+    tokenizer = tokenizer or build_tokenizer(dataset)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
@@ -78,9 +92,9 @@ def vision_config() -> CLIPVisionConfig:
     )
 
 
-def text_config(tokenizer: PreTrainedTokenizerFast, moe: bool) -> LlamaConfig | Qwen3MoeConfig:
+def text_config(tokenizer: PreTrainedTokenizerFast, moe: bool, num_layers: int = 2) -> LlamaConfig | Qwen3MoeConfig:
     common = dict(
-        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
@@ -93,12 +107,15 @@ def text_config(tokenizer: PreTrainedTokenizerFast, moe: bool) -> LlamaConfig | 
     )
 
 
-def build_llava(moe: bool = False) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Randomly initialised tiny LLaVA (dense Llama or Qwen3-MoE LM) and its processor."""
-    processor = build_processor()
+def build_llava(moe: bool = False, dataset: str = "easyvqa") -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Randomly initialised tiny LLaVA (dense Llama or Qwen3-MoE LM) and its processor, for easyvqa or scenes."""
+    if moe and _check_dataset(dataset) != "easyvqa":
+        raise ValueError("the MoE LM is built for dataset 'easyvqa' only")
+    processor = build_processor(dataset=dataset)
     tok = processor.tokenizer
+    num_layers = 8 if dataset == "scenes" else 2
     cfg = LlavaConfig(
-        vision_config=vision_config(), text_config=text_config(tok, moe), image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_config=vision_config(), text_config=text_config(tok, moe, num_layers), image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
     )
     model = LlavaForConditionalGeneration(cfg)

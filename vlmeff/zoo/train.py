@@ -12,9 +12,15 @@ Stage 2 (LLaVA)   tower frozen, its layer -2 patch features computed once and ca
                   shape?", lag), then jumps to ~0.995; 2,400 steps leave a margin (curve in docs/zoo.md).
 ViT               the stage-1 objective on a timm ViT classifier.
 
-    python -m vlmeff.zoo.train --model all|tiny-llava-evqa|tiny-llava-moe-evqa|tiny-vit-evqa [--out DIR]
+tiny-llava-scenes (multi-object scenes, `vlmeff.data.scenes`; train images for training, val images for every
+choice) follows the same two stages. Its stage 1 starts from the easy-VQA tower of stage 1 and adds, to an image-level
+[CLS] objective (which colour + shape pairs occur, multi-label), a per-patch one on the layer -2 patch features LLaVA
+feeds the LM (which object class covers the patch, `Scene.patch_labels`): objects in a scene are small, and the LM
+needs patch features that say what each patch shows. Stage 2 is the easy-VQA stage 2 with an 8-layer LM.
 
-The stage-1 tower is kept in --work and reused by both VLMs (and by later runs with the same seed and steps).
+    python -m vlmeff.zoo.train --model all|tiny-llava-evqa|tiny-llava-moe-evqa|tiny-vit-evqa|tiny-llava-scenes [--out DIR]
+
+The stage-1 towers are kept in --work and reused (by both easy-VQA VLMs, and by later runs with the same seed and steps).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -32,11 +39,11 @@ from tqdm import tqdm
 from transformers import CLIPVisionModel
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-from vlmeff.data import easyvqa
+from vlmeff.data import easyvqa, scenes
 from vlmeff.zoo import build
 
 WEIGHTS = Path(__file__).parent / "weights"
-MODELS = ("tiny-llava-evqa", "tiny-llava-moe-evqa", "tiny-vit-evqa")
+MODELS = ("tiny-llava-evqa", "tiny-llava-moe-evqa", "tiny-vit-evqa", "tiny-llava-scenes")
 
 
 def seed_all(seed: int) -> None:
@@ -136,6 +143,76 @@ def stage1_tower(work: Path, steps: int, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def shipped_tower(name: str) -> dict[str, torch.Tensor]:
+    """The vision tower of an embedded VLM shipped in the package: its stage-1 tower, which stage 2 kept frozen."""
+    state = load_file(WEIGHTS / name / "model.safetensors")
+    prefix = "vision_tower."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def stage1_scenes_tower(work: Path, steps: int, seed: int, init_state: dict[str, torch.Tensor],
+                        batch: int = 64) -> dict[str, torch.Tensor]:
+    """Stage 1 for scenes: the tower, warm-started from init_state, learns which colour + shape pairs occur (BCE on
+    its [CLS] pooled output) and which object class covers each patch (cross-entropy on its layer -2 patch features).
+    Returns (tower state dict, presence head state dict), cached in work."""
+    path = work / f"stage1-scenes-tower-s{seed}-n{steps}.safetensors"
+    if path.exists():
+        return split_state(load_file(path))
+    seed_all(seed)
+    proc = build.build_processor(dataset="scenes").image_processor
+    data = {}
+    for split in ("train", "val"):
+        scs, _ = scenes.load_split(split)
+        data[split] = (proc([sc.render() for sc in tqdm(scs, desc=f"rendering {split} scenes")], return_tensors="pt")["pixel_values"],
+                       torch.from_numpy(np.stack([sc.presence() for sc in scs])).float(),
+                       torch.from_numpy(np.stack([sc.patch_labels(build.PATCH).reshape(-1) for sc in scs])))
+    tower = CLIPVisionModel(build.vision_config())
+    tower.load_state_dict(init_state)
+    hidden = tower.config.hidden_size
+    heads = torch.nn.ModuleDict(dict(presence=torch.nn.Linear(hidden, data["train"][1].shape[1]),
+                                     patch=torch.nn.Linear(hidden, scenes.N_OBJECT_CLASSES)))
+    net = torch.nn.ModuleDict(dict(tower=tower, heads=heads)).train()
+
+    def forward(x):
+        out = tower(pixel_values=x, output_hidden_states=True)
+        return heads["presence"](out.pooler_output), heads["patch"](out.hidden_states[-2][:, 1:])
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=0.05)
+    sched = schedule(opt, steps, warmup=30)
+    pixels, presence, labels = data["train"]
+    it, bar, t0 = batches(len(pixels), batch, g), tqdm(range(steps), desc="stage 1 (scenes tower)"), time.time()
+    for step in bar:
+        idx = next(it)
+        pres_logits, patch_logits = forward(pixels[idx])
+        loss = F.binary_cross_entropy_with_logits(pres_logits, presence[idx]) + F.cross_entropy(
+            patch_logits.flatten(0, 1), labels[idx].flatten())
+        optimize(opt, sched, loss)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            net.eval()
+            with torch.no_grad():
+                outs = [forward(x) for x in data["val"][0].split(256)]
+            net.train()
+            pres = torch.cat([o[0] for o in outs]) > 0
+            patch = torch.cat([o[1] for o in outs]).argmax(-1)
+            obj = data["val"][2] > 0
+            tqdm.write(f"stage 1 (scenes) step {step + 1}: loss {loss.item():.4f}, val presence exact "
+                       f"{(pres == data['val'][1].bool()).all(1).float().mean():.4f}, object-patch acc "
+                       f"{(patch[obj] == data['val'][2][obj]).float().mean():.4f}")
+    print(f"stage 1 (scenes): {time.time() - t0:.0f} s")
+    work.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in net.state_dict().items() if not k.startswith("heads.patch.")}
+    save_file(state, path)
+    return split_state(state)
+
+
+def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Stage-1 scenes checkpoint -> (tower state, presence head state)."""
+    part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+    return part("tower."), part("heads.presence.")
+
+
 def tower_features(model, pixel_values: torch.Tensor, batch: int = 128) -> torch.Tensor:
     """(N,3,64,64) -> (N,256,D) frozen-tower features exactly as LLaVA selects them (layer -2, [CLS] dropped)."""
     cfg, tower = model.config, model.model.vision_tower
@@ -199,44 +276,87 @@ def lm_forward(model, feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
     return out.last_hidden_state, getattr(out, "router_logits", None)
 
 
-def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch: int = 16) -> None:
-    """Stage 2: trains projector + LM on cached frozen-tower features, saves model + processor to out/name."""
-    seed_all(seed)
-    moe = "moe" in name
-    model, processor = build.build_llava(moe=moe)
-    model.model.vision_tower.load_state_dict(tower_state)
-    model.model.vision_tower.requires_grad_(False)
-    n_img = (processor.image_processor.crop_size["height"] // processor.patch_size) ** 2
-    pad_id = processor.tokenizer.pad_token_id
+def easyvqa_stage2_data() -> tuple[list, list[list[tuple[str, str]]], int]:
+    """(images, QA pairs per image, number of training images): training images first, then the held-out ones."""
     tr, va = split_ids()
     images = easyvqa.load_images("train")
-    pixels = processor.image_processor([images[i] for i in tr + va], return_tensors="pt")["pixel_values"]
-    feats = tower_features(model, pixels)  # (N,256,D), rows in tr + va order
     qa = {i: [] for i in tr + va}
     for q, a, i in zip(*easyvqa.questions("train")):
         qa[i].append((q, a))
-    packs = encode_packs(processor, [qa[i] for i in tr + va], n_img)  # one pack per image, all its questions
+    return [images[i] for i in tr + va], [qa[i] for i in tr + va], len(tr)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+def scenes_stage2_data() -> tuple[list, list[list[tuple[str, str]]], int]:
+    """Same for scenes: the train split, then the val split."""
+    images, qa = [], []
+    for split in ("train", "val"):
+        scs, questions = scenes.load_split(split)
+        per_image = [[] for _ in scs]
+        for q in questions:
+            per_image[q.image_id].append((q.question, q.answer))
+        images += [sc.render() for sc in tqdm(scs, desc=f"rendering {split} scenes")]
+        qa += per_image
+    return images, qa, scenes.SPLIT_SIZES["train"]
+
+
+def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch: int = 16,
+                 tower_lr: float = 0.0, presence_head: dict[str, torch.Tensor] | None = None) -> None:
+    """Stage 2: trains projector + LM, saves model + processor to out/name.
+
+    tower_lr 0: the tower stays frozen and its features are cached once (easy-VQA). tower_lr > 0: the tower is tuned
+    along at that learning rate (its features computed per batch), and, given the stage-1 presence_head, keeps the
+    stage-1 [CLS] objective as an added loss, so that [CLS] attention keeps its meaning (scenes).
+    """
+    seed_all(seed)
+    moe, dataset = "moe" in name, ("scenes" if "scenes" in name else "easyvqa")
+    model, processor = build.build_llava(moe=moe, dataset=dataset)
+    tower = model.model.vision_tower
+    tower.load_state_dict(tower_state)
+    tower.requires_grad_(tower_lr > 0)
+    n_img = (processor.image_processor.crop_size["height"] // processor.patch_size) ** 2
+    pad_id = processor.tokenizer.pad_token_id
+    images, qa, n_train = scenes_stage2_data() if dataset == "scenes" else easyvqa_stage2_data()
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    feats = None if tower_lr > 0 else tower_features(model, pixels)  # (N,256,D), training images first
+    packs = encode_packs(processor, qa, n_img)  # one pack per image, all its questions
+    head = presence = None
+    if presence_head is not None:
+        head = torch.nn.Linear(*presence_head["weight"].shape[::-1])
+        head.load_state_dict(presence_head)
+        presence = torch.from_numpy(np.stack([sc.presence() for split in ("train", "val")
+                                              for sc in scenes.load_split(split)[0]])).float()
+
+    lm_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("model.vision_tower.")]
+    groups = [dict(params=lm_params, lr=1e-3)]
+    if tower_lr > 0:
+        groups.append(dict(params=list(tower.parameters()) + list(head.parameters() if head else []), lr=tower_lr))
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
     sched = schedule(opt, steps, warmup=50)
     cfg = model.config.text_config
     g = torch.Generator().manual_seed(seed)
-    it, bar, t0 = batches(len(tr), batch, g), tqdm(range(steps), desc=f"stage 2 ({name})"), time.time()
+    it, bar, t0 = batches(n_train, batch, g), tqdm(range(steps), desc=f"stage 2 ({name})"), time.time()
     model.train()
     for step in bar:
         idx = next(it).tolist()
         ids, pos, seg, ans = collate([packs[r] for r in idx], pad_id)
         tgt = ans[:, 1:]  # token t+1 is predicted at t
-        h, rl = lm_forward(model, feats[idx], ids, packed_mask(seg), pos, router_logits=moe)
+        if feats is None:
+            seen = tower(pixel_values=pixels[idx], output_hidden_states=True)
+            batch_feats = seen.hidden_states[model.config.vision_feature_layer][:, 1:]
+        else:
+            batch_feats = feats[idx]
+        h, rl = lm_forward(model, batch_feats, ids, packed_mask(seg), pos, router_logits=moe)
         loss = F.cross_entropy(model.lm_head(h[:, :-1][tgt]), ids[:, 1:][tgt])
         if moe:
             aux = load_balancing_loss_func(rl, cfg.num_experts, cfg.num_experts_per_tok, (seg >= 0).long())
             loss = loss + cfg.router_aux_loss_coef * aux
+        if head is not None:
+            loss = loss + F.binary_cross_entropy_with_logits(head(seen.pooler_output), presence[idx])
         optimize(opt, sched, loss)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 200 == 0 or step + 1 == steps:
-            acc, n = answer_accuracy(model, feats, packs, range(len(tr), len(tr) + len(va)), pad_id)
+            val_feats = tower_features(model, pixels[n_train:]) if feats is None else feats[n_train:]
+            acc, n = answer_accuracy(model, val_feats, packs[n_train:], range(len(packs) - n_train), pad_id)
             tqdm.write(f"stage 2 ({name}) step {step + 1}: loss {loss.item():.4f}, val answer acc {acc:.4f} (n={n})")
     print(f"stage 2 ({name}): {time.time() - t0:.0f} s")
     save(model.eval(), processor, out / name)
@@ -299,6 +419,9 @@ def main(argv=None) -> None:
     p.add_argument("--stage2-steps", type=int, default=2400,
                    help="held-out answer accuracy jumps from < 0.95 to ~0.995 after 1,000-1,400 steps")
     p.add_argument("--vit-steps", type=int, default=600)
+    p.add_argument("--scenes-stage1-steps", type=int, default=400)
+    p.add_argument("--scenes-stage2-steps", type=int, default=3000)
+    p.add_argument("--scenes-tower-lr", type=float, default=2e-4, help="0 keeps the tower frozen in stage 2")
     p.add_argument("--threads", type=int, help="torch CPU threads; 1 is much faster on a CPU shared with other jobs")
     a = p.parse_args(argv)
     if a.threads:
@@ -307,6 +430,9 @@ def main(argv=None) -> None:
     for name in names:
         if name == "tiny-vit-evqa":
             train_vit(a.out, a.vit_steps, a.seed)
+        elif name == "tiny-llava-scenes":
+            tower, head = stage1_scenes_tower(a.work, a.scenes_stage1_steps, a.seed, shipped_tower("tiny-llava-evqa"))
+            stage2_llava(name, tower, a.out, a.scenes_stage2_steps, a.seed, tower_lr=a.scenes_tower_lr, presence_head=head)
         else:
             stage2_llava(name, stage1_tower(a.work, a.stage1_steps, a.seed), a.out, a.stage2_steps, a.seed)
 

@@ -1,0 +1,108 @@
+"""The scenes pieces of the embedded-model recipe (vlmeff.zoo.train) and tiny-llava-scenes itself."""
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from vlmeff import zoo
+from vlmeff.data import scenes
+from vlmeff.zoo import build, train
+
+# (test image id, question, answer) of the scenes test split, one or two per kind; the shipped model answers them
+QUESTIONS = [
+    (0, "what size is the yellow square ?", "large"),
+    (0, "is there a black circle ?", "no"),
+    (1, "how many black shapes are there ?", "2"),
+    (2, "what color is the shape right of the large circle ?", "green"),
+]
+
+
+@pytest.fixture
+def small_splits(monkeypatch):
+    """Scenes splits of 32 train and 8 val images, so the recipe runs in seconds."""
+    monkeypatch.setitem(scenes.SPLIT_SIZES, "train", 32)
+    monkeypatch.setitem(scenes.SPLIT_SIZES, "val", 8)
+
+
+def test_scenes_vocabulary_and_model_shape():
+    model, processor = build.build_llava(dataset="scenes")
+    tok = processor.tokenizer
+    _, questions = scenes.load_split("test", 50)
+    for q in questions:  # every word is a known token: nothing becomes <unk>
+        assert tok.unk_token_id not in tok(q.question + " " + q.answer, add_special_tokens=False)["input_ids"]
+    assert model.config.text_config.num_hidden_layers == 8
+    assert (model.config.vision_feature_layer, model.config.vision_feature_select_strategy) == (-2, "default")
+    with pytest.raises(ValueError, match="'easyvqa', 'scenes'"):
+        build.build_llava(dataset="gqa")
+    with pytest.raises(ValueError, match="MoE"):
+        build.build_llava(moe=True, dataset="scenes")
+
+
+def test_stage1_scenes_tower_learns_and_caches(tmp_path, small_splits):
+    init = train.shipped_tower("tiny-llava-evqa")
+    tower, head = train.stage1_scenes_tower(tmp_path, steps=3, seed=0, init_state=init, batch=8)
+    assert tower.keys() == init.keys()
+    assert any(not torch.equal(tower[k], init[k]) for k in init)  # the warm start was trained on
+    assert head["weight"].shape == (len(scenes.SHAPES) * len(scenes.COLORS), 96)
+    again = train.stage1_scenes_tower(tmp_path, steps=3, seed=0, init_state={}, batch=8)  # from the cache
+    assert all(torch.equal(again[0][k], tower[k]) for k in tower)
+    assert all(torch.equal(again[1][k], head[k]) for k in head)
+
+
+@pytest.mark.parametrize("tower_lr", [0.0, 1e-3])
+def test_stage2_tunes_the_tower_only_when_asked(tmp_path, small_splits, tower_lr):
+    tower, head = train.stage1_scenes_tower(tmp_path / "work", steps=1, seed=0,
+                                            init_state=train.shipped_tower("tiny-llava-evqa"), batch=8)
+    train.stage2_llava("tiny-llava-scenes", tower, tmp_path, steps=2, seed=0, batch=4, tower_lr=tower_lr,
+                       presence_head=head if tower_lr else None)
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "tiny-llava-scenes")
+    saved = model.model.vision_tower.state_dict()
+    unchanged = [torch.equal(saved[k], tower[k]) for k in tower]
+    assert all(unchanged) if tower_lr == 0 else not all(unchanged)
+    assert zoo.evaluate("tiny-llava-scenes", split="val", limit=4, weights_dir=tmp_path)["n"] == 4
+
+
+def test_scenes_packs_equal_one_turn_prompts():
+    """The packing of stage 2 on the 8-layer scenes LM: every packed QA pair's logits equal its one-turn prompt's."""
+    torch.manual_seed(0)
+    model, processor = build.build_llava(dataset="scenes")
+    scs, questions = scenes.load_split("val", 2)
+    packs = [[(q.question, q.answer) for q in questions if q.image_id == k] for k in range(2)]
+    enc = train.encode_packs(processor, packs, 256)
+    tokens, pos, seg, _ = train.collate(enc, processor.tokenizer.pad_token_id)
+    pixels = processor.image_processor([sc.render() for sc in scs], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden, _ = train.lm_forward(model, train.tower_features(model, pixels), tokens, train.packed_mask(seg), pos)
+        packed = model.lm_head(hidden)
+    n_prefix = int((seg[0] == 0).sum())
+    for b, pack in enumerate(packs):
+        for k, (q, a) in enumerate(pack):
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+                    {"role": "assistant", "content": a}]
+            x = processor(images=[scs[b].render()], text=processor.apply_chat_template([msgs]), return_tensors="pt")
+            with torch.no_grad():
+                alone = model(**x).logits[0]
+            assert torch.allclose(packed[b, seg[b] == k + 1], alone[n_prefix:], atol=1e-4)
+
+
+def test_vqa_split_kinds():
+    images, records = zoo.vqa_split("scenes", "test")
+    assert len(images) == scenes.SPLIT_SIZES["test"]
+    assert {kind for *_, kind in records} == set(scenes.KINDS)
+    _, easy = zoo.vqa_split("easyvqa", "val")
+    assert {kind for *_, kind in easy} == {"shape", "color", "yes/no"}
+    with pytest.raises(ValueError, match="'train', 'val', 'test'"):
+        zoo.vqa_split("scenes", "dev")
+
+
+@pytest.mark.skipif(not (zoo.WEIGHTS / "tiny-llava-scenes").is_dir(), reason="tiny-llava-scenes not trained yet")
+def test_shipped_scenes_model_answers():
+    model, processor = zoo.load("tiny-llava-scenes")
+    assert model.config.text_config.num_hidden_layers >= 8
+    images, records = zoo.vqa_split("scenes", "test")
+    assert [r[:3] for r in records if r[:3] in QUESTIONS] == QUESTIONS  # the fixed questions are in the split
+    assert zoo.ask(model, processor, [images[i] for i, *_ in QUESTIONS], [q for _, q, _ in QUESTIONS]) == \
+        [a for *_, a in QUESTIONS]
+    # the first 128 test questions; docs/zoo.md has the full split, per kind
+    sample = records[:128]
+    predicted = zoo.ask(model, processor, [images[i] for i, *_ in sample], [q for _, q, _, _ in sample])
+    assert sum(p == a for p, (_, _, a, _) in zip(predicted, sample)) / len(sample) >= 0.85
