@@ -1,0 +1,14 @@
+"""Evaluation on VQA benchmarks: accuracy and measured cost of an LVLM, unpatched or patched.
+
+    from vlmeff.eval import evaluate
+    results = evaluate("tiny-llava-evqa", "easyvqa", method="cls", keep=64, limit=256, out="runs/cls64")
+    results["metrics"], results["efficiency"]
+
+`tasks`: the task specs and LLaVA-1.5's prompt formats; `sources`: the datasets they read; `runner`: the batched,
+resumable loop; `rundir`: its output folder; `efficiency`: what is measured and how; `metrics`: the scores.
+"""
+from .runner import evaluate, load_model
+from .sources import load_examples
+from .tasks import TASKS, Example, Task, get_task
+
+__all__ = ["TASKS", "Example", "Task", "evaluate", "get_task", "load_examples", "load_model"]
