@@ -31,6 +31,7 @@ def tiny():
     """(model, processor): eager attention, so that torch's FlopCounterMode sees the attention matmuls."""
     torch.manual_seed(0)
     tokenizer = build.build_tokenizer()
+    tokenizer.padding_side = "right"            # the runner pads on the left whatever the tokenizer's default
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         tokenizer=tokenizer, patch_size=8, chat_template=build.CHAT_TEMPLATE,
@@ -181,6 +182,19 @@ def test_every_task_runs_end_to_end(task, tiny, fixtures, tmp_path):
     assert results["config"]["data"] == str(fixtures[task]) and results["config"]["split"] == TASKS[task].split
 
 
+def test_a_parquet_folder_loads_with_load_dataset(tiny, tmp_path, monkeypatch):
+    """A folder of split-named parquet files (what `load_dataset` opens, like a clone of a hub repository)."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    (tmp_path / "pope").mkdir()
+    datasets.Dataset.from_dict(rows_of("pope")).cast_column("image", datasets.Image()).to_parquet(
+        str(tmp_path / "pope" / "test.parquet"))
+    results = evaluate(tiny, "pope", data=tmp_path / "pope", batch_size=2, max_new_tokens=1, progress=False)
+    assert results["n"] == 5 and results["config"]["data"] == str(tmp_path / "pope")
+    with pytest.raises(ValueError, match=r"unknown split 'dev' of .*pope: Unknown split \"dev\". Should be one of "
+                                         r"\['test'\]"):
+        evaluate(tiny, "pope", data=tmp_path / "pope", split="dev")
+
+
 def test_a_model_loads_by_path(tiny, fixtures, tmp_path):
     model, processor = tiny
     model.save_pretrained(tmp_path / "model")
@@ -319,7 +333,8 @@ def test_per_example_counts_sum_to_the_patch_stats(tiny, fixtures):
     with vlmeff.patch(model, method="cls", keep=3) as handle:
         _, inputs = runner.generate_batch(model, processor, items, 1, BatchTimer("cpu"))
         counts = example_counts(inputs, [1, 1, 2], adapter.image_token_id, handle.stats, adapter.text_config, 4)
-    assert len(set(inputs["attention_mask"].sum(1).tolist())) == 3              # padded: three lengths
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) == 3              # padded: three lengths,
+    assert inputs["attention_mask"][:, -1].all()                                # on the left
     assert [c["visual_tokens"] for c in counts] == [3, 3, 6]
     assert [c["visual_tokens_unpatched"] for c in counts] == [16, 16, 32]
     for key in ("prefill_flops", "prefill_flops_unpatched", "kv_cache_bytes", "kv_cache_bytes_unpatched"):

@@ -5,9 +5,10 @@ Per example (deterministic, so a resumed run sums to the same totals):
   patched: `Patch.stats["visual_tokens"]["before LLM"]` (per image, summed over the example's images).
 - prompt tokens: the attended prompt length the LLM prefills (unpatched: the attention mask's sum; patched:
   minus the visual tokens the patch removed).
-- prefill FLOPs and KV-cache bytes of the prompt: `vlmeff.flops` on those lengths, the functions whose sums
-  over a batch `Patch.stats["prefill_flops"]` / `["kv_cache_bytes"]` and their `_unpatched` values are (tests
-  check the sums, and the FLOPs against `torch.utils.flop_counter`). LLM decoder layers only: 2 x MACs of the
+- prefill FLOPs and KV-cache bytes of the prompt: `vlmeff.flops` (`llm_prefill_flops`, `kv_cache_bytes`) of
+  those lengths, the functions behind `Patch.stats["prefill_flops"]` / `["kv_cache_bytes"]` and their
+  `_unpatched` values, which are their sums over a batch (tests check the sums, and the FLOPs against
+  `torch.utils.flop_counter`). LLM decoder layers only: 2 x MACs of the
   projections, attention and MLP, causal attention counted in full; norms, softmax, RoPE, the vision tower,
   the projector and the LM head are not counted. KV cache in the LLM's dtype, the prompt's only (not the
   generated tokens').
@@ -38,7 +39,8 @@ COUNTS = ("visual_tokens", "visual_tokens_unpatched", "prompt_tokens", "prompt_t
 class BatchTimer(BaseStreamer):
     """Timestamps of one `generate` call: `start()` just before it, then generate's own `put` of each new token
     (its first `put`, the prompt, is not a token). CUDA events on a GPU (read once, after the call), host time
-    otherwise."""
+    otherwise. generate copies each token to the host before its `put` (and reads the stop flag every step), so
+    a mark follows the token's computation on both."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
@@ -135,15 +137,15 @@ def summarize(lines, timings):
     summary["prefill_flops_ratio"] = summary["prefill_flops"] / max(summary["prefill_flops_unpatched"], 1)
     latest = list({t["batch"]: t for t in timings}.values())     # a batch computed twice: its last measurement
     decode = [t["decode_ms_per_token"] for t in latest if t["decode_ms_per_token"] is not None]
-    device = latest[-1]["device"] if latest else "cpu"
+    device = latest[-1]["device"] if latest else None
     summary["timing"] = {
         "device": device,
-        "timer": "CUDA events" if torch.device(device).type == "cuda" else "time.perf_counter",
+        "timer": device and ("CUDA events" if torch.device(device).type == "cuda" else "time.perf_counter"),
         "batches": len(latest),
         "prefill_ms": mean([t["prefill_ms"] for t in latest]),
         "decode_ms_per_token": mean(decode),
         "peak_memory_bytes": max((t["peak_memory_bytes"] for t in latest), default=None),
-        "peak_memory": peak_memory_source(device),
+        "peak_memory": device and peak_memory_source(device),
     }
     return summary
 

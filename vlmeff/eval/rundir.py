@@ -21,6 +21,9 @@ FILES = ("config.json", "predictions.jsonl", "timings.jsonl", "results.json")
 
 
 class RunFolder:
+    """The folder `path` of a run of `config` (a JSON-able dict), created if missing; FileExistsError if it
+    holds a finished result, another config's results or files without a config.json, unless overwrite."""
+
     def __init__(self, path, config, overwrite=False):
         self.path = Path(path)
         self.config = json.loads(json.dumps(config))      # as it reads back from config.json (tuples -> lists)

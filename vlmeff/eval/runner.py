@@ -38,11 +38,10 @@ def evaluate(model, task, method=None, keep=None, limit=None, out=None, batch_si
     `AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map=device_map)` and
     `AutoProcessor`; see `load_model`), or a loaded (model, processor) pair. task: a name of
     `vlmeff.eval.TASKS`; data: its dataset (hub name or local path, see `sources`; default the task's); split:
-    default the task's. method / keep /
-    method_options: as `vlmeff.patch` takes them (method None: unpatched). limit: the first N examples (None or
-    0: all); shard: (rank, world) to take every world-th of them from rank. max_new_tokens: default the task's.
-    out: the folder to save to and resume from (None: nothing saved); a folder holding a finished result or
-    another config's results is a FileExistsError unless overwrite=True.
+    default the task's. method / keep / method_options: as `vlmeff.patch` takes them (method None: unpatched).
+    limit: the first N examples (None or 0: all); shard: (rank, world) to take every world-th of them from
+    rank. max_new_tokens: default the task's. out: the folder to save to and resume from (None: nothing saved);
+    a folder holding a finished result or another config's results is a FileExistsError unless overwrite=True.
 
     Returns {"config", "n", "metrics" (metrics.score), "metrics_per_kind" (kind -> metrics, for tasks with
     kinds), "efficiency" (see `efficiency`: per-example means of visual tokens, prompt tokens, prefill FLOPs and
@@ -64,7 +63,8 @@ def evaluate(model, task, method=None, keep=None, limit=None, out=None, batch_si
                   desc=f"{spec.name} {method or 'unpatched'}", unit="q", disable=not progress) as bar:
             with patched(loaded, method, keep, method_options) as handle:
                 predict(loaded, processor, examples, pending, done, run, handle, config["max_new_tokens"], bar)
-    lines = [run.predictions()[i] for i in positions]
+    predictions = run.predictions()
+    lines = [predictions[i] for i in positions]
     results = {"config": config, "n": len(lines), **scores(spec.name, lines),
                "efficiency": summarize(lines, run.timings())}
     run.finish(results)
@@ -77,7 +77,7 @@ def check_run(spec, method, keep, data, dtype, limit, batch_size, shard):
         raise ValueError(f"keep={keep!r} needs a method; methods: {', '.join(m.name for m in api.methods())}")
     if method is not None:
         method_info(method)                    # the method's name; its options are checked against the model
-    if data is not None and spec.example is None:
+    if data is not None and spec.embedded:
         raise ValueError(f"task {spec.name!r} reads the embedded data (vlmeff.data); data= is for the "
                          "HF dataset tasks")
     if dtype not in DTYPES:
@@ -93,8 +93,8 @@ def check_run(spec, method, keep, data, dtype, limit, batch_size, shard):
 def run_config(model, spec, method, keep, options, data, split, dtype, limit, shard, batch_size, max_new_tokens):
     """Everything that decides the predictions: a folder resumes only a run of the same config. The batch size
     is part of it (padding changes a batch's numbers slightly)."""
-    return {"model": model_name(model), "task": spec.name, "data": data or spec.hub, "split": split or spec.split,
-            "method": method, "keep": keep, "options": dict(sorted(options.items())), "limit": limit or None,
+    return {"model": model_name(model), "task": spec.name, "data": str(data) if data else spec.hub,
+            "split": split or spec.split, "method": method, "keep": keep, "options": dict(sorted(options.items())), "limit": limit or None,
             "shard": list(shard) if shard else None, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
             "dtype": str(model[0].dtype).removeprefix("torch.") if isinstance(model, tuple) else dtype}
 

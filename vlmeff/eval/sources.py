@@ -36,9 +36,9 @@ def load_examples(task, data=None, split=None):
     """The `Examples` of `task` (a `Task`) in `split` (default: the task's). ValueError for a split the source
     does not have, naming it and the accepted ones."""
     split = split or task.split
-    if task.example is None:
+    if task.embedded:
         return embedded_examples(task.name, split)
-    source = data or task.hub
+    source = str(data or task.hub)
     rows = open_split(source, task.config, split)
     if task.images is not None and "image" not in rows.column_names:
         return joined_examples(task, rows, open_split(source, task.images[0], split))

@@ -54,6 +54,11 @@ class Task:
     max_new_tokens: int
     images: tuple[str, str] | None = None
 
+    @property
+    def embedded(self):
+        """Read through `vlmeff.data` (easy-VQA, scenes), not from a dataset."""
+        return self.example is None
+
 
 def rgb(image):
     return image.convert("RGB")
