@@ -94,8 +94,9 @@ def run_config(model, spec, method, keep, options, data, split, dtype, limit, sh
     """Everything that decides the predictions: a folder resumes only a run of the same config. The batch size
     is part of it (padding changes a batch's numbers slightly)."""
     return {"model": model_name(model), "task": spec.name, "data": str(data) if data else spec.hub,
-            "split": split or spec.split, "method": method, "keep": keep, "options": dict(sorted(options.items())), "limit": limit or None,
-            "shard": list(shard) if shard else None, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+            "split": split or spec.split, "method": method, "keep": keep, "options": dict(sorted(options.items())),
+            "limit": limit or None, "shard": list(shard) if shard else None, "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
             "dtype": str(model[0].dtype).removeprefix("torch.") if isinstance(model, tuple) else dtype}
 
 
