@@ -150,13 +150,14 @@ def patched(model, method, keep, options):
 
 def predict(model, processor, examples, pending, done, run, handle, max_new_tokens, bar):
     """Generates the pending batches ((batch number, [example indices])) and appends, per batch, the lines of
-    the examples not yet done and the batch's timing. The first batch is run once untimed on a GPU (warm-up:
-    kernel selection, allocator and cuDNN caches)."""
+    the examples not yet done and the batch's timing. On a GPU the first batch is run once untimed, for two
+    tokens (a warm-up of the prefill and decode kernels, the allocator and cuBLAS / cuDNN's choices)."""
     adapter = find_adapter(model)
     value_bytes = model.get_input_embeddings().weight.element_size()
     device = model.device
     if device.type == "cuda":
-        generate_batch(model, processor, [examples[i] for i in pending[0][1]], max_new_tokens, BatchTimer(device))
+        generate_batch(model, processor, [examples[i] for i in pending[0][1]], min(max_new_tokens, 2),
+                       BatchTimer(device))
     for number, batch in pending:
         items = [examples[i] for i in batch]
         timer = BatchTimer(device)
