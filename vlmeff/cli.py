@@ -3,6 +3,7 @@
     vlmeff methods                      # the method registry
     vlmeff showcase                     # easy-VQA accuracy and time of tiny-llava-evqa, unpatched vs patched
     vlmeff showcase --model tiny-llava-scenes   # the same on multi-object scenes, per question kind
+    vlmeff eval --task pope --model llava-hf/llava-1.5-7b-hf --method cls --keep 64 --out runs/pope-cls64
 """
 import argparse
 import ast
@@ -162,6 +163,71 @@ def plot_accuracy(rows, path, title):
     fig.savefig(path, dpi=110)
 
 
+def cmd_eval(args):
+    from .eval import evaluate
+
+    method, options = args.method or (None, {})
+    try:
+        results = evaluate(args.model, args.task, method=method, keep=args.keep, limit=args.limit, out=args.out,
+                           batch_size=args.batch_size, overwrite=args.overwrite, data=args.data, split=args.split,
+                           dtype=args.dtype, device_map=args.device_map, max_new_tokens=args.max_new_tokens,
+                           **options)
+    except (FileExistsError, ValueError) as error:    # a refused folder, a bad task / split / method option
+        raise SystemExit(f"vlmeff eval: {error}") from error
+    print_results(results, Path(args.out) / "results.json")
+
+
+def print_results(results, path):
+    """The metrics, per kind, and the efficiency of an eval run."""
+    c, e = results["config"], results["efficiency"]
+    patch = f"{c['method']} keep={c['keep']} {c['options'] or ''}".strip() if c["method"] else "unpatched"
+    print(f"{c['model']} on {c['task']} ({c['split']}, {results['n']} examples), {patch}")
+    print("metrics:", format_metrics(results["metrics"]))
+    for kind, values in results.get("metrics_per_kind", {}).items():
+        print(f"  {kind}: {format_metrics(values)}")
+    print("efficiency, mean per example (unpatched in brackets):")
+    for key in ("visual_tokens", "prompt_tokens", "prefill_flops", "kv_cache_bytes"):
+        print(f"  {key:15s} {e[key]:14.6g} ({e[key + '_unpatched']:.6g})")
+    print(f"  prefill FLOPs ratio {e['prefill_flops_ratio']:.4f}")
+    t = e["timing"]
+    print(f"timing on {t['device']} ({t['timer']}, {t['batches']} batches of {c['batch_size']}): "
+          f"prefill {format_value(t['prefill_ms'])} ms per batch, decode {format_value(t['decode_ms_per_token'])} "
+          f"ms per token, peak memory {format_value(t['peak_memory_bytes'] and t['peak_memory_bytes'] / 2**20)} MiB "
+          f"({t['peak_memory']})")
+    print(f"wrote {path}")
+
+
+def format_metrics(values):
+    return ", ".join(f"{k} {format_value(v)}" for k, v in values.items())
+
+
+def format_value(value):
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def task_name(text):
+    """An argparse type: a task name, the error naming the value and the accepted ones."""
+    from .eval import get_task
+
+    try:
+        return get_task(text).name
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def keep_value(text):
+    """An argparse type for --keep: '64' -> 64 (a count per image), '0.25' -> 0.25 (a ratio)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; accepted: an int count per image or a "
+                                         "ratio in (0, 1]") from None
+
+
 def int_at_least(minimum):
     """An argparse type: an integer >= minimum, the error naming the value and what is accepted."""
     def parse(text):
@@ -197,7 +263,37 @@ def build_parser():
     show.add_argument("--overwrite", action="store_true",
                       help="re-measure every run and replace the results already in --out")
     show.set_defaults(run=cmd_showcase)
+    add_eval_parser(sub)
     return parser
+
+
+def add_eval_parser(sub):
+    from .eval import TASKS
+    from .eval.runner import DTYPES
+
+    ev = sub.add_parser("eval", help="accuracy and measured cost of an LVLM on a VQA benchmark, unpatched or "
+                                     "patched; resumable")
+    ev.add_argument("--model", default="tiny-llava-evqa",
+                    help="an embedded model, a local path or a hub name (default: %(default)s)")
+    ev.add_argument("--task", type=task_name, default="easyvqa", help=f"one of {', '.join(TASKS)} "
+                                                                      "(default: %(default)s)")
+    ev.add_argument("--method", type=parse_method, default=None,
+                    help="method spec, e.g. cls  cls:reduce=merge  visionzip:contextual=8 (default: unpatched)")
+    ev.add_argument("--keep", type=keep_value, default=None, help="visual tokens kept per image: a count or a ratio")
+    ev.add_argument("--limit", type=int_at_least(0), default=None, help="the first N examples (default or 0: all)")
+    ev.add_argument("--out", required=True,
+                    help="folder for predictions.jsonl and results.json; an unfinished run there resumes")
+    ev.add_argument("--overwrite", action="store_true", help="replace a finished or different run in --out")
+    ev.add_argument("--batch-size", type=int_at_least(1), default=16, help="questions per generate call "
+                                                                           "(default: %(default)s)")
+    ev.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load the model in (default: %(default)s)")
+    ev.add_argument("--device-map", default=None, help="from_pretrained's device_map, e.g. auto (needs accelerate; "
+                                                       "default: the whole model on cuda if available, else cpu)")
+    ev.add_argument("--split", default=None, help="dataset split (default: the task's)")
+    ev.add_argument("--data", default=None, help="dataset: a hub name or local path (default: the task's)")
+    ev.add_argument("--max-new-tokens", type=int_at_least(1), default=None,
+                    help="generation length (default: the task's)")
+    ev.set_defaults(run=cmd_eval)
 
 
 def main(argv=None):

@@ -1,2 +1,15 @@
-"""Evaluation for `vlmeff eval`: `vlmeff.eval.metrics` scores predictions the way each benchmark's reference
-implementation does, so that numbers compare with published ones."""
+"""Evaluation on VQA benchmarks: accuracy and measured cost of an LVLM, unpatched or patched.
+
+    from vlmeff.eval import evaluate
+    results = evaluate("tiny-llava-evqa", "easyvqa", method="cls", keep=64, limit=256, out="runs/cls64")
+    results["metrics"], results["efficiency"]
+
+`tasks`: the task specs and LLaVA-1.5's prompt formats; `sources`: the datasets they read; `runner`: the batched,
+resumable loop; `rundir`: its output folder; `efficiency`: what is measured and how; `metrics`: the scores, as each benchmark's reference implementation
+computes them.
+"""
+from .runner import evaluate, load_model
+from .sources import load_examples
+from .tasks import TASKS, Example, Task, get_task
+
+__all__ = ["TASKS", "Example", "Task", "evaluate", "get_task", "load_examples", "load_model"]

@@ -1,0 +1,154 @@
+"""What a run costs, measured per example (token counts, FLOPs, KV cache) and per batch (latency, memory).
+
+Per example (deterministic, so a resumed run sums to the same totals):
+- visual tokens: the image placeholders the LLM reads. Unpatched: the processor's placeholders in the prompt;
+  patched: `Patch.stats["visual_tokens"]["before LLM"]` (per image, summed over the example's images).
+- prompt tokens: the attended prompt length the LLM prefills (unpatched: the attention mask's sum; patched:
+  minus the visual tokens the patch removed).
+- prefill FLOPs and KV-cache bytes of the prompt: `vlmeff.flops` (`llm_prefill_flops`, `kv_cache_bytes`) of
+  those lengths, the functions behind `Patch.stats["prefill_flops"]` / `["kv_cache_bytes"]` and their
+  `_unpatched` values, which are their sums over a batch (tests check the sums, and the FLOPs against
+  `torch.utils.flop_counter`). LLM decoder layers only: 2 x MACs of the
+  projections, attention and MLP, causal attention counted in full; norms, softmax, RoPE, the vision tower,
+  the projector and the LM head are not counted. KV cache in the LLM's dtype, the prompt's only (not the
+  generated tokens').
+Per batch (measured on the device the model runs on):
+- prefill latency: from the call of `generate` to its first new token (vision tower, token reduction and LLM
+  prefill: the time to first token); decode latency per token: the mean interval between later tokens. CUDA
+  events on a GPU (after one warm-up batch, see the runner), `time.perf_counter` on the CPU. `generate` hands
+  each new token to a streamer; `BatchTimer` is one, so the loop is timed without a change to it.
+- peak memory: `torch.cuda.max_memory_allocated`, reset before each batch, on a GPU; on the CPU the process's
+  peak resident set size (`resource.getrusage(...).ru_maxrss`): the whole process (Python, data, model), and a
+  high-water mark that is never reset, so it is the peak so far, not the batch's own.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from ..flops import kv_cache_bytes, llm_prefill_flops
+
+COUNTS = ("visual_tokens", "visual_tokens_unpatched", "prompt_tokens", "prompt_tokens_unpatched",
+          "prefill_flops", "prefill_flops_unpatched", "kv_cache_bytes", "kv_cache_bytes_unpatched")
+
+
+class BatchTimer(BaseStreamer):
+    """Timestamps of one `generate` call: `start()` just before it, then generate's own `put` of each new token
+    (its first `put`, the prompt, is not a token). CUDA events on a GPU (read once, after the call), host time
+    otherwise. generate copies each token to the host before its `put` (and reads the stop flag every step), so
+    a mark follows the token's computation on both."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks, self._prompt_seen = [], False
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def start(self):
+        self._mark()
+
+    def put(self, value):
+        if self._prompt_seen:
+            self._mark()
+        self._prompt_seen = True
+
+    def end(self):
+        pass
+
+    def milliseconds(self):
+        """Times of each token since the start, in ms: [first token, second, ...]."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [self.marks[0].elapsed_time(m) for m in self.marks[1:]]
+        return [1e3 * (m - self.marks[0]) for m in self.marks[1:]]
+
+    def record(self):
+        """{"prefill_ms", "decode_ms_per_token" (None with a single token), "new_tokens"} of the call."""
+        times = self.milliseconds()
+        decode = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+        return {"prefill_ms": times[0], "decode_ms_per_token": decode, "new_tokens": len(times)}
+
+
+def peak_memory_source(device):
+    if torch.device(device).type == "cuda":
+        return "torch.cuda.max_memory_allocated, reset before each batch"
+    return "peak resident set size of the process (ru_maxrss; never reset: the peak so far)"
+
+
+def reset_peak_memory(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024      # bytes on macOS, KiB on Linux
+
+
+def example_counts(inputs, images_per_example, image_token_id, stats, text_config, value_bytes):
+    """Per example of a batch: a dict of COUNTS. inputs: the processor's (input_ids and attention_mask [B, L]);
+    images_per_example: [B] ints; stats: the patch's stats of the batch's generate call, or None unpatched;
+    text_config / value_bytes: the LLM's config and the bytes of one value of its KV cache."""
+    mask = inputs["attention_mask"].bool()
+    prompt_unpatched = mask.sum(1).tolist()
+    visual_unpatched = ((inputs["input_ids"] == image_token_id) & mask).sum(1).tolist()
+    visual = per_example(stats["visual_tokens"]["before LLM"], images_per_example) if stats else visual_unpatched
+    counts = []
+    for seen, seen_unpatched, length_unpatched in zip(visual, visual_unpatched, prompt_unpatched):
+        length = length_unpatched - seen_unpatched + seen
+        counts.append({
+            "visual_tokens": seen, "visual_tokens_unpatched": seen_unpatched,
+            "prompt_tokens": length, "prompt_tokens_unpatched": length_unpatched,
+            "prefill_flops": llm_prefill_flops(text_config, length),
+            "prefill_flops_unpatched": llm_prefill_flops(text_config, length_unpatched),
+            "kv_cache_bytes": kv_cache_bytes(text_config, length, value_bytes),
+            "kv_cache_bytes_unpatched": kv_cache_bytes(text_config, length_unpatched, value_bytes),
+        })
+    return counts
+
+
+def per_example(per_image, images_per_example):
+    """Per-image counts of a batch (images in order) summed per example: [3, 4, 5], [1, 2] -> [3, 9]."""
+    sums, start = [], 0
+    for n in images_per_example:
+        sums.append(sum(per_image[start:start + n]))
+        start += n
+    return sums
+
+
+def summarize(lines, timings):
+    """The `efficiency` of results.json: the per-example mean of each of COUNTS, `prefill_flops_ratio`
+    (patched / unpatched, over the whole run) and `timing` (means over the batches measured, max of memory;
+    the device of the latest measurement)."""
+    n = max(len(lines), 1)
+    summary = {key: sum(line[key] for line in lines) / n for key in COUNTS}
+    summary["prefill_flops_ratio"] = summary["prefill_flops"] / max(summary["prefill_flops_unpatched"], 1)
+    latest = list({t["batch"]: t for t in timings}.values())     # a batch computed twice: its last measurement
+    decode = [t["decode_ms_per_token"] for t in latest if t["decode_ms_per_token"] is not None]
+    device = latest[-1]["device"] if latest else None
+    summary["timing"] = {
+        "device": device,
+        "timer": device and ("CUDA events" if torch.device(device).type == "cuda" else "time.perf_counter"),
+        "batches": len(latest),
+        "prefill_ms": mean([t["prefill_ms"] for t in latest]),
+        "decode_ms_per_token": mean(decode),
+        "peak_memory_bytes": max((t["peak_memory_bytes"] for t in latest), default=None),
+        "peak_memory": device and peak_memory_source(device),
+    }
+    return summary
+
+
+def mean(values):
+    return sum(values) / len(values) if values else None
