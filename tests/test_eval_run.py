@@ -15,7 +15,7 @@ from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, Lla
 
 import vlmeff
 from vlmeff import cli, zoo
-from vlmeff.eval import TASKS, evaluate, get_task, load_examples, runner
+from vlmeff.eval import TASKS, evaluate, get_task, load_examples, metrics, runner
 from vlmeff.eval.efficiency import BatchTimer, example_counts
 from vlmeff.eval.rundir import read_jsonl
 from vlmeff.zoo import build
@@ -78,11 +78,12 @@ def rows_of(task):
         return {"question_id": list(n), "question": [f"Is there a dog {k} in the image?" for k in n],
                 "answer": ["yes", "no", "yes", "no", "no"], "image": [picture(k) for k in n],
                 "category": ["adversarial", "popular", "random", "random", "popular"]}
-    if task == "mme":
+    if task == "mme":  # MME asks two questions per image
+        n = range(6)
         return {"question_id": [f"artwork/{k // 2}.jpg" for k in n], "image": [picture(k // 2) for k in n],
                 "question": [f"Is this artwork {k}? Please answer yes or no." for k in n],
-                "answer": ["Yes", "No", "Yes", "No", "Yes"],
-                "category": ["artwork", "artwork", "count", "count", "OCR"]}
+                "answer": ["Yes", "No", "Yes", "No", "Yes", "No"],
+                "category": ["artwork", "artwork", "count", "count", "OCR", "OCR"]}
     if task == "scienceqa_img":
         return {"image": [picture(k) for k in n], "question": [f"Which is a mammal {k}?" for k in n],
                 "choices": [["cat", "fish"], ["a", "b", "c"], ["x", "y"], ["p", "q", "r", "s"], ["m", "n"]],
@@ -152,10 +153,14 @@ def test_references_and_kinds_per_task(fixtures):
     assert first["vqav2"].reference == ["red"] * 7 + ["blue"] * 3 and first["vqav2"].kind == "other"
     assert first["textvqa"].reference == ["stop"] * 10 and first["textvqa"].kind is None
     assert (first["gqa"].reference, first["gqa"].kind) == ("yes", "verify")
-    assert (first["pope"].reference, first["pope"].kind) == ("yes", "adversarial")
-    assert first["mme"].reference == {"answer": "Yes", "subtask": "artwork", "image_id": "artwork/0.jpg"}
-    assert [x.reference for x in load_examples(TASKS["scienceqa_img"], fixtures["scienceqa_img"])] == list("ACBDA")
-    assert (first["mmbench"].reference, first["mmbench"].kind) == ("A", "object")
+    assert (first["pope"].reference, first["pope"].kind) == ({"answer": "yes", "category": "adversarial"}, "adversarial")
+    assert first["mme"].reference == {"answer": "Yes", "category": "artwork", "image_id": "artwork/0.jpg"}
+    scienceqa = [x.reference for x in load_examples(TASKS["scienceqa_img"], fixtures["scienceqa_img"])]
+    assert [r["answer"] for r in scienceqa] == [0, 2, 1, 3, 0] and scienceqa[1]["choices"] == ["a", "b", "c"]
+    mmbench = load_examples(TASKS["mmbench"], fixtures["mmbench"])
+    assert (mmbench[0].reference, mmbench[0].kind) == (
+        {"answer": "A", "options": {"A": "a cat", "B": "a dog", "C": "a cow", "D": "a pig"}, "index": 0}, "object")
+    assert mmbench[1].reference["options"] == {"A": "a", "B": "b", "C": "c"}  # the absent D is no option
     assert all(len(x.images) == 1 and x.images[0].mode == "RGB" for x in first.values())
 
 
@@ -173,10 +178,15 @@ def test_every_task_runs_end_to_end(task, tiny, fixtures, tmp_path):
                        out=tmp_path / "run", progress=False)
     lines = read_jsonl(tmp_path / "run" / "predictions.jsonl")
     examples = load_examples(TASKS[task], fixtures[task])
-    assert results["n"] == 5 and [x["index"] for x in lines] == list(range(5))
-    assert [x["reference"] for x in lines] == [examples[k].reference for k in range(5)]
+    n = len(examples)
+    assert results["n"] == n and [x["index"] for x in lines] == list(range(n))
+    assert [x["reference"] for x in lines] == [examples[k].reference for k in range(n)]
     assert all(isinstance(x["prediction"], str) for x in lines)
-    assert 0 <= results["metrics"]["accuracy"] <= 1
+    assert results["metrics"] == metrics.score(task, [x["prediction"] for x in lines], [x["reference"] for x in lines])
+    if task == "mme":
+        assert 0 <= results["metrics"]["perception"] <= 400 and results["metrics"]["cognition"] == 0
+    else:
+        assert 0 <= results["metrics"]["accuracy"] <= 1
     assert results["efficiency"]["visual_tokens"] == 4 and results["efficiency"]["visual_tokens_unpatched"] == 16
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
     assert results["config"]["data"] == str(fixtures[task]) and results["config"]["split"] == TASKS[task].split
@@ -206,10 +216,18 @@ def test_a_model_loads_by_path(tiny, fixtures, tmp_path):
     assert strip_measured(by_path)["efficiency"] == strip_measured(loaded)["efficiency"]
 
 
-@pytest.mark.skipif(not hasattr(zoo, "vqa_split"), reason="the scenes test bed joins with vlmeff.zoo.vqa_split")
-def test_scenes_runs(tiny):
-    results = evaluate(tiny, "scenes", limit=4, batch_size=2, max_new_tokens=2, progress=False)
-    assert results["n"] == 4 and results["config"]["task"] == "scenes"
+def test_scenes_runs_with_its_kinds(tiny, tmp_path):
+    results = evaluate(tiny, "scenes", limit=12, batch_size=4, max_new_tokens=2, out=tmp_path / "run", progress=False)
+    _, records = zoo.vqa_split("scenes", "test")
+    lines = read_jsonl(tmp_path / "run" / "predictions.jsonl")
+    assert results["n"] == 12 and results["config"]["task"] == "scenes"
+    assert [x["reference"] for x in lines] == [answer for _, _, answer, _ in records[:12]]
+    kinds = {kind for *_, kind in records[:12]}
+    assert set(results["metrics_per_kind"]) == kinds == {"attribute", "existence", "count", "relation"}
+    for kind in kinds:  # each kind scored on its own questions
+        own = [x for x, r in zip(lines, records) if r[3] == kind]
+        assert results["metrics_per_kind"][kind] == metrics.score("scenes", [x["prediction"] for x in own],
+                                                                  [x["reference"] for x in own])
 
 
 # -- resume, refusal --------------------------------------------------------------------------------------------
@@ -354,9 +372,9 @@ def test_timings_are_recorded_per_batch(tiny, fixtures, tmp_path):
 
 
 def test_shards_split_the_examples(tiny, fixtures):
-    run = dict(data=str(fixtures["mme"]), batch_size=2, max_new_tokens=1, progress=False)
+    run = dict(data=str(fixtures["pope"]), batch_size=2, max_new_tokens=1, progress=False)
     assert runner.selected(5, None, (1, 2)) == [1, 3] and runner.selected(5, 4, (0, 2)) == [0, 2]
-    halves = [evaluate(tiny, "mme", shard=(rank, 2), **run) for rank in (0, 1)]
+    halves = [evaluate(tiny, "pope", shard=(rank, 2), **run) for rank in (0, 1)]
     assert [h["n"] for h in halves] == [3, 2] and halves[1]["config"]["shard"] == [1, 2]
 
 

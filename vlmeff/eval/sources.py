@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .tasks import Example
 
-EASYVQA_SPLITS = ("train", "val", "test")
+EMBEDDED_SPLITS = ("train", "val", "test")
 
 
 class Examples(Sequence):
@@ -57,38 +57,15 @@ def joined_examples(task, rows, images):
 
 
 def embedded_examples(name, split):
-    """easy-VQA or the scenes test bed, one example per question."""
-    images, records = easyvqa_split(split) if name == "easyvqa" else scenes_split(split)
-    examples = [Example([images[image_id]], question, answer, kind) for image_id, question, answer, kind in records]
-    return Examples(len(examples), examples.__getitem__)
-
-
-def easyvqa_split(split):
-    """(images: id -> PIL, [(image_id, question, answer, kind)]) of easy-VQA, the layout of
-    `vlmeff.zoo.vqa_split("easyvqa", split)`: "val" = the 400 train images the embedded models never trained on;
-    kinds "shape", "color" and "yes/no" (by answer)."""
-    from vlmeff.data import easyvqa
-
-    if split not in EASYVQA_SPLITS:
-        raise ValueError(f"unknown split {split!r} of task easyvqa; accepted: {', '.join(EASYVQA_SPLITS)}")
-    source = "test" if split == "test" else "train"
-    held_out = easyvqa.validation_ids() if source == "train" else set()
-    records = [(i, q, a, answer_kind(a)) for q, a, i in zip(*easyvqa.questions(source))
-               if (i in held_out) == (split == "val")]
-    return easyvqa.load_images(source), records
-
-
-def answer_kind(answer):
-    from vlmeff.data import easyvqa
-
-    return "yes/no" if answer in ("yes", "no") else "shape" if answer in easyvqa.SHAPES else "color"
-
-
-def scenes_split(split):
-    """The multi-object scenes test bed, through `vlmeff.zoo.vqa_split` (which names its splits and kinds)."""
+    """easy-VQA or the scenes test bed, one example per question, from `vlmeff.zoo.vqa_split` (which defines the
+    splits, "val" being held out from the embedded models' training, and the question kinds)."""
     from vlmeff import zoo
 
-    return zoo.vqa_split("scenes", split)
+    if split not in EMBEDDED_SPLITS:
+        raise ValueError(f"unknown split {split!r} of task {name}; accepted: {', '.join(EMBEDDED_SPLITS)}")
+    images, records = zoo.vqa_split(name, split)
+    examples = [Example([images[image_id]], question, answer, kind) for image_id, question, answer, kind in records]
+    return Examples(len(examples), examples.__getitem__)
 
 
 def open_split(source, config, split):

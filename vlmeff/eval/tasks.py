@@ -11,13 +11,12 @@ per-kind breakdown, or None). The runner wraps the text in the model's own chat 
 | vqav2 | lmms-lab/VQAv2, validation | question + SHORT_ANSWER | the 10 annotators' answers |
 | textvqa | lmms-lab/textvqa, validation | question + "Reference OCR token: a, b" + SHORT_ANSWER | the 10 answers |
 | gqa | lmms-lab/GQA (testdev_balanced_instructions), testdev | question + SHORT_ANSWER | the answer |
-| pope | lmms-lab/POPE, test | question + SHORT_ANSWER | "yes" / "no" |
-| mme | lmms-lab/MME, test | question, its "Please answer yes or no." -> SHORT_ANSWER | answer, subtask, image_id |
-| scienceqa_img | lmms-lab/ScienceQA (ScienceQA-IMG), test | "Context: " hint, question, options, OPTION_LETTER | A |
-| mmbench | lmms-lab/MMBench (en), dev | hint, question, options, OPTION_LETTER | A |
+| pope | lmms-lab/POPE, test | question + SHORT_ANSWER | answer ("yes" / "no"), category |
+| mme | lmms-lab/MME, test | question, its "Please answer yes or no." -> SHORT_ANSWER | answer, category, image_id |
+| scienceqa_img | lmms-lab/ScienceQA (ScienceQA-IMG), test | "Context: " hint, question, options, OPTION_LETTER | answer (index), choices |
+| mmbench | lmms-lab/MMBench (en), dev | hint, question, options, OPTION_LETTER | answer (letter), options, index |
 
-Lines are joined with "\\n"; options are lettered lines ("A. first", "B. second", ...), references their
-letter. GQA's questions hold an image id: their images come from the dataset's testdev_balanced_images config,
+Lines are joined with "\\n"; options are lettered lines ("A. first", "B. second", ...). GQA's questions hold an image id: their images come from the dataset's testdev_balanced_images config,
 joined on it (`Task.images`).
 """
 from __future__ import annotations
@@ -96,14 +95,15 @@ def gqa_example(row):
 
 def pope_example(row):
     """lmms-lab/POPE: question, image, answer ("yes" / "no"), category (adversarial / popular / random)."""
-    return Example([rgb(row["image"])], short_answer(row["question"]), row["answer"].strip().lower(), row["category"])
+    reference = {"answer": row["answer"].strip().lower(), "category": row["category"]}
+    return Example([rgb(row["image"])], short_answer(row["question"]), reference, row["category"])
 
 
 def mme_example(row):
     """lmms-lab/MME: question_id (the image's file, shared by its two questions), image, question, answer
     ("Yes" / "No"), category (the subtask)."""
     question = row["question"].replace(MME_SUFFIX, "").strip()
-    reference = {"answer": row["answer"], "subtask": row["category"], "image_id": row["question_id"]}
+    reference = {"answer": row["answer"], "category": row["category"], "image_id": row["question_id"]}
     return Example([rgb(row["image"])], short_answer(question), reference, row["category"])
 
 
@@ -112,7 +112,8 @@ def scienceqa_example(row):
     subject (kind). An empty context is left out, as lmms-eval's LLaVA format does."""
     context = f"Context: {row['hint']}\n" if row.get("hint") else ""
     prompt = f"{context}{row['question']}\n{lettered(row['choices'])}\n{OPTION_LETTER}"
-    return Example([rgb(row["image"])], prompt, chr(ord("A") + row["answer"]), row.get("subject"))
+    return Example([rgb(row["image"])], prompt, {"answer": row["answer"], "choices": list(row["choices"])},
+                   row.get("subject"))
 
 
 def absent(value):
@@ -129,7 +130,8 @@ def mmbench_example(row):
     One round: the options as given (LLaVA's circular evaluation, which rotates them, is not run)."""
     options = [row[letter] for letter in "ABCD" if letter in row and not absent(row[letter])]
     question = row["question"] if absent(row.get("hint")) else f"{row['hint']}\n{row['question']}"
-    return Example([rgb(row["image"])], f"{question}\n{lettered(options)}\n{OPTION_LETTER}", row["answer"],
+    reference = {"answer": row["answer"], "options": dict(zip("ABCD", options)), "index": row["index"]}
+    return Example([rgb(row["image"])], f"{question}\n{lettered(options)}\n{OPTION_LETTER}", reference,
                    row.get("category"))
 
 
