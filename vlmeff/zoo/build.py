@@ -3,7 +3,7 @@
 VLMs: LLaVA = CLIP vision tower (64 px, patch 4 -> [CLS] + 256 patches, hidden 96, 4 layers) + 2-layer GELU MLP
 projector + a small causal LM, tokenised with a word-level tokenizer over the dataset's vocabulary:
     dataset "easyvqa": Llama with 2 layers, or Qwen3-MoE (8 experts / top-2) with 2 layers
-    dataset "scenes":  Llama with 8 layers, deep enough for in-LLM methods (FastV's K=2, PyramidDrop's stages)
+    dataset "scenes":  Llama with 8 layers (MLP width 256), deep enough for in-LLM methods (FastV's K=2, PyramidDrop's stages)
 The processor emits 256 <image> placeholders per image (the [CLS] row is dropped by LLaVA's
 "default" feature selection).
 
@@ -92,14 +92,15 @@ def vision_config() -> CLIPVisionConfig:
     )
 
 
-def text_config(tokenizer: PreTrainedTokenizerFast, moe: bool, num_layers: int = 2) -> LlamaConfig | Qwen3MoeConfig:
+def text_config(tokenizer: PreTrainedTokenizerFast, moe: bool, num_layers: int = 2,
+                intermediate_size: int = 512) -> LlamaConfig | Qwen3MoeConfig:
     common = dict(
         vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     if not moe:
-        return LlamaConfig(intermediate_size=512, **common)
+        return LlamaConfig(intermediate_size=intermediate_size, **common)
     # every layer sparse; the aux load-balancing loss (applied in training) keeps all experts in use
     return Qwen3MoeConfig(
         head_dim=32, intermediate_size=512, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
@@ -113,9 +114,10 @@ def build_llava(moe: bool = False, dataset: str = "easyvqa") -> tuple[LlavaForCo
         raise ValueError("the MoE LM is built for dataset 'easyvqa' only")
     processor = build_processor(dataset=dataset)
     tok = processor.tokenizer
-    num_layers = 8 if dataset == "scenes" else 2
+    # scenes: 4x the layers at half the MLP width (a CPU-trainable budget)
+    depth = dict(num_layers=8, intermediate_size=256) if dataset == "scenes" else {}
     cfg = LlavaConfig(
-        vision_config=vision_config(), text_config=text_config(tok, moe, num_layers), image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_config=vision_config(), text_config=text_config(tok, moe, **depth), image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
     )
     model = LlavaForConditionalGeneration(cfg)

@@ -154,10 +154,10 @@ def stage1_scenes_tower(work: Path, steps: int, seed: int, init_state: dict[str,
                         batch: int = 64) -> dict[str, torch.Tensor]:
     """Stage 1 for scenes: the tower, warm-started from init_state, learns which colour + shape pairs occur (BCE on
     its [CLS] pooled output) and which object class covers each patch (cross-entropy on its layer -2 patch features).
-    Returns (tower state dict, presence head state dict), cached in work."""
+    Returns its state dict (cached in work)."""
     path = work / f"stage1-scenes-tower-s{seed}-n{steps}.safetensors"
     if path.exists():
-        return split_state(load_file(path))
+        return load_file(path)
     seed_all(seed)
     proc = build.build_processor(dataset="scenes").image_processor
     data = {}
@@ -202,15 +202,9 @@ def stage1_scenes_tower(work: Path, steps: int, seed: int, init_state: dict[str,
                        f"{(patch[obj] == data['val'][2][obj]).float().mean():.4f}")
     print(f"stage 1 (scenes): {time.time() - t0:.0f} s")
     work.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in net.state_dict().items() if not k.startswith("heads.patch.")}
+    state = {k: v.contiguous() for k, v in tower.state_dict().items()}
     save_file(state, path)
-    return split_state(state)
-
-
-def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Stage-1 scenes checkpoint -> (tower state, presence head state)."""
-    part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
-    return part("tower."), part("heads.presence.")
+    return state
 
 
 def tower_features(model, pixel_values: torch.Tensor, batch: int = 128) -> torch.Tensor:
@@ -300,37 +294,23 @@ def scenes_stage2_data() -> tuple[list, list[list[tuple[str, str]]], int]:
 
 
 def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch: int = 16,
-                 tower_lr: float = 0.0, presence_head: dict[str, torch.Tensor] | None = None) -> None:
-    """Stage 2: trains projector + LM, saves model + processor to out/name.
-
-    tower_lr 0: the tower stays frozen and its features are cached once (easy-VQA). tower_lr > 0: the tower is tuned
-    along at that learning rate (its features computed per batch), and, given the stage-1 presence_head, keeps the
-    stage-1 [CLS] objective as an added loss, so that [CLS] attention keeps its meaning (scenes).
-    """
+                 checkpoints: Path | None = None) -> None:
+    """Stage 2: trains projector + LM on cached frozen-tower features, saves model + processor to out/name (and, given
+    checkpoints, every 200 steps to checkpoints/name-step<N>)."""
     seed_all(seed)
     moe, dataset = "moe" in name, ("scenes" if "scenes" in name else "easyvqa")
     model, processor = build.build_llava(moe=moe, dataset=dataset)
-    tower = model.model.vision_tower
-    tower.load_state_dict(tower_state)
-    tower.requires_grad_(tower_lr > 0)
+    model.model.vision_tower.load_state_dict(tower_state)
+    model.model.vision_tower.requires_grad_(False)
     n_img = (processor.image_processor.crop_size["height"] // processor.patch_size) ** 2
     pad_id = processor.tokenizer.pad_token_id
     images, qa, n_train = scenes_stage2_data() if dataset == "scenes" else easyvqa_stage2_data()
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    feats = None if tower_lr > 0 else tower_features(model, pixels)  # (N,256,D), training images first
+    feats = tower_features(model, pixels)  # (N,256,D), training images first
     packs = encode_packs(processor, qa, n_img)  # one pack per image, all its questions
-    head = presence = None
-    if presence_head is not None:
-        head = torch.nn.Linear(*presence_head["weight"].shape[::-1])
-        head.load_state_dict(presence_head)
-        presence = torch.from_numpy(np.stack([sc.presence() for split in ("train", "val")
-                                              for sc in scenes.load_split(split)[0]])).float()
 
-    lm_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("model.vision_tower.")]
-    groups = [dict(params=lm_params, lr=1e-3)]
-    if tower_lr > 0:
-        groups.append(dict(params=list(tower.parameters()) + list(head.parameters() if head else []), lr=tower_lr))
-    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     sched = schedule(opt, steps, warmup=50)
     cfg = model.config.text_config
     g = torch.Generator().manual_seed(seed)
@@ -340,24 +320,19 @@ def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch
         idx = next(it).tolist()
         ids, pos, seg, ans = collate([packs[r] for r in idx], pad_id)
         tgt = ans[:, 1:]  # token t+1 is predicted at t
-        if feats is None:
-            seen = tower(pixel_values=pixels[idx], output_hidden_states=True)
-            batch_feats = seen.hidden_states[model.config.vision_feature_layer][:, 1:]
-        else:
-            batch_feats = feats[idx]
-        h, rl = lm_forward(model, batch_feats, ids, packed_mask(seg), pos, router_logits=moe)
+        h, rl = lm_forward(model, feats[idx], ids, packed_mask(seg), pos, router_logits=moe)
         loss = F.cross_entropy(model.lm_head(h[:, :-1][tgt]), ids[:, 1:][tgt])
         if moe:
             aux = load_balancing_loss_func(rl, cfg.num_experts, cfg.num_experts_per_tok, (seg >= 0).long())
             loss = loss + cfg.router_aux_loss_coef * aux
-        if head is not None:
-            loss = loss + F.binary_cross_entropy_with_logits(head(seen.pooler_output), presence[idx])
         optimize(opt, sched, loss)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 200 == 0 or step + 1 == steps:
-            val_feats = tower_features(model, pixels[n_train:]) if feats is None else feats[n_train:]
-            acc, n = answer_accuracy(model, val_feats, packs[n_train:], range(len(packs) - n_train), pad_id)
+            acc, n = answer_accuracy(model, feats, packs, range(n_train, len(packs)), pad_id)
             tqdm.write(f"stage 2 ({name}) step {step + 1}: loss {loss.item():.4f}, val answer acc {acc:.4f} (n={n})")
+            if checkpoints:
+                save(model.eval(), processor, checkpoints / f"{name}-step{step + 1}")
+                model.train()
     print(f"stage 2 ({name}): {time.time() - t0:.0f} s")
     save(model.eval(), processor, out / name)
 
@@ -421,7 +396,6 @@ def main(argv=None) -> None:
     p.add_argument("--vit-steps", type=int, default=600)
     p.add_argument("--scenes-stage1-steps", type=int, default=400)
     p.add_argument("--scenes-stage2-steps", type=int, default=3000)
-    p.add_argument("--scenes-tower-lr", type=float, default=2e-4, help="0 keeps the tower frozen in stage 2")
     p.add_argument("--threads", type=int, help="torch CPU threads; 1 is much faster on a CPU shared with other jobs")
     a = p.parse_args(argv)
     if a.threads:
@@ -431,8 +405,8 @@ def main(argv=None) -> None:
         if name == "tiny-vit-evqa":
             train_vit(a.out, a.vit_steps, a.seed)
         elif name == "tiny-llava-scenes":
-            tower, head = stage1_scenes_tower(a.work, a.scenes_stage1_steps, a.seed, shipped_tower("tiny-llava-evqa"))
-            stage2_llava(name, tower, a.out, a.scenes_stage2_steps, a.seed, tower_lr=a.scenes_tower_lr, presence_head=head)
+            tower = stage1_scenes_tower(a.work, a.scenes_stage1_steps, a.seed, shipped_tower("tiny-llava-evqa"))
+            stage2_llava(name, tower, a.out, a.scenes_stage2_steps, a.seed, checkpoints=a.work / "checkpoints")
         else:
             stage2_llava(name, stage1_tower(a.work, a.stage1_steps, a.seed), a.out, a.stage2_steps, a.seed)
 
