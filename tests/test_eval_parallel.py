@@ -2,6 +2,7 @@
 predictions, each computing whole batches of the one-process grid, resuming per process, refusing together."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,14 +102,24 @@ def one_process(model_dir, mme_dir, tmp_path_factory):
     return results, out
 
 
-def test_two_processes_give_the_one_process_run(one_process, model_dir, mme_dir, tmp_path):
-    """Results and predictions equal; each process computed whole batches of the one-process grid (the same
-    sizes, so the same padding); a resumed process computes only its missing batches; a finished folder is
-    refused by both processes."""
-    reference, reference_out = one_process
-    out = tmp_path / "two"
+@pytest.fixture(scope="module")
+def two_processes(model_dir, mme_dir, tmp_path_factory):
+    """The same run by two processes (torchrun, gloo): (the launch, its out folder)."""
+    out = tmp_path_factory.mktemp("two") / "run"
     done = torchrun("--model", model_dir, "--data", mme_dir, *RUN, "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done, out
+
+
+def copy_of(folder, tmp_path):
+    shutil.copytree(folder, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_two_processes_give_the_one_process_run(one_process, two_processes):
+    """Results and predictions equal; each process computed whole batches of the one-process grid (the same
+    sizes, so the same padding), and MME was scored on their union only."""
+    (reference, reference_out), (done, out) = one_process, two_processes
     results = json.loads((out / "results.json").read_text())
     assert without_timing(results) == without_timing(reference)
     assert read_jsonl(out / "predictions.jsonl") == read_jsonl(reference_out / "predictions.jsonl")
@@ -123,12 +134,23 @@ def test_two_processes_give_the_one_process_run(one_process, model_dir, mme_dir,
         with pytest.raises(ValueError, match="two questions per image"):
             metrics.score("mme", [x["prediction"] for x in lines], [x["reference"] for x in lines])
 
+
+def test_both_processes_refuse_a_finished_folder(two_processes, model_dir, mme_dir, tmp_path):
+    out = copy_of(two_processes[1], tmp_path)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     refused = torchrun("--model", model_dir, "--data", mme_dir, *RUN, "--out", out)
     assert refused.returncode != 0
     assert refused.stderr.count("holds a finished result") == 2, refused.stderr[-3000:]
+    assert "process 0 of 2 failed" in refused.stderr                    # process 1 says whose refusal it was
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
-    # interrupted: process 0 lost its last batch, process 1 half of its last one (and the other half is torn)
+
+def test_each_process_resumes_its_own_part(one_process, two_processes, model_dir, mme_dir, tmp_path):
+    """Interrupted: process 0 lost its last batch, process 1 half of its last one (the other half torn); each
+    computes only those batches again, and the union is the one-process run's."""
+    (reference, reference_out), out = one_process, copy_of(two_processes[1], tmp_path)
     (out / "results.json").unlink()
+    parts = out / "parts"
     part0, part1 = parts / "rank-0-of-2" / "predictions.jsonl", parts / "rank-1-of-2" / "predictions.jsonl"
     part0.write_bytes(b"".join(part0.read_bytes().splitlines(keepends=True)[:2]))
     part1.write_bytes(part1.read_bytes()[:len(b"".join(part1.read_bytes().splitlines(keepends=True)[:3])) + 10])

@@ -161,8 +161,8 @@ def evaluate_parallel(model, task, method=None, keep=None, limit=None, out=None,
         if device_map is not None:
             raise ValueError(f"device_map={device_map!r} with {group.world} processes; accepted: None (each "
                              "process holds its model whole on its own device)")
-        whole = plan_run(model, task, method, keep, limit, batch_size, data, split, dtype, max_new_tokens, None,
-                         method_options)
+        whole = group.agree(lambda: plan_run(model, task, method, keep, limit, batch_size, data, split, dtype,
+                                             max_new_tokens, None, method_options))
         union = group.agree(lambda: open_union(out, whole.config, overwrite) if group.rank == 0 else None)
         mine = whole.shard(group.rank, group.world)
         label = f"{whole.spec.name} {method or 'unpatched'}, process {group.rank + 1}/{group.world}"
