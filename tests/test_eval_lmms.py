@@ -242,7 +242,8 @@ def registered(tmp_path, monkeypatch):
     info = tmp_path / "vlmeff_checkout-0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vlmeff-checkout\nVersion: 0\n")
-    (info / "entry_points.txt").write_text("[lmms_eval.models]\n" + "".join(f"{k} = {v}\n" for k, v in declared.items()))
+    lines = "".join(f"{name} = {target}\n" for name, target in declared.items())
+    (info / "entry_points.txt").write_text(f"[lmms_eval.models]\n{lines}")
     monkeypatch.syspath_prepend(str(tmp_path))
     import lmms_eval.models
 

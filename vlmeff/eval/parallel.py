@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .rundir import MemoryRun, RunFolder
-from .runner import compute, evaluate, plan_run, run_results
+from .runner import checked_config, compute, evaluate, plan_run, run_results
 
 RAISED_AS_IS = {"FileExistsError": FileExistsError, "ValueError": ValueError}    # refusals the CLI reports
 # how long a process waits in an exchange for the slowest one: a resumed process whose part is complete waits
@@ -161,9 +161,10 @@ def evaluate_parallel(model, task, method=None, keep=None, limit=None, out=None,
         if device_map is not None:
             raise ValueError(f"device_map={device_map!r} with {group.world} processes; accepted: None (each "
                              "process holds its model whole on its own device)")
-        whole = group.agree(lambda: plan_run(model, task, method, keep, limit, batch_size, data, split, dtype,
-                                             max_new_tokens, None, method_options))
-        union = group.agree(lambda: open_union(out, whole.config, overwrite) if group.rank == 0 else None)
+        spec, config = checked_config(model, task, method, keep, limit, batch_size, data, split, dtype,
+                                      max_new_tokens, None, method_options)     # the same on every process
+        union = group.agree(lambda: open_union(out, config, overwrite) if group.rank == 0 else None)
+        whole = group.agree(lambda: plan_run(spec, config))
         mine = whole.shard(group.rank, group.world)
         label = f"{whole.spec.name} {method or 'unpatched'}, process {group.rank + 1}/{group.world}"
         part = group.agree(lambda: compute_part(mine, out, model, progress, label))

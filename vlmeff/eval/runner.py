@@ -7,8 +7,8 @@ Examples go in batches of `batch_size` on a fixed grid over the selected example
 call on left-padded prompts built with the processor's chat template. `out/` (see `rundir`) gets each batch's
 predictions as soon as they exist; a re-run on it computes only the batches that miss some prediction, whole, so
 every example is predicted in the same batch, with the same padding, as in an uninterrupted run: the final results
-are the same (the measured latencies and memory aside). The patch is applied once around the loop and removed after it,
-also when the loop fails.
+are the same (the measured latencies and memory aside). The patch is applied once around the loop and removed after
+it, also when the loop fails.
 """
 from __future__ import annotations
 
@@ -50,9 +50,10 @@ def evaluate(model, task, method=None, keep=None, limit=None, out=None, batch_si
     kinds), "efficiency" (see `efficiency`: per-example means of visual tokens, prompt tokens, prefill FLOPs and
     KV-cache bytes, patched and unpatched, and "timing": prefill / decode latency and peak memory)}.
     """
-    plan = plan_run(model, task, method, keep, limit, batch_size, data, split, dtype, max_new_tokens, shard,
-                    method_options)
-    run = RunFolder(out, plan.config, overwrite) if out is not None else MemoryRun()
+    spec, config = checked_config(model, task, method, keep, limit, batch_size, data, split, dtype, max_new_tokens,
+                                  shard, method_options)
+    run = RunFolder(out, config, overwrite) if out is not None else MemoryRun()      # refused before data loads
+    plan = plan_run(spec, config)
     compute(plan, run, model, device_map, progress)
     results = run_results(plan, run.predictions(), run.timings())
     run.finish(results)
@@ -79,15 +80,21 @@ class Plan:
         return Plan(self.spec, {**self.config, "shard": [rank, world]}, self.examples, self.batches[rank::world])
 
 
-def plan_run(model, task, method, keep, limit, batch_size, data, split, dtype, max_new_tokens, shard, options):
-    """The `Plan` of a run; the arguments are checked (ValueError) before anything loads, but the examples."""
+def checked_config(model, task, method, keep, limit, batch_size, data, split, dtype, max_new_tokens, shard,
+                   options):
+    """(the `Task`, the run's config): the arguments checked (ValueError) before anything loads."""
     spec = get_task(task)
     check_run(spec, method, keep, data, dtype, limit, batch_size, shard)
-    config = run_config(model, spec, method, keep, options, data, split, dtype, limit, batch_size,
-                        max_new_tokens or spec.max_new_tokens)
-    examples = load_examples(spec, data, config["split"])
-    whole = Plan(spec, config, examples, batch_grid(len(examples), limit, batch_size))
-    return whole.shard(*shard) if shard else whole
+    return spec, run_config(model, spec, method, keep, options, data, split, dtype, limit, shard, batch_size,
+                            max_new_tokens or spec.max_new_tokens)
+
+
+def plan_run(spec, config):
+    """The `Plan` of a run of `config`: its examples (opened here, built on access), its batches (its shard's)."""
+    examples = load_examples(spec, config["data"], config["split"])
+    whole = Plan(spec, {**config, "shard": None}, examples,
+                 batch_grid(len(examples), config["limit"], config["batch_size"]))
+    return whole.shard(*config["shard"]) if config["shard"] else whole
 
 
 def compute(plan, run, model, device_map=None, progress=True, desc=None):
@@ -131,12 +138,12 @@ def check_run(spec, method, keep, data, dtype, limit, batch_size, shard):
         raise ValueError(f"shard={shard!r}; accepted: (rank, world) with 0 <= rank < world")
 
 
-def run_config(model, spec, method, keep, options, data, split, dtype, limit, batch_size, max_new_tokens):
+def run_config(model, spec, method, keep, options, data, split, dtype, limit, shard, batch_size, max_new_tokens):
     """Everything that decides the predictions: a folder resumes only a run of the same config. The batch size
-    is part of it (padding changes a batch's numbers slightly); "shard" is None here, set by `Plan.shard`."""
+    is part of it (padding changes a batch's numbers slightly)."""
     return {"model": model_name(model), "task": spec.name, "data": str(data) if data else spec.hub,
             "split": split or spec.split, "method": method, "keep": keep, "options": dict(sorted(options.items())),
-            "limit": limit or None, "shard": None, "batch_size": batch_size,
+            "limit": limit or None, "shard": list(shard) if shard else None, "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
             "dtype": str(model[0].dtype).removeprefix("torch.") if isinstance(model, tuple) else dtype}
 
