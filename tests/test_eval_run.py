@@ -373,7 +373,7 @@ def test_timings_are_recorded_per_batch(tiny, fixtures, tmp_path):
 
 def test_shards_split_the_examples(tiny, fixtures):
     run = dict(data=str(fixtures["pope"]), batch_size=2, max_new_tokens=1, progress=False)
-    assert runner.selected(5, None, (1, 2)) == [1, 3] and runner.selected(5, 4, (0, 2)) == [0, 2]
+    assert runner.batch_grid(5, None, 2) == [(0, [0, 1]), (1, [2, 3]), (2, [4])]   # shards deal whole batches
     halves = [evaluate(tiny, "pope", shard=(rank, 2), **run) for rank in (0, 1)]
     assert [h["n"] for h in halves] == [3, 2] and halves[1]["config"]["shard"] == [1, 2]
 

@@ -4,6 +4,7 @@
     vlmeff showcase                     # easy-VQA accuracy and time of tiny-llava-evqa, unpatched vs patched
     vlmeff showcase --model tiny-llava-scenes   # the same on multi-object scenes, per question kind
     vlmeff eval --task pope --model llava-hf/llava-1.5-7b-hf --method cls --keep 64 --out runs/pope-cls64
+    torchrun --nproc_per_node 4 -m vlmeff eval ...     # data parallel: 4 processes, one result (vlmeff.eval.parallel)
 """
 import argparse
 import ast
@@ -164,17 +165,20 @@ def plot_accuracy(rows, path, title):
 
 
 def cmd_eval(args):
-    from .eval import evaluate
+    """One process, or each process of torchrun / accelerate launch (`vlmeff.eval.parallel`): the first prints."""
+    from .eval import evaluate_parallel
+    from .eval.parallel import launcher_ranks
 
     method, options = args.method or (None, {})
     try:
-        results = evaluate(args.model, args.task, method=method, keep=args.keep, limit=args.limit, out=args.out,
-                           batch_size=args.batch_size, overwrite=args.overwrite, data=args.data, split=args.split,
-                           dtype=args.dtype, device_map=args.device_map, max_new_tokens=args.max_new_tokens,
-                           **options)
+        results = evaluate_parallel(args.model, args.task, method=method, keep=args.keep, limit=args.limit,
+                                    out=args.out, batch_size=args.batch_size, overwrite=args.overwrite,
+                                    data=args.data, split=args.split, dtype=args.dtype, device_map=args.device_map,
+                                    max_new_tokens=args.max_new_tokens, **options)
     except (FileExistsError, ValueError) as error:    # a refused folder, a bad task / split / method option
         raise SystemExit(f"vlmeff eval: {error}") from error
-    print_results(results, Path(args.out) / "results.json")
+    if launcher_ranks()[0] == 0:
+        print_results(results, Path(args.out) / "results.json")
 
 
 def print_results(results, path):
@@ -190,7 +194,8 @@ def print_results(results, path):
         print(f"  {key:15s} {e[key]:14.6g} ({e[key + '_unpatched']:.6g})")
     print(f"  prefill FLOPs ratio {e['prefill_flops_ratio']:.4f}")
     t = e["timing"]
-    print(f"timing on {t['device']} ({t['timer']}, {t['batches']} batches of {c['batch_size']}): "
+    processes = f", {t['processes']} processes" if t["processes"] > 1 else ""
+    print(f"timing on {t['device']} ({t['timer']}, {t['batches']} batches of {c['batch_size']}{processes}): "
           f"prefill {format_value(t['prefill_ms'])} ms per batch, decode {format_value(t['decode_ms_per_token'])} "
           f"ms per token, peak memory {format_value(t['peak_memory_bytes'] and t['peak_memory_bytes'] / 2**20)} MiB "
           f"({t['peak_memory']})")

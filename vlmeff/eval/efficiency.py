@@ -128,10 +128,11 @@ def per_example(per_image, images_per_example):
     return sums
 
 
-def summarize(lines, timings):
+def summarize(lines, timings, processes=1):
     """The `efficiency` of results.json: the per-example mean of each of COUNTS, `prefill_flops_ratio`
     (patched / unpatched, over the whole run) and `timing` (means over the batches measured, max of memory;
-    the device of the latest measurement)."""
+    the device of the latest measurement; `processes`: how many processes computed the batches, each on its
+    own device)."""
     n = max(len(lines), 1)
     summary = {key: sum(line[key] for line in lines) / n for key in COUNTS}
     summary["prefill_flops_ratio"] = summary["prefill_flops"] / max(summary["prefill_flops_unpatched"], 1)
@@ -140,6 +141,7 @@ def summarize(lines, timings):
     device = latest[-1]["device"] if latest else None
     summary["timing"] = {
         "device": device,
+        "processes": processes,
         "timer": device and ("CUDA events" if torch.device(device).type == "cuda" else "time.perf_counter"),
         "batches": len(latest),
         "prefill_ms": mean([t["prefill_ms"] for t in latest]),

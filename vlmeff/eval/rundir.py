@@ -64,6 +64,13 @@ class RunFolder:
     def append_timing(self, record):
         append_jsonl(self.path / "timings.jsonl", [record])
 
+    def replace_predictions(self, lines):
+        """predictions.jsonl becomes `lines` at once (a gathered union: never half of it under that name)."""
+        write_jsonl_atomically(self.path / "predictions.jsonl", lines)
+
+    def replace_timings(self, records):
+        write_jsonl_atomically(self.path / "timings.jsonl", records)
+
     def finish(self, results):
         write_atomically(self.path / "results.json", results)
 
@@ -85,6 +92,12 @@ class MemoryRun:
 
     def append_timing(self, record):
         self._timings.append(record)
+
+    def replace_predictions(self, lines):
+        self._predictions = {line["index"]: line for line in lines}
+
+    def replace_timings(self, records):
+        self._timings = list(records)
 
     def finish(self, results):
         pass
@@ -127,6 +140,16 @@ def append_jsonl(path, records):
         f.write("".join(json.dumps(r) + "\n" for r in records))
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_jsonl_atomically(path, records):
+    """JSON lines to `path` through a temporary file and a rename, synced before the rename."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
 
 
 def write_atomically(path, value):

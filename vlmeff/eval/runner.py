@@ -2,17 +2,19 @@
 
     results = evaluate("tiny-llava-evqa", "easyvqa", method="cls", keep=64, limit=256, out="runs/cls64")
 
-Examples go in batches of `batch_size` on a fixed grid over the selected examples (the first `limit`, then
-every `world`-th from `rank` with `shard=(rank, world)`), each batch one greedy `generate` call on left-padded
-prompts built with the processor's chat template. `out/` (see `rundir`) gets each batch's predictions as soon
-as they exist; a re-run on it computes only the batches that miss some prediction, whole, so every example is
-predicted in the same batch, with the same padding, as in an uninterrupted run: the final results are the same
-(the measured latencies and memory aside). The patch is applied once around the loop and removed after it,
-also when the loop fails.
+Examples go in batches of `batch_size` on a fixed grid over the selected examples (the first `limit`; with
+`shard=(rank, world)`, every `world`-th batch from `rank`, see `Plan.shard`), each batch one greedy `generate`
+call on left-padded prompts built with the processor's chat template. `out/` (see `rundir`) gets each batch's
+predictions as soon as they exist; a re-run on it computes only the batches that miss some prediction, whole, so
+every example is predicted in the same batch, with the same padding, as in an uninterrupted run: the final results
+are the same (the measured latencies and memory aside). The patch is applied once around the loop and removed after
+it, also when the loop fails.
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -24,7 +26,7 @@ from . import metrics
 from .efficiency import BatchTimer, example_counts, peak_memory_bytes, reset_peak_memory, summarize
 from .rundir import MemoryRun, RunFolder
 from .sources import load_examples
-from .tasks import get_task
+from .tasks import Task, get_task
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -39,36 +41,82 @@ def evaluate(model, task, method=None, keep=None, limit=None, out=None, batch_si
     `AutoProcessor`; see `load_model`), or a loaded (model, processor) pair. task: a name of
     `vlmeff.eval.TASKS`; data: its dataset (hub name or local path, see `sources`; default the task's); split:
     default the task's. method / keep / method_options: as `vlmeff.patch` takes them (method None: unpatched).
-    limit: the first N examples (None or 0: all); shard: (rank, world) to take every world-th of them from
-    rank. max_new_tokens: default the task's. out: the folder to save to and resume from (None: nothing saved);
-    a folder holding a finished result or another config's results is a FileExistsError unless overwrite=True.
+    limit: the first N examples (None or 0: all); shard: (rank, world) to take every world-th batch of them
+    from rank (`Plan.shard`; `vlmeff.eval.evaluate_parallel` runs all the shards and scores their union).
+    max_new_tokens: default the task's. out: the folder to save to and resume from (None: nothing saved); a
+    folder holding a finished result or another config's results is a FileExistsError unless overwrite=True.
 
     Returns {"config", "n", "metrics" (metrics.score), "metrics_per_kind" (kind -> metrics, for tasks with
     kinds), "efficiency" (see `efficiency`: per-example means of visual tokens, prompt tokens, prefill FLOPs and
     KV-cache bytes, patched and unpatched, and "timing": prefill / decode latency and peak memory)}.
     """
-    spec = get_task(task)
-    check_run(spec, method, keep, data, dtype, limit, batch_size, shard)
-    config = run_config(model, spec, method, keep, method_options, data, split, dtype, limit, shard, batch_size,
-                        max_new_tokens or spec.max_new_tokens)
-    run = RunFolder(out, config, overwrite) if out is not None else MemoryRun()
-    examples = load_examples(spec, data, config["split"])
-    positions = selected(len(examples), limit, shard)
-    done = run.predictions()
-    batches = [positions[b:b + batch_size] for b in range(0, len(positions), batch_size)]
-    pending = [(b, batch) for b, batch in enumerate(batches) if any(i not in done for i in batch)]
-    if pending:
-        loaded, processor = load_model(model, dtype, device_map)
-        with tqdm(total=len(positions), initial=sum(i in done for i in positions),
-                  desc=f"{spec.name} {method or 'unpatched'}", unit="q", disable=not progress) as bar:
-            with patched(loaded, method, keep, method_options) as handle:
-                predict(loaded, processor, examples, pending, done, run, handle, config["max_new_tokens"], bar)
-    predictions = run.predictions()
-    lines = [predictions[i] for i in positions]
-    results = {"config": config, "n": len(lines), **scores(spec.name, lines),
-               "efficiency": summarize(lines, run.timings())}
+    spec, config = checked_config(model, task, method, keep, limit, batch_size, data, split, dtype, max_new_tokens,
+                                  shard, method_options)
+    run = RunFolder(out, config, overwrite) if out is not None else MemoryRun()      # refused before data loads
+    plan = plan_run(spec, config)
+    compute(plan, run, model, device_map, progress)
+    results = run_results(plan, run.predictions(), run.timings())
     run.finish(results)
     return results
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run computes: its task, config (see `run_config`), examples, and the batches of the batch grid
+    (see `batch_grid`) it computes: (batch number, [example indices])."""
+    spec: Task
+    config: dict
+    examples: Sequence
+    batches: list
+
+    @property
+    def positions(self):
+        return [i for _, batch in self.batches for i in batch]
+
+    def shard(self, rank, world):
+        """The share of process `rank` of `world`: every world-th batch from `rank`. Whole batches, so that each
+        example is in the same batch, with the same padding, as in the one-process run: the shards' predictions
+        together are that run's."""
+        return Plan(self.spec, {**self.config, "shard": [rank, world]}, self.examples, self.batches[rank::world])
+
+
+def checked_config(model, task, method, keep, limit, batch_size, data, split, dtype, max_new_tokens, shard,
+                   options):
+    """(the `Task`, the run's config): the arguments checked (ValueError) before anything loads."""
+    spec = get_task(task)
+    check_run(spec, method, keep, data, dtype, limit, batch_size, shard)
+    return spec, run_config(model, spec, method, keep, options, data, split, dtype, limit, shard, batch_size,
+                            max_new_tokens or spec.max_new_tokens)
+
+
+def plan_run(spec, config):
+    """The `Plan` of a run of `config`: its examples (opened here, built on access), its batches (its shard's)."""
+    examples = load_examples(spec, config["data"], config["split"])
+    whole = Plan(spec, {**config, "shard": None}, examples,
+                 batch_grid(len(examples), config["limit"], config["batch_size"]))
+    return whole.shard(*config["shard"]) if config["shard"] else whole
+
+
+def compute(plan, run, model, device_map=None, progress=True, desc=None):
+    """Predicts the batches of `plan` that miss a prediction in `run` (whole, see the module's docstring),
+    loading the model only if there is one."""
+    config, done = plan.config, run.predictions()
+    pending = [(b, batch) for b, batch in plan.batches if any(i not in done for i in batch)]
+    if not pending:
+        return
+    loaded, processor = load_model(model, config["dtype"], device_map)
+    method, keep, options = config["method"], config["keep"], config["options"]
+    with tqdm(total=len(plan.positions), initial=sum(i in done for i in plan.positions),
+              desc=desc or f"{plan.spec.name} {method or 'unpatched'}", unit="q", disable=not progress) as bar:
+        with patched(loaded, method, keep, options) as handle:
+            predict(loaded, processor, plan.examples, pending, done, run, handle, config["max_new_tokens"], bar)
+
+
+def run_results(plan, predictions, timings, processes=1):
+    """results.json of `plan`'s examples, from their prediction lines (index -> line) and the batch timings."""
+    lines = [predictions[i] for i in plan.positions]
+    return {"config": plan.config, "n": len(lines), **scores(plan.spec.name, lines),
+            "efficiency": summarize(lines, timings, processes)}
 
 
 def check_run(spec, method, keep, data, dtype, limit, batch_size, shard):
@@ -107,10 +155,11 @@ def model_name(model):
     return str(model)
 
 
-def selected(count, limit, shard):
-    """Indices of the examples a run covers: the first `limit` (all without one), then the shard's share."""
+def batch_grid(count, limit, batch_size):
+    """The batches of a run, [(batch number, [example indices])]: the first `limit` examples (all without one)
+    cut into consecutive batches of `batch_size`."""
     positions = list(range(min(limit, count) if limit else count))
-    return positions[shard[0]::shard[1]] if shard else positions
+    return [(b, positions[start:start + batch_size]) for b, start in enumerate(range(0, len(positions), batch_size))]
 
 
 def default_device():
@@ -185,12 +234,13 @@ def generate_batch(model, processor, items, max_new_tokens, timer):
 
 def chat_inputs(processor, items, model):
     """The processor's inputs for a batch of `Example`s, on the model's device (floats in its dtype): each prompt
-    the user turn [image x n, prompt text] in the processor's chat template, padded on the left."""
+    the user turn [image x n, prompt text] in the processor's chat template, padded on the left. A batch of
+    text-only examples (lmms-eval has some) passes no images: processors index the first one otherwise."""
     messages = [[{"role": "user", "content": [*({"type": "image"} for _ in x.images),
                                               {"type": "text", "text": x.prompt}]}] for x in items]
     texts = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[x.images for x in items], text=texts, padding=True, padding_side="left",
-                       return_tensors="pt")
+    images = [x.images for x in items] if any(x.images for x in items) else None
+    inputs = processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt")
     return inputs.to(device=model.device, dtype=model.dtype)
 
 
