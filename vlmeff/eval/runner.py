@@ -31,7 +31,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 def evaluate(model, task, method=None, keep=None, limit=None, out=None, batch_size=16, overwrite=False, *,
              data=None, split=None, dtype="auto", device_map=None, max_new_tokens=None, shard=None, progress=True,
-             **method_options) -> dict:
+             reuse_finished=False, loader=None, **method_options) -> dict:
     """Accuracy and cost of `model` on `task`; returns (and writes to out/results.json) the results.
 
     model: an embedded name (`vlmeff.zoo.names()`), a local path or hub name (loaded with
@@ -41,7 +41,11 @@ def evaluate(model, task, method=None, keep=None, limit=None, out=None, batch_si
     default the task's. method / keep / method_options: as `vlmeff.patch` takes them (method None: unpatched).
     limit: the first N examples (None or 0: all); shard: (rank, world) to take every world-th of them from
     rank. max_new_tokens: default the task's. out: the folder to save to and resume from (None: nothing saved);
-    a folder holding a finished result or another config's results is a FileExistsError unless overwrite=True.
+    a folder holding a finished result or another config's results is a FileExistsError unless overwrite=True;
+    with reuse_finished=True a finished result of this same config is returned as stored (nothing is loaded or
+    computed; `vlmeff sweep` re-runs so). loader: a function () -> (model, processor) called instead of
+    `load_model(model, dtype, device_map)` when a batch is to be computed, for a caller that holds that model
+    already (a sweep loads it once for all its runs); the run records `model`'s name all the same.
 
     Returns {"config", "n", "metrics" (metrics.score), "metrics_per_kind" (kind -> metrics, for tasks with
     kinds), "efficiency" (see `efficiency`: per-example means of visual tokens, prompt tokens, prefill FLOPs and
@@ -51,16 +55,19 @@ def evaluate(model, task, method=None, keep=None, limit=None, out=None, batch_si
     check_run(spec, method, keep, data, dtype, limit, batch_size, shard)
     config = run_config(model, spec, method, keep, method_options, data, split, dtype, limit, shard, batch_size,
                         max_new_tokens or spec.max_new_tokens)
-    run = RunFolder(out, config, overwrite) if out is not None else MemoryRun()
+    run = RunFolder(out, config, overwrite, reuse_finished) if out is not None else MemoryRun()
+    if run.finished is not None:
+        return run.finished
     examples = load_examples(spec, data, config["split"])
     positions = selected(len(examples), limit, shard)
     done = run.predictions()
     batches = [positions[b:b + batch_size] for b in range(0, len(positions), batch_size)]
     pending = [(b, batch) for b, batch in enumerate(batches) if any(i not in done for i in batch)]
     if pending:
-        loaded, processor = load_model(model, dtype, device_map)
-        with tqdm(total=len(positions), initial=sum(i in done for i in positions),
-                  desc=f"{spec.name} {method or 'unpatched'}", unit="q", disable=not progress) as bar:
+        loaded, processor = loader() if loader is not None else load_model(model, dtype, device_map)
+        label = f"{method} {keep}" if method is not None else "unpatched"
+        with tqdm(total=len(positions), initial=sum(i in done for i in positions), desc=f"{spec.name} {label}",
+                  unit="q", disable=not progress, leave=False) as bar:
             with patched(loaded, method, keep, method_options) as handle:
                 predict(loaded, processor, examples, pending, done, run, handle, config["max_new_tokens"], bar)
     predictions = run.predictions()
@@ -150,14 +157,11 @@ def patched(model, method, keep, options):
 
 def predict(model, processor, examples, pending, done, run, handle, max_new_tokens, bar):
     """Generates the pending batches ((batch number, [example indices])) and appends, per batch, the lines of
-    the examples not yet done and the batch's timing. On a GPU the first batch is run once untimed, for two
-    tokens (a warm-up of the prefill and decode kernels, the allocator and cuBLAS / cuDNN's choices)."""
+    the examples not yet done and the batch's timing, after one untimed warm-up (`warm_up`)."""
     adapter = find_adapter(model)
     value_bytes = model.get_input_embeddings().weight.element_size()
     device = model.device
-    if device.type == "cuda":
-        generate_batch(model, processor, [examples[i] for i in pending[0][1]], min(max_new_tokens, 2),
-                       BatchTimer(device))
+    warm_up(model, processor, [examples[i] for i in pending[0][1]], min(max_new_tokens, 2))
     for number, batch in pending:
         items = [examples[i] for i in batch]
         timer = BatchTimer(device)
@@ -171,6 +175,16 @@ def predict(model, processor, examples, pending, done, run, handle, max_new_toke
         run.append_timing({"batch": number, "size": len(batch), **timer.record(),
                            "peak_memory_bytes": peak_memory_bytes(device), "device": str(device)})
         bar.update(len(lines))
+
+
+def warm_up(model, processor, items, max_new_tokens):
+    """One untimed generate call on a batch, so that the first measured batch pays no one-time cost: on a GPU
+    the kernels, the allocator and cuBLAS / cuDNN's choices; on the CPU too (the first batch of a process
+    measured twice as slow as the next on tiny-llava-evqa, which made the unpatched baseline of a sweep look
+    slow); and a patch's per-device tensors, built at its first call."""
+    inputs = chat_inputs(processor, items, model)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
 
 
 def generate_batch(model, processor, items, max_new_tokens, timer):
