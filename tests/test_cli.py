@@ -147,3 +147,9 @@ def test_showcase_rejects_bad_counts_naming_the_option(capsys, option, value, me
     with pytest.raises(SystemExit):
         cli.main(["showcase", option, value])
     assert message in capsys.readouterr().err
+
+
+def test_showcase_refuses_a_bad_method_spec_before_any_run(tmp_path):
+    with pytest.raises(SystemExit, match="vlmeff showcase: unknown method 'clss'; available:"):
+        cli.main(["showcase", "--methods", "clss", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -42,17 +42,18 @@ def cmd_methods(args):
 def cmd_showcase(args):
     """The sweep preset on an embedded model and the test split of its dataset: the rows as they come, with the
     columns showcase has always printed."""
+    from .eval import get_task, load_examples
     from .eval.sweep import plan, sweep
 
     task = zoo.dataset(args.model)
-    total = len(zoo.vqa_split(task, "test")[1])
+    total = len(load_examples(get_task(task)))       # the test split, built once for the count and the runs
     out = Path(args.out) if args.out else None
     print(f"{args.model} on {subset_line(min(args.limit or total, total), total, task)}")
     print(f"batch {args.batch_size}, {torch.get_num_threads()} CPU threads")
-    print_loaded_runs(out, plan(args.methods, args.budgets), args.overwrite)
-    print(f"{'method':22s} {'keep':>7s} {'visual tokens':>13s} {'accuracy':>9s} {'ms/question':>12s} "
-          f"{'speedup':>8s} {'LLM FLOPs':>10s}")
     try:
+        print_loaded_runs(out, plan(args.methods, args.budgets), args.overwrite)
+        print(f"{'method':22s} {'keep':>7s} {'visual tokens':>13s} {'accuracy':>9s} {'ms/question':>12s} "
+              f"{'speedup':>8s} {'LLM FLOPs':>10s}")
         sweep(args.model, task, args.methods, args.budgets, out, limit=args.limit, batch_size=args.batch_size,
               overwrite=args.overwrite, on_run=print_showcase_row)
     except (FileExistsError, TypeError, ValueError) as error:   # a refused folder, a bad method spec or option
@@ -85,12 +86,12 @@ def print_loaded_runs(out, runs, overwrite):
 
 
 def print_showcase_row(row, loaded):
-    from .eval.sweep import kinds
+    from .eval.sweep import cell, kinds
 
     by_kind = "  " + " ".join(f"{kind} {row[key]:.3f}" for key, kind in kinds(row))
     tqdm.write(f"{row['method']:22s} {row['keep'] or '-':>7} {row['visual_tokens']:>13g} {row['accuracy']:9.4f} "
-               f"{row['ms_per_example']:12.2f} {row['speedup']:8.2f} {row['prefill_flops_ratio']:10.2f}" + by_kind
-               + ("  (loaded)" * loaded))
+               f"{cell(row['ms_per_example'], '.2f'):>12} {cell(row['speedup'], '.2f'):>8} "
+               f"{row['prefill_flops_ratio']:10.2f}" + by_kind + ("  (loaded)" * loaded))
 
 
 def cmd_sweep(args):
