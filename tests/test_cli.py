@@ -1,5 +1,6 @@
-"""The `vlmeff` command line: method specs, the method table, and the showcase on a small untrained model."""
-import json
+"""The `vlmeff` command line: method specs, the method table, and the showcase (a preset of `vlmeff sweep`, tested
+in test_sweep.py) on a small untrained model."""
+import csv
 
 import pytest
 
@@ -7,6 +8,7 @@ pytest.importorskip("easy_vqa")
 
 from vlmeff import cli, zoo  # noqa: E402
 from vlmeff.data import easyvqa  # noqa: E402
+from vlmeff.eval import runner  # noqa: E402
 from vlmeff.zoo import build  # noqa: E402
 
 
@@ -46,21 +48,31 @@ def test_methods_table(capsys):
         assert f"\n{name} " in out
 
 
+def table(out):
+    """The rows of the sweep.csv a showcase writes."""
+    with open(out / "sweep.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def test_showcase_runs_every_method_and_writes_results(tmp_path, showcase, monkeypatch):
-    showcase("--limit", 8, "--batch-size", 4, "--methods", "cls", "pool", "--budgets", 0.25, 0.125,
-             "--out", tmp_path / "out")
-    rows = json.loads((tmp_path / "out" / "showcase.json").read_text())
-    assert [(r["method"], r["keep"]) for r in rows] == [("unpatched", None), ("cls", 0.25), ("cls", 0.125),
-                                                        ("pool", 0.25), ("pool", 0.125)]
-    assert [r["visual_tokens"] for r in rows] == [None, 64, 32, 64, 32]
-    assert all(r["n"] == 8 and 0 <= r["accuracy"] <= 1 for r in rows)
-    assert (tmp_path / "out" / "showcase.png").stat().st_size > 0
+    args = ("--limit", 8, "--batch-size", 4, "--methods", "cls", "pool", "--budgets", 0.25, 0.125,
+            "--out", tmp_path / "out")
+    showcase(*args)
+    rows = table(tmp_path / "out")
+    assert [(r["method"], r["keep"]) for r in rows] == [("unpatched", ""), ("cls", "0.25"), ("cls", "0.125"),
+                                                        ("pool", "0.25"), ("pool", "0.125")]
+    assert [r["visual_tokens"] for r in rows] == ["256.0", "64.0", "32.0", "64.0", "32.0"]
+    assert all(r["n"] == "8" and 0 <= float(r["accuracy"]) <= 1 for r in rows)
+    for name in ("accuracy_vs_tokens.png", "accuracy_vs_prefill.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
     # a second run resumes from the folder instead of recomputing or overwriting
-    monkeypatch.setattr(cli, "evaluate_vqa", lambda *a, **k: pytest.fail("finished runs must not be recomputed"))
-    showcase("--limit", 8, "--methods", "cls", "pool", "--budgets", 0.25, 0.125, "--out", tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "showcase.json").read_text()) == rows
-    with pytest.raises(SystemExit, match="another model or question count"):
-        showcase("--limit", 16, "--out", tmp_path / "out")
+    monkeypatch.setattr(runner, "generate_batch", lambda *a, **k: pytest.fail("finished runs must not be recomputed"))
+    showcase(*args)
+    assert table(tmp_path / "out") == rows
+    with pytest.raises(SystemExit, match=r"another config \(limit: 8 there, 16 here\)"):
+        showcase("--limit", 16, "--batch-size", 4, "--out", tmp_path / "out")
+    with pytest.raises(SystemExit, match=r"another config \(batch_size: 4 there, 64 here\)"):
+        showcase("--limit", 8, "--out", tmp_path / "out")     # the batch size changes the padding, so the answers
 
 
 def test_showcase_rerun_says_its_results_were_loaded_and_overwrite_recomputes(tmp_path, showcase, monkeypatch):
@@ -68,20 +80,22 @@ def test_showcase_rerun_says_its_results_were_loaded_and_overwrite_recomputes(tm
     first = showcase(*args)
     assert "loaded" not in first
     second = showcase(*args)
-    assert (f"2 of 2 runs loaded from {tmp_path / 'out' / 'showcase.json'}, computed by an earlier showcase and not "
-            f"re-measured (unpatched, cls 0.25); --overwrite recomputes them, or choose another --out folder") in second
+    assert (f"2 of 2 runs loaded from {tmp_path / 'out'}, computed earlier and not re-measured (unpatched, "
+            f"cls 0.25); --overwrite recomputes them, or choose another --out folder") in second
     assert [line.endswith("(loaded)") for line in second.splitlines()[-3:-1]] == [True, True]
     # a new run next to the stored ones: only the stored ones are said to be loaded
     third = showcase("--limit", 4, "--methods", "cls", "--budgets", 0.25, 0.125, "--out", tmp_path / "out")
     assert "2 of 3 runs loaded from" in third and "(unpatched, cls 0.25);" in third
+    assert [line.endswith("(loaded)") for line in third.splitlines()[-4:-1]] == [True, True, False]
     measured = []
-    real = cli.evaluate_vqa
-    monkeypatch.setattr(cli, "evaluate_vqa", lambda *a, **k: measured.append(a[-1]) or real(*a, **k))
+    real = runner.predict
+    monkeypatch.setattr(runner, "predict", lambda *a, **k: measured.append(a[6] and a[6].config["keep"])
+                        or real(*a, **k))
     fourth = showcase(*args, "--overwrite")
-    assert measured == ["unpatched ", "cls 0.25"] and "loaded" not in fourth
-    assert [(r["method"], r["keep"]) for r in json.loads((tmp_path / "out" / "showcase.json").read_text())] == [
-        ("unpatched", None), ("cls", 0.25)]            # replaced, not merged with the third run's rows
-    with pytest.raises(SystemExit, match="replace them with --overwrite"):
+    assert measured == [None, 0.25] and "loaded" not in fourth
+    assert [(r["method"], r["keep"]) for r in table(tmp_path / "out")] == [
+        ("unpatched", ""), ("cls", "0.25")]            # the table of this showcase's runs, not the third's
+    with pytest.raises(SystemExit, match=r"pass overwrite=True \(--overwrite\) to replace it"):
         showcase("--limit", 8, "--out", tmp_path / "out")
 
 
@@ -100,16 +114,17 @@ def test_showcase_on_scenes_reports_every_question_kind(tmp_path, showcase):
                    "--budgets", 0.0625, "--out", tmp_path / "scenes")
     total = len(zoo.vqa_split("scenes", "test")[1])
     assert out.splitlines()[0].startswith(f"tiny-llava-scenes on the first 24 of {total} scenes test questions")
-    rows = json.loads((tmp_path / "scenes" / "showcase.json").read_text())
+    rows = table(tmp_path / "scenes")
     _, questions = zoo.vqa_split("scenes", "test")
     kinds = sorted({kind for *_, kind in questions[:24]})
     assert kinds == ["attribute", "count", "existence", "relation"]
-    assert [sorted(r["by_kind"]) for r in rows] == [kinds, kinds]
-    assert [r["visual_tokens"] for r in rows] == [None, 16]
+    assert [[key.removeprefix("accuracy:") for key in r if key.startswith("accuracy:")] for r in rows] == [kinds] * 2
+    assert [r["visual_tokens"] for r in rows] == ["256.0", "16.0"]
     for r in rows:  # the overall accuracy is the question-weighted mean of the kinds
         n = {k: sum(q[3] == k for q in questions[:24]) for k in kinds}
-        assert r["accuracy"] == pytest.approx(sum(r["by_kind"][k] * n[k] for k in kinds) / 24)
-        assert "attribute " in out and "relation " in out
+        assert float(r["accuracy"]) == pytest.approx(sum(float(r[f"accuracy:{k}"]) * n[k] for k in kinds) / 24)
+    for line, r in zip(out.splitlines()[3:5], rows):  # the printed rows carry each kind's accuracy
+        assert line.endswith("  " + " ".join(f"{k} {float(r[f'accuracy:{k}']):.3f}" for k in kinds))
 
 
 def test_every_showcase_option_has_help(capsys):
@@ -132,3 +147,9 @@ def test_showcase_rejects_bad_counts_naming_the_option(capsys, option, value, me
     with pytest.raises(SystemExit):
         cli.main(["showcase", option, value])
     assert message in capsys.readouterr().err
+
+
+def test_showcase_refuses_a_bad_method_spec_before_any_run(tmp_path):
+    with pytest.raises(SystemExit, match="vlmeff showcase: unknown method 'clss'; available:"):
+        cli.main(["showcase", "--methods", "clss", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -284,13 +284,20 @@ def test_a_torn_last_line_is_dropped_and_a_damaged_middle_line_refused(tmp_path)
         read_jsonl(path)
 
 
-def test_a_finished_folder_is_refused_without_overwrite(tiny, fixtures, tmp_path):
+def test_a_finished_folder_is_refused_without_overwrite(tiny, fixtures, tmp_path, monkeypatch):
     run = dict(data=str(fixtures["pope"]), batch_size=2, max_new_tokens=2, out=tmp_path / "run", progress=False)
-    evaluate(tiny, "pope", **run)
+    first = evaluate(tiny, "pope", **run)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
     with pytest.raises(FileExistsError, match="holds a finished result.*overwrite=True"):
         evaluate(tiny, "pope", **run)
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before    # nothing lost
+    with monkeypatch.context() as patch:     # reuse_finished: read back as stored, nothing loaded or computed
+        patch.setattr(runner, "generate_batch", lambda *a, **k: pytest.fail("a finished run was recomputed"))
+        assert evaluate(tiny, "pope", reuse_finished=True, loader=lambda: pytest.fail("loaded"), **run) == first
+        with pytest.raises(FileExistsError, match=r"holds a finished result of another config \(limit: None "
+                                                  r"there, 3 here\)"):
+            evaluate(tiny, "pope", reuse_finished=True, limit=3, **run)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
     again = evaluate(tiny, "pope", overwrite=True, **run)
     assert again["n"] == 5 and len(read_jsonl(tmp_path / "run" / "predictions.jsonl")) == 5
 
@@ -367,6 +374,8 @@ def test_timings_are_recorded_per_batch(tiny, fixtures, tmp_path):
     assert all(t["prefill_ms"] > 0 and 1 <= t["new_tokens"] <= 3 and t["peak_memory_bytes"] > 0 for t in timings)
     timing = results["efficiency"]["timing"]
     assert timing["device"] == "cpu" and timing["timer"] == "time.perf_counter" and timing["batches"] == 3
+    whole_calls = [t["prefill_ms"] + (t["decode_ms_per_token"] or 0) * (t["new_tokens"] - 1) for t in timings]
+    assert timing["generate_ms_per_example"] == pytest.approx(sum(whole_calls) / 5, rel=1e-12)
     one_token = evaluate(tiny, "pope", data=str(fixtures["pope"]), batch_size=5, max_new_tokens=1, progress=False)
     assert one_token["efficiency"]["timing"]["decode_ms_per_token"] is None    # no token after the first
 

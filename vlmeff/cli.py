@@ -5,12 +5,10 @@
     vlmeff showcase --model tiny-llava-scenes   # the same on multi-object scenes, per question kind
     vlmeff eval --task pope --model llava-hf/llava-1.5-7b-hf --method cls --keep 64 --out runs/pope-cls64
     torchrun --nproc_per_node 4 -m vlmeff eval ...     # data parallel: 4 processes, one result (vlmeff.eval.parallel)
+    vlmeff sweep --task pope --model llava-hf/llava-1.5-7b-hf --methods cls visionzip --budgets 192 128 64 \
+        --out runs/pope-sweep           # or: vlmeff sweep --config sweep.yaml (see vlmeff.eval.sweep)
 """
 import argparse
-import ast
-import contextlib
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -18,22 +16,19 @@ from tqdm import tqdm
 
 import vlmeff
 
-SHOWCASE_MODELS = [name for name in vlmeff.zoo.names() if name != "tiny-vit-evqa"]  # the ViT answers no questions
+from . import zoo
+
+SHOWCASE_MODELS = [name for name in zoo.names() if name != "tiny-vit-evqa"]  # the ViT answers no questions
 
 
 def parse_method(spec):
     """'cls' or 'cls:reduce=merge,score_layers=1' -> ('cls', {'reduce': 'merge', 'score_layers': 1})."""
-    name, _, rest = spec.partition(":")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"method option {item!r} in {spec!r} is not key=value")
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key] = value
-    return name, options
+    from .eval.sweep import parse_method_spec
+
+    try:
+        return parse_method_spec(spec)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def cmd_methods(args):
@@ -45,66 +40,30 @@ def cmd_methods(args):
             print(f"{'':10s} {o.name}={o.default!r}: {o.accepted_text()}")
 
 
-def evaluate_vqa(model, processor, records, images, batch_size, desc):
-    """Exact match of generated answers over (image_id, question, answer, kind) records
-    -> (accuracy, {kind: accuracy}, seconds)."""
-    from .zoo import ask
-    right, start = [], time.perf_counter()
-    for b in tqdm(range(0, len(records), batch_size), desc=desc, leave=False):
-        chunk = records[b:b + batch_size]
-        answers = ask(model, processor, [images[i] for i, *_ in chunk], [q for _, q, _, _ in chunk])
-        right += [p == a for p, (_, _, a, _) in zip(answers, chunk)]
-    seconds = time.perf_counter() - start
-    by_kind = {}
-    for (*_, kind), ok in zip(records, right):
-        by_kind.setdefault(kind, []).append(ok)
-    return sum(right) / max(len(records), 1), {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}, seconds
-
-
 def cmd_showcase(args):
-    from .zoo import dataset, load, vqa_split
+    """The sweep preset on an embedded model and the test split of its dataset: the rows as they come, with the
+    columns showcase has always printed."""
+    from .eval import get_task, load_examples
+    from .eval.sweep import plan, sweep
 
-    torch.manual_seed(0)
-    model, processor = load(args.model)
-    data = dataset(args.model)
-    images, all_records = vqa_split(data, "test")
-    records = all_records[:args.limit] if args.limit else all_records
-    runs = [("unpatched", None, {})] + [(spec, keep, parse_method(spec)) for spec in args.methods for keep in args.budgets]
+    task = zoo.dataset(args.model)
+    total = len(load_examples(get_task(task)))       # the test split, built once for the count and the runs
     out = Path(args.out) if args.out else None
-    done = {} if args.overwrite else load_previous(out, args.model, len(records))
-    rows = []
-    print(f"{args.model} on {subset_line(len(records), len(all_records), data)}")
+    print(f"{args.model} on {subset_line(min(args.limit or total, total), total, task)}")
     print(f"batch {args.batch_size}, {torch.get_num_threads()} CPU threads")
-    reused = [(label, keep) for label, keep, _ in runs if (label, keep) in done]
-    if reused:
-        print(resumed_line(out / "showcase.json", reused, len(runs)))
-    print(f"{'method':22s} {'keep':>7s} {'visual tokens':>13s} {'accuracy':>9s} {'ms/question':>12s} "
-          f"{'speedup':>8s} {'LLM FLOPs':>10s}")
-    for label, keep, parsed in runs:
-        if (label, keep) in done:                # resume: results already in the output folder
-            rows.append(done[(label, keep)])
-            print_row(rows[-1], loaded=True)
-            continue
-        patch = vlmeff.patch(model, method=parsed[0], keep=keep, **parsed[1]) if keep else contextlib.nullcontext()
-        with patch as handle:
-            accuracy, by_kind, seconds = evaluate_vqa(model, processor, records, images, args.batch_size,
-                                                      f"{label} {keep or ''}")
-        stats = handle.stats if handle is not None else {}
-        tokens = stats.get("visual_tokens", {}).get("before LLM", [None])[0] if stats else None
-        flops = stats["prefill_flops"] / stats["prefill_flops_unpatched"] if stats else 1.0
-        row = dict(model=args.model, method=label, keep=keep, visual_tokens=tokens, accuracy=accuracy, by_kind=by_kind,
-                   n=len(records), ms_per_question=1e3 * seconds / len(records), flops_ratio=flops)
-        row["speedup"] = rows[0]["ms_per_question"] / row["ms_per_question"] if rows else 1.0
-        rows.append(row)
-        print_row(row)
-        if out:                                  # after every run, so an interrupted showcase resumes
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "showcase.json").write_text(json.dumps(rows, indent=1))
+    try:
+        print_loaded_runs(out, plan(args.methods, args.budgets), args.overwrite)
+        print(f"{'method':22s} {'keep':>7s} {'visual tokens':>13s} {'accuracy':>9s} {'ms/question':>12s} "
+              f"{'speedup':>8s} {'LLM FLOPs':>10s}")
+        sweep(args.model, task, args.methods, args.budgets, out, limit=args.limit, batch_size=args.batch_size,
+              overwrite=args.overwrite, on_run=print_showcase_row)
+    except (FileExistsError, TypeError, ValueError) as error:   # a refused folder, a bad method spec or option
+        raise SystemExit(f"vlmeff showcase: {error}") from error
     if out:
-        plot_accuracy(rows, out / "showcase.png", args.model)
-        print(f"wrote {out / 'showcase.json'} and {out / 'showcase.png'}")
+        print(f"wrote {', '.join(str(out / name) for name in OUTPUTS)} and a run folder per run")
 
 
+OUTPUTS = ("sweep.md", "sweep.csv", "accuracy_vs_tokens.png", "accuracy_vs_prefill.png")
 DATASET_NAMES = {"easyvqa": "easy-VQA", "scenes": "scenes"}
 
 
@@ -117,51 +76,59 @@ def subset_line(n, total, data="easyvqa"):
             f"split (--limit 0), so its figures differ from these")
 
 
-def resumed_line(path, reused, n_runs):
-    """Says that runs were read back from an earlier showcase rather than measured, and how to re-measure them."""
-    names = ", ".join(f"{label} {keep}" if keep else label for label, keep in reused)
-    return (f"{len(reused)} of {n_runs} runs loaded from {path}, computed by an earlier showcase and not re-measured "
-            f"({names}); --overwrite recomputes them, or choose another --out folder")
+def print_loaded_runs(out, runs, overwrite):
+    """Says which runs an earlier sweep or showcase in `out` finished, and so are read back, not measured."""
+    from .eval.sweep import finished
+
+    reused = [run.name for run in runs if out and not overwrite and finished(out / run.folder)]
+    if reused:
+        print(f"{len(reused)} of {len(runs)} runs loaded from {out}, computed earlier and not re-measured "
+              f"({', '.join(reused)}); --overwrite recomputes them, or choose another --out folder")
 
 
-def load_previous(out, model, n):
-    """(method, keep) -> row of an earlier showcase in `out`; a folder holding other results is an error."""
-    path = out / "showcase.json" if out else None
-    if path is None or not path.exists():
-        return {}
-    rows = json.loads(path.read_text())
-    if any(r.get("model") != model or r["n"] != n for r in rows):
-        raise SystemExit(f"{path} holds results of another model or question count; resume it with the same "
-                         f"--model and --limit, replace them with --overwrite, or choose another --out folder")
-    return {(r["method"], r["keep"]): r for r in rows}
+def print_showcase_row(row, loaded):
+    from .eval.sweep import cell, kinds
+
+    by_kind = "  " + " ".join(f"{kind} {row[key]:.3f}" for key, kind in kinds(row))
+    tqdm.write(f"{row['method']:22s} {row['keep'] or '-':>7} {row['visual_tokens']:>13g} {row['accuracy']:9.4f} "
+               f"{cell(row['ms_per_example'], '.2f'):>12} {cell(row['speedup'], '.2f'):>8} "
+               f"{row['prefill_flops_ratio']:10.2f}" + by_kind + ("  (loaded)" * loaded))
 
 
-def print_row(row, loaded=False):
-    kinds = "  " + " ".join(f"{k} {v:.3f}" for k, v in row.get("by_kind", {}).items())
-    print(f"{row['method']:22s} {row['keep'] or '-':>7} {row['visual_tokens'] or 'all':>13} {row['accuracy']:9.4f} "
-          f"{row['ms_per_question']:12.2f} {row['speedup']:8.2f} {row['flops_ratio']:10.2f}" + kinds
-          + ("  (loaded)" * loaded))
+def cmd_sweep(args):
+    from .eval.sweep import plan, read_spec, sweep
+
+    try:
+        settings = sweep_settings(args, read_spec(args.config) if args.config else {})
+        print_loaded_runs(Path(settings["out"]), plan(settings["methods"], settings["budgets"]),
+                          settings["overwrite"])
+        sweep(**settings)
+    except (FileExistsError, TypeError, ValueError) as error:   # a bad file, a refused folder, a bad method option
+        raise SystemExit(f"vlmeff sweep: {error}") from error
+    out = Path(settings["out"])
+    print((out / "sweep.md").read_text())
+    print(f"wrote {', '.join(str(out / name) for name in OUTPUTS)} and a run folder per run")
 
 
-def plot_accuracy(rows, path, title):
-    """Accuracy against visual tokens kept, one line per method, the unpatched model as a dashed line: one panel
-    for all questions, then one per question kind."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = [("all questions", lambda r: r["accuracy"])] + [
-        (kind, lambda r, kind=kind: r["by_kind"][kind]) for kind in rows[0].get("by_kind", {})]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    for ax, (name, accuracy) in zip(axes[0], panels):
-        ax.axhline(accuracy(rows[0]), ls="--", color="gray", label="unpatched")
-        for method in dict.fromkeys(r["method"] for r in rows[1:]):
-            points = sorted((r["visual_tokens"], accuracy(r)) for r in rows if r["method"] == method)
-            ax.plot(*zip(*points), marker="o", label=method)
-        ax.set(xscale="log", xlabel="visual tokens per image", ylabel="accuracy", title=name)
-    axes[0][0].legend(fontsize="small")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+SWEEP_DEFAULTS = {"model": "tiny-llava-evqa", "batch_size": 16, "overwrite": False}
+SWEEP_REQUIRED = ("methods", "budgets", "out")
+
+
+def sweep_settings(args, from_file):
+    """sweep()'s arguments: the defaults, updated with the file's (--config), updated with the options given on
+    the command line. The task defaults to an embedded model's dataset."""
+    given = {key: value for key, value in vars(args).items() if key not in ("command", "run", "config")}
+    settings = {**SWEEP_DEFAULTS, **from_file, **given}
+    missing = [key for key in SWEEP_REQUIRED if key not in settings]
+    if missing:
+        raise SystemExit(f"vlmeff sweep: missing {', '.join(missing)}; give them as options "
+                         f"({', '.join('--' + key for key in missing)}) or as keys of the --config file")
+    if "task" not in settings:
+        if settings["model"] not in zoo.names():
+            raise SystemExit(f"vlmeff sweep: --task (or the file's task) is needed for {settings['model']!r}, "
+                             f"which is not an embedded model")
+        settings["task"] = zoo.dataset(settings["model"])
+    return settings
 
 
 def cmd_eval(args):
@@ -249,13 +216,15 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list the methods").set_defaults(run=cmd_methods)
     show = sub.add_parser("showcase", help="accuracy (per question kind) and time of an embedded VLM on the test split "
-                                           "of its dataset (easy-VQA or scenes), unpatched vs patched")
+                                           "of its dataset (easy-VQA or scenes), unpatched vs patched: a preset of "
+                                           "vlmeff sweep")
     show.add_argument("--model", default="tiny-llava-evqa", choices=SHOWCASE_MODELS,
                       help="embedded VLM to evaluate (default: %(default)s)")
     show.add_argument("--methods", nargs="+", default=["cls", "random", "pool"],
                       help="method specs, e.g. cls  cls:reduce=merge  received (default: %(default)s)")
-    show.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.125, 0.0625],
-                      help="keep ratios, one run per method and budget (default: %(default)s)")
+    show.add_argument("--budgets", nargs="+", type=keep_value, default=[0.25, 0.125, 0.0625],
+                      help="keep ratios (or int token counts), one run per method and budget (default: "
+                           "%(default)s)")
     show.add_argument("--limit", type=int_at_least(0), default=1000,
                       help="the first N test questions (default: %(default)s); 0: all of them (easy-VQA 9,673, "
                            "scenes 7,876), the full split that README's accuracy tables measure")
@@ -263,13 +232,47 @@ def build_parser():
                       help="questions per padded generate call (default: %(default)s); the time per question "
                            "depends on it")
     show.add_argument("--out", default=None,
-                      help="folder for showcase.json and an accuracy plot; runs already there are loaded, not "
-                           "re-measured (the output says so)")
+                      help="folder for a run folder per run, the table (sweep.md, sweep.csv) and the plots, as "
+                           "vlmeff sweep writes them; runs already finished there are loaded, not re-measured "
+                           "(the output says so)")
     show.add_argument("--overwrite", action="store_true",
                       help="re-measure every run and replace the results already in --out")
     show.set_defaults(run=cmd_showcase)
     add_eval_parser(sub)
+    add_sweep_parser(sub)
     return parser
+
+
+def add_sweep_parser(sub):
+    """`vlmeff sweep`: every option defaults to absent, so that only the ones given replace the --config file's."""
+    from .eval import TASKS
+    from .eval.runner import DTYPES
+
+    sw = sub.add_parser("sweep", argument_default=argparse.SUPPRESS,
+                        help="one LVLM on one task, unpatched and with each method at each budget: a table "
+                             "(Markdown, CSV) and plots of accuracy against visual tokens and prefill time")
+    sw.add_argument("--config", default=None,
+                    help="a YAML or JSON file of the settings below (keys model, task, methods, budgets, out, "
+                         "limit, batch_size, overwrite, data, split, dtype, device_map, max_new_tokens); options "
+                         "given here replace its values")
+    sw.add_argument("--model", help="an embedded model, a local path or a hub name (default: tiny-llava-evqa)")
+    sw.add_argument("--task", type=task_name,
+                    help=f"one of {', '.join(TASKS)} (default: an embedded model's dataset)")
+    sw.add_argument("--methods", nargs="+", help="method specs, e.g. cls  cls:reduce=merge  visionzip:contextual=8")
+    sw.add_argument("--budgets", nargs="+", type=keep_value,
+                    help="visual tokens kept per image, one run per method and budget: int counts or ratios")
+    sw.add_argument("--out", help="folder for a run folder per run, sweep.md, sweep.csv and the plots; finished "
+                                  "runs there are loaded, unfinished ones resume")
+    sw.add_argument("--limit", type=int_at_least(0), help="the first N examples (default or 0: all)")
+    sw.add_argument("--batch-size", type=int_at_least(1), help="examples per generate call (default: 16)")
+    sw.add_argument("--overwrite", action="store_true", help="recompute every run, replacing those in --out")
+    sw.add_argument("--dtype", choices=DTYPES, help="dtype to load the model in (default: auto)")
+    sw.add_argument("--device-map", help="from_pretrained's device_map, e.g. auto (default: the whole model on "
+                                         "cuda if available, else cpu)")
+    sw.add_argument("--split", help="dataset split (default: the task's)")
+    sw.add_argument("--data", help="dataset: a hub name or local path (default: the task's)")
+    sw.add_argument("--max-new-tokens", type=int_at_least(1), help="generation length (default: the task's)")
+    sw.set_defaults(run=cmd_sweep)
 
 
 def add_eval_parser(sub):

@@ -15,8 +15,12 @@ Per example (deterministic, so a resumed run sums to the same totals):
 Per batch (measured on the device the model runs on):
 - prefill latency: from the call of `generate` to its first new token (vision tower, token reduction and LLM
   prefill: the time to first token); decode latency per token: the mean interval between later tokens. CUDA
-  events on a GPU (after one warm-up batch, see the runner), `time.perf_counter` on the CPU. `generate` hands
-  each new token to a streamer; `BatchTimer` is one, so the loop is timed without a change to it.
+  events on a GPU, `time.perf_counter` on the CPU, after one untimed warm-up batch (see the runner).
+  `generate` hands each new token to a streamer; `BatchTimer` is one, so the loop is timed without a change
+  to it.
+- generate time per example: each batch's whole `generate` call (to its last token: prefill + decode) over the
+  examples it answered, summed over the batches (what a user waits per question; the processor's preparation of
+  the inputs is not in it).
 - peak memory: `torch.cuda.max_memory_allocated`, reset before each batch, on a GPU; on the CPU the process's
   peak resident set size (`resource.getrusage(...).ru_maxrss`): the whole process (Python, data, model), and a
   high-water mark that is never reset, so it is the peak so far, not the batch's own.
@@ -146,10 +150,17 @@ def summarize(lines, timings, processes=1):
         "batches": len(latest),
         "prefill_ms": mean([t["prefill_ms"] for t in latest]),
         "decode_ms_per_token": mean(decode),
+        "generate_ms_per_example": (sum(map(generate_ms, latest)) / sum(t["size"] for t in latest)
+                                    if latest else None),
         "peak_memory_bytes": max((t["peak_memory_bytes"] for t in latest), default=None),
         "peak_memory": device and peak_memory_source(device),
     }
     return summary
+
+
+def generate_ms(timing):
+    """The whole generate call of a batch's timing record, in ms: the first token, then the later ones."""
+    return timing["prefill_ms"] + (timing["decode_ms_per_token"] or 0) * (timing["new_tokens"] - 1)
 
 
 def mean(values):

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .rundir import MemoryRun, RunFolder
-from .runner import checked_config, compute, evaluate, plan_run, run_results
+from .runner import checked_config, compute, evaluate, load_model, plan_run, run_results
 
 RAISED_AS_IS = {"FileExistsError": FileExistsError, "ValueError": ValueError}    # refusals the CLI reports
 # how long a process waits in an exchange for the slowest one: a resumed process whose part is complete waits
@@ -201,7 +201,7 @@ def remove_parts(out):
 def compute_part(plan, out, model, progress, label):
     """This process's run folder (or memory, without out), its missing batches computed."""
     part = RunFolder(part_folder(out, *plan.config["shard"]), plan.config) if out is not None else MemoryRun()
-    compute(plan, part, model, None, progress, label)
+    compute(plan, part, lambda: load_model(model, plan.config["dtype"]), progress, label)
     return part
 
 

@@ -9,7 +9,8 @@
 A re-run on the same folder resumes: every complete line is kept; a torn last line (the process died while
 writing it) is cut off the file before anything is appended. A folder that holds a finished result, results of
 another config, or files this runner did not write is refused (nothing is touched) unless `overwrite=True`,
-which deletes the four files above and starts afresh. `MemoryRun` is the same interface without a folder.
+which deletes the four files above and starts afresh; with `reuse_finished=True` a finished result of the same
+config is read back instead (`finished`). `MemoryRun` is the same interface without a folder.
 """
 from __future__ import annotations
 
@@ -22,18 +23,34 @@ FILES = ("config.json", "predictions.jsonl", "timings.jsonl", "results.json")
 
 class RunFolder:
     """The folder `path` of a run of `config` (a JSON-able dict), created if missing; FileExistsError if it
-    holds a finished result, another config's results or files without a config.json, unless overwrite."""
+    holds a finished result, another config's results or files without a config.json, unless overwrite.
+    `finished`: the stored results when reuse_finished and the folder holds a finished run of `config`, else
+    None."""
 
-    def __init__(self, path, config, overwrite=False):
+    def __init__(self, path, config, overwrite=False, reuse_finished=False):
         self.path = Path(path)
         self.config = json.loads(json.dumps(config))      # as it reads back from config.json (tuples -> lists)
+        self.finished = None
         if overwrite:
             for name in FILES:
                 (self.path / name).unlink(missing_ok=True)
+        if reuse_finished and (self.path / "results.json").exists():
+            self.finished = self._same_config_results()
+            return
         self._refuse_foreign()
         self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / "config.json").exists():
             write_atomically(self.path / "config.json", self.config)
+
+    def _same_config_results(self):
+        """The finished results in the folder, or FileExistsError if they are another config's."""
+        results = json.loads((self.path / "results.json").read_text())
+        if results["config"] != self.config:
+            raise FileExistsError(f"{self.path} holds a finished result of another config "
+                                  f"({config_difference(results['config'], self.config)}); re-run it with the same "
+                                  "settings, pass overwrite=True (--overwrite) to replace it, or choose another "
+                                  "out folder")
+        return results
 
     def _refuse_foreign(self):
         results, config = self.path / "results.json", self.path / "config.json"
@@ -77,6 +94,8 @@ class RunFolder:
 
 class MemoryRun:
     """`RunFolder`'s interface for a run without an out folder: nothing to resume, nothing written."""
+
+    finished = None
 
     def __init__(self):
         self._predictions, self._timings = {}, []

@@ -33,7 +33,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 def evaluate(model, task, method=None, keep=None, limit=None, out=None, batch_size=16, overwrite=False, *,
              data=None, split=None, dtype="auto", device_map=None, max_new_tokens=None, shard=None, progress=True,
-             **method_options) -> dict:
+             reuse_finished=False, loader=None, **method_options) -> dict:
     """Accuracy and cost of `model` on `task`; returns (and writes to out/results.json) the results.
 
     model: an embedded name (`vlmeff.zoo.names()`), a local path or hub name (loaded with
@@ -44,7 +44,11 @@ def evaluate(model, task, method=None, keep=None, limit=None, out=None, batch_si
     limit: the first N examples (None or 0: all); shard: (rank, world) to take every world-th batch of them
     from rank (`Plan.shard`; `vlmeff.eval.evaluate_parallel` runs all the shards and scores their union).
     max_new_tokens: default the task's. out: the folder to save to and resume from (None: nothing saved); a
-    folder holding a finished result or another config's results is a FileExistsError unless overwrite=True.
+    folder holding a finished result or another config's results is a FileExistsError unless overwrite=True;
+    with reuse_finished=True a finished result of this same config is returned as stored (nothing is loaded or
+    computed; `vlmeff sweep` re-runs so). loader: a function () -> (model, processor) called instead of
+    `load_model(model, dtype, device_map)` when a batch is to be computed, for a caller that holds that model
+    already (a sweep loads it once for all its runs); the run records `model`'s name all the same.
 
     Returns {"config", "n", "metrics" (metrics.score), "metrics_per_kind" (kind -> metrics, for tasks with
     kinds), "efficiency" (see `efficiency`: per-example means of visual tokens, prompt tokens, prefill FLOPs and
@@ -52,9 +56,11 @@ def evaluate(model, task, method=None, keep=None, limit=None, out=None, batch_si
     """
     spec, config = checked_config(model, task, method, keep, limit, batch_size, data, split, dtype, max_new_tokens,
                                   shard, method_options)
-    run = RunFolder(out, config, overwrite) if out is not None else MemoryRun()      # refused before data loads
+    run = RunFolder(out, config, overwrite, reuse_finished) if out is not None else MemoryRun()  # before data loads
+    if run.finished is not None:
+        return run.finished
     plan = plan_run(spec, config)
-    compute(plan, run, model, device_map, progress)
+    compute(plan, run, loader or (lambda: load_model(model, dtype, device_map)), progress)
     results = run_results(plan, run.predictions(), run.timings())
     run.finish(results)
     return results
@@ -97,17 +103,18 @@ def plan_run(spec, config):
     return whole.shard(*config["shard"]) if config["shard"] else whole
 
 
-def compute(plan, run, model, device_map=None, progress=True, desc=None):
+def compute(plan, run, loader, progress=True, desc=None):
     """Predicts the batches of `plan` that miss a prediction in `run` (whole, see the module's docstring),
-    loading the model only if there is one."""
+    calling loader() -> (model, processor) only if there is one."""
     config, done = plan.config, run.predictions()
     pending = [(b, batch) for b, batch in plan.batches if any(i not in done for i in batch)]
     if not pending:
         return
-    loaded, processor = load_model(model, config["dtype"], device_map)
+    loaded, processor = loader()
     method, keep, options = config["method"], config["keep"], config["options"]
+    label = f"{method} {keep}" if method is not None else "unpatched"
     with tqdm(total=len(plan.positions), initial=sum(i in done for i in plan.positions),
-              desc=desc or f"{plan.spec.name} {method or 'unpatched'}", unit="q", disable=not progress) as bar:
+              desc=desc or f"{plan.spec.name} {label}", unit="q", disable=not progress, leave=False) as bar:
         with patched(loaded, method, keep, options) as handle:
             predict(loaded, processor, plan.examples, pending, done, run, handle, config["max_new_tokens"], bar)
 
@@ -199,14 +206,11 @@ def patched(model, method, keep, options):
 
 def predict(model, processor, examples, pending, done, run, handle, max_new_tokens, bar):
     """Generates the pending batches ((batch number, [example indices])) and appends, per batch, the lines of
-    the examples not yet done and the batch's timing. On a GPU the first batch is run once untimed, for two
-    tokens (a warm-up of the prefill and decode kernels, the allocator and cuBLAS / cuDNN's choices)."""
+    the examples not yet done and the batch's timing, after one untimed warm-up (`warm_up`)."""
     adapter = find_adapter(model)
     value_bytes = model.get_input_embeddings().weight.element_size()
     device = model.device
-    if device.type == "cuda":
-        generate_batch(model, processor, [examples[i] for i in pending[0][1]], min(max_new_tokens, 2),
-                       BatchTimer(device))
+    warm_up(model, processor, [examples[i] for i in pending[0][1]], min(max_new_tokens, 2))
     for number, batch in pending:
         items = [examples[i] for i in batch]
         timer = BatchTimer(device)
@@ -220,6 +224,16 @@ def predict(model, processor, examples, pending, done, run, handle, max_new_toke
         run.append_timing({"batch": number, "size": len(batch), **timer.record(),
                            "peak_memory_bytes": peak_memory_bytes(device), "device": str(device)})
         bar.update(len(lines))
+
+
+def warm_up(model, processor, items, max_new_tokens):
+    """One untimed generate call on a batch, so that the first measured batch pays no one-time cost: on a GPU
+    the kernels, the allocator and cuBLAS / cuDNN's choices; on the CPU too (the first batch of a process
+    measured twice as slow as the next on tiny-llava-evqa, which made the unpatched baseline of a sweep look
+    slow); and a patch's per-device tensors, built at its first call."""
+    inputs = chat_inputs(processor, items, model)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
 
 
 def generate_batch(model, processor, items, max_new_tokens, timer):

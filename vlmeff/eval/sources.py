@@ -9,6 +9,7 @@ Examples are built on access, so images are decoded only when a batch needs them
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,10 +60,17 @@ def joined_examples(task, rows, images):
 def embedded_examples(name, split):
     """easy-VQA or the scenes test bed, one example per question, from `vlmeff.zoo.vqa_split` (which defines the
     splits, "val" being held out from the embedded models' training, and the question kinds)."""
-    from vlmeff import zoo
-
     if split not in EMBEDDED_SPLITS:
         raise ValueError(f"unknown split {split!r} of task {name}; accepted: {', '.join(EMBEDDED_SPLITS)}")
+    return embedded_split(name, split)
+
+
+@functools.cache
+def embedded_split(name, split):
+    """Built once per process: a sweep evaluates the same split once per run, and the scenes are rendered
+    (about a second for a split of 1,000 images)."""
+    from vlmeff import zoo
+
     images, records = zoo.vqa_split(name, split)
     examples = [Example([images[image_id]], question, answer, kind) for image_id, question, answer, kind in records]
     return Examples(len(examples), examples.__getitem__)
