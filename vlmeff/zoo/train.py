@@ -151,11 +151,11 @@ def shipped_tower(name: str) -> dict[str, torch.Tensor]:
 
 
 def stage1_scenes_tower(work: Path, steps: int, seed: int, init_state: dict[str, torch.Tensor],
-                        batch: int = 64) -> dict[str, torch.Tensor]:
+                        batch: int = 64, lr: float = 5e-4) -> dict[str, torch.Tensor]:
     """Stage 1 for scenes: the tower, warm-started from init_state, learns which colour + shape pairs occur (BCE on
     its [CLS] pooled output) and which object class covers each patch (cross-entropy on its layer -2 patch features).
     Returns its state dict (cached in work)."""
-    path = work / f"stage1-scenes-tower-s{seed}-n{steps}.safetensors"
+    path = work / f"stage1-scenes-tower-s{seed}-n{steps}-lr{lr:g}.safetensors"
     if path.exists():
         return load_file(path)
     seed_all(seed)
@@ -178,7 +178,7 @@ def stage1_scenes_tower(work: Path, steps: int, seed: int, init_state: dict[str,
         return heads["presence"](out.pooler_output), heads["patch"](out.hidden_states[-2][:, 1:])
 
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=0.05)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
     sched = schedule(opt, steps, warmup=30)
     pixels, presence, labels = data["train"]
     it, bar, t0 = batches(len(pixels), batch, g), tqdm(range(steps), desc="stage 1 (scenes tower)"), time.time()
@@ -280,11 +280,12 @@ def easyvqa_stage2_data() -> tuple[list, list[list[tuple[str, str]]], int]:
     return [images[i] for i in tr + va], [qa[i] for i in tr + va], len(tr)
 
 
-def scenes_stage2_data() -> tuple[list, list[list[tuple[str, str]]], int]:
-    """Same for scenes: the train split, then the val split."""
+def scenes_stage2_data(train_per_kind: int = 2) -> tuple[list, list[list[tuple[str, str]]], int]:
+    """Same for scenes: the train split (with up to train_per_kind questions of each kind per image), then the val
+    split (as `scenes.load_split` makes it)."""
     images, qa = [], []
     for split in ("train", "val"):
-        scs, questions = scenes.load_split(split)
+        scs, questions = scenes.load_split(split, per_kind=train_per_kind if split == "train" else 2)
         per_image = [[] for _ in scs]
         for q in questions:
             per_image[q.image_id].append((q.question, q.answer))
@@ -294,7 +295,7 @@ def scenes_stage2_data() -> tuple[list, list[list[tuple[str, str]]], int]:
 
 
 def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch: int = 16,
-                 checkpoints: Path | None = None) -> None:
+                 checkpoints: Path | None = None, lr: float = 1e-3, train_per_kind: int = 2) -> None:
     """Stage 2: trains projector + LM on cached frozen-tower features, saves model + processor to out/name (and, given
     checkpoints, every 200 steps to checkpoints/name-step<N>)."""
     seed_all(seed)
@@ -304,13 +305,13 @@ def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch
     model.model.vision_tower.requires_grad_(False)
     n_img = (processor.image_processor.crop_size["height"] // processor.patch_size) ** 2
     pad_id = processor.tokenizer.pad_token_id
-    images, qa, n_train = scenes_stage2_data() if dataset == "scenes" else easyvqa_stage2_data()
+    images, qa, n_train = scenes_stage2_data(train_per_kind) if dataset == "scenes" else easyvqa_stage2_data()
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     feats = tower_features(model, pixels)  # (N,256,D), training images first
     packs = encode_packs(processor, qa, n_img)  # one pack per image, all its questions
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = schedule(opt, steps, warmup=50)
     cfg = model.config.text_config
     g = torch.Generator().manual_seed(seed)
@@ -395,7 +396,10 @@ def main(argv=None) -> None:
                    help="held-out answer accuracy jumps from < 0.95 to ~0.995 after 1,000-1,400 steps")
     p.add_argument("--vit-steps", type=int, default=600)
     p.add_argument("--scenes-stage1-steps", type=int, default=400)
+    p.add_argument("--scenes-stage1-lr", type=float, default=5e-4)
     p.add_argument("--scenes-stage2-steps", type=int, default=3000)
+    p.add_argument("--scenes-stage2-lr", type=float, default=1e-3)
+    p.add_argument("--scenes-questions-per-kind", type=int, default=2, help="per train image, in stage 2")
     p.add_argument("--threads", type=int, help="torch CPU threads; 1 is much faster on a CPU shared with other jobs")
     a = p.parse_args(argv)
     if a.threads:
@@ -405,8 +409,10 @@ def main(argv=None) -> None:
         if name == "tiny-vit-evqa":
             train_vit(a.out, a.vit_steps, a.seed)
         elif name == "tiny-llava-scenes":
-            tower = stage1_scenes_tower(a.work, a.scenes_stage1_steps, a.seed, shipped_tower("tiny-llava-evqa"))
-            stage2_llava(name, tower, a.out, a.scenes_stage2_steps, a.seed, checkpoints=a.work / "checkpoints")
+            tower = stage1_scenes_tower(a.work, a.scenes_stage1_steps, a.seed, shipped_tower("tiny-llava-evqa"),
+                                        lr=a.scenes_stage1_lr)
+            stage2_llava(name, tower, a.out, a.scenes_stage2_steps, a.seed, checkpoints=a.work / "checkpoints",
+                         lr=a.scenes_stage2_lr, train_per_kind=a.scenes_questions_per_kind)
         else:
             stage2_llava(name, stage1_tower(a.work, a.stage1_steps, a.seed), a.out, a.stage2_steps, a.seed)
 
