@@ -24,6 +24,34 @@ def tiny_llava(strategy="default"):
     return LlavaForConditionalGeneration(cfg).eval()
 
 
+def tiny_llava_with_processor(attention="sdpa", padding_side="left"):
+    """(model, processor) for the evaluation tests: a tiny random LLaVA (CLIP 32 px, patch 8: 16 patches + [CLS];
+    Llama 2 layers) with the embedded models' word-level tokenizer, chat template and `LlavaProcessor`."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from vlmeff.zoo import build
+
+    torch.manual_seed(0)
+    tokenizer = build.build_tokenizer()
+    tokenizer.padding_side = padding_side
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, chat_template=build.CHAT_TEMPLATE,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, initializer_range=0.2)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
+                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    cfg._attn_implementation = attention
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
+
+
 def prompt(text_before, n_images, text_after, tokens_per_image=16):
     ids = list(text_before)
     for _ in range(n_images):

@@ -10,16 +10,13 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor)
 
+from lvlm_models import tiny_llava_with_processor
 from vlmeff.eval import evaluate, metrics
 from vlmeff.eval.parallel import Group, launcher_ranks, open_union, part_folder
 from vlmeff.eval.rundir import read_jsonl
 from vlmeff.eval.runner import batch_grid
-from vlmeff.zoo import build
 
 ROOT = Path(__file__).resolve().parents[1]
 # MME asks two questions per image. Here the two questions of every image are 3 to 5 apart, so that with batches
@@ -33,22 +30,7 @@ RUN = ["--task", "mme", "--method", "cls", "--keep", "4", "--batch-size", "2", "
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random LLaVA (CLIP 32 px, patch 8: 16 patches + [CLS]; Llama 2 layers), saved."""
-    torch.manual_seed(0)
-    tokenizer = build.build_tokenizer()
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer, patch_size=8, chat_template=build.CHAT_TEMPLATE,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, initializer_range=0.2)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
-                                                      vision_feature_layer=-2,
-                                                      image_token_id=tokenizer.convert_tokens_to_ids("<image>")))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model, processor = tiny_llava_with_processor()
     folder = tmp_path_factory.mktemp("model")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

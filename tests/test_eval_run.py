@@ -10,15 +10,13 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor)
 
+from lvlm_models import tiny_llava_with_processor
 import vlmeff
 from vlmeff import cli, zoo
 from vlmeff.eval import TASKS, evaluate, get_task, load_examples, metrics, runner
 from vlmeff.eval.efficiency import BatchTimer, example_counts
 from vlmeff.eval.rundir import read_jsonl
-from vlmeff.zoo import build
 
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
@@ -28,26 +26,9 @@ MEASURED = "timing"            # the efficiency entry that is measured, not coun
 # -- a tiny LLaVA (CLIP 32 px, patch 8: 16 patches + [CLS]; Llama 2 layers) with the embedded models' tokenizer --
 @pytest.fixture(scope="module")
 def tiny():
-    """(model, processor): eager attention, so that torch's FlopCounterMode sees the attention matmuls."""
-    torch.manual_seed(0)
-    tokenizer = build.build_tokenizer()
-    tokenizer.padding_side = "right"            # the runner pads on the left whatever the tokenizer's default
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer, patch_size=8, chat_template=build.CHAT_TEMPLATE,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, initializer_range=0.2)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
-                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-    cfg._attn_implementation = "eager"
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, processor
+    """(model, processor): eager attention, so that torch's FlopCounterMode sees the attention matmuls; the
+    tokenizer pads on the right, as the runner pads on the left whatever the tokenizer's default."""
+    return tiny_llava_with_processor(attention="eager", padding_side="right")
 
 
 # -- local dataset fixtures in each hub format ------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Selectors: turn a budget and scores into the indices of the tokens to keep."""
 import numbers
 
-import torch
 
 
 def check_keep(keep):
