@@ -80,6 +80,8 @@ def test_vqa_split_kinds():
     assert {kind for *_, kind in easy} == {"shape", "color", "yes/no"}
     with pytest.raises(ValueError, match="'train', 'val', 'test'"):
         zoo.vqa_split("scenes", "dev")
+    with pytest.raises(ValueError, match="unknown embedded dataset 'gqa'; valid: 'easyvqa', 'scenes'"):
+        zoo.vqa_split("gqa")
 
 
 def test_shipped_scenes_model_answers_the_first_test_questions():

@@ -79,6 +79,8 @@ def vqa_split(data: str, split: str = "test") -> tuple[dict, list[tuple[int, str
     "shape", "color" and "yes/no" (by answer). Scenes: the split of `vlmeff.data.scenes`, kinds as it defines them.
     """
     _check_split(split)
+    if data not in ("easyvqa", "scenes"):
+        raise ValueError(f"unknown embedded dataset {data!r}; valid: 'easyvqa', 'scenes'")
     if data == "scenes":
         from vlmeff.data import scenes
 
