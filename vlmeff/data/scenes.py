@@ -56,6 +56,18 @@ class SceneObject:
         return " ".join(getattr(self, w) for w in words)
 
 
+def draw_object(draw: ImageDraw.ImageDraw, o: SceneObject, scale: float, fill) -> None:
+    """Draws o's shape, its layout scaled by `scale` (pixels per IMAGE_SIZE pixel), filled with `fill`."""
+    h, cx, cy = SIZES[o.size] * scale / 2, o.x * scale, o.y * scale
+    box = (cx - h, cy - h, cx + h, cy + h)
+    if o.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif o.shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=fill)
+
+
 @dataclass(frozen=True)
 class Scene:
     objects: tuple[SceneObject, ...]
@@ -68,37 +80,20 @@ class Scene:
         big = Image.new("RGB", (image_size * _SUPERSAMPLE,) * 2, self.background)
         draw = ImageDraw.Draw(big)
         for o in self.objects:
-            h = SIZES[o.size] * s / 2
-            cx, cy = o.x * s, o.y * s
-            box = (cx - h, cy - h, cx + h, cy + h)
-            if o.shape == "circle":
-                draw.ellipse(box, fill=COLORS[o.color])
-            elif o.shape == "square":
-                draw.rectangle(box, fill=COLORS[o.color])
-            else:
-                draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=COLORS[o.color])
+            draw_object(draw, o, s, COLORS[o.color])
         image = big.resize((image_size, image_size), Image.BOX)
         if self.texture_seed is None:
             return image
         noise = np.random.default_rng(self.texture_seed).normal(0, 6, (image_size, image_size, 1))
         return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
 
-
     def patch_labels(self, patch: int = 4, image_size: int = IMAGE_SIZE) -> np.ndarray:
         """(G,G) int64, G = image_size // patch: `object_class` of the object covering the most pixels of each patch
         if it covers at least a quarter of it, else 0 (background). Rasterised from the description, no anti-aliasing."""
         index = Image.new("L", (image_size, image_size), 0)
         draw = ImageDraw.Draw(index)
-        s = image_size / IMAGE_SIZE
         for k, o in enumerate(self.objects, 1):
-            h, cx, cy = SIZES[o.size] * s / 2, o.x * s, o.y * s
-            box = (cx - h, cy - h, cx + h, cy + h)
-            if o.shape == "circle":
-                draw.ellipse(box, fill=k)
-            elif o.shape == "square":
-                draw.rectangle(box, fill=k)
-            else:
-                draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=k)
+            draw_object(draw, o, image_size / IMAGE_SIZE, k)
         g = image_size // patch
         blocks = np.asarray(index, dtype=np.int64)[: g * patch, : g * patch].reshape(g, patch, g, patch).transpose(0, 2, 1, 3)
         counts = np.stack([(blocks == k).sum((2, 3)) for k in range(len(self.objects) + 1)])  # (K+1,G,G)
