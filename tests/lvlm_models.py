@@ -289,3 +289,52 @@ def setup_any(family):
     build, inputs = EVERY_FAMILY[family]
     model = build()
     return model, inputs(model)
+
+
+# -- generate modes, a single sample, labels: shared by the pre-LLM and in-LLM tests ------------------------------
+def single(inputs):
+    """Sample 0 of a two-sample batch of any family, unpadded, with its own images (assisted decoding: batch 1)."""
+    if "image_grid_thw" in inputs:
+        return qwen_inputs([A])
+    valid = inputs["attention_mask"][0].bool()
+    out = {k: v[:1, valid] for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    pixel_values = inputs["pixel_values"]
+    out["pixel_values"] = pixel_values[:2] if pixel_values.shape[0] == 3 else pixel_values[:1]   # internvl: 2 tiles
+    if "image_sizes" in inputs:
+        out["image_sizes"] = inputs["image_sizes"][:1]
+    return out
+
+
+GENERATE_MODES = {
+    "greedy": dict(do_sample=False),
+    "sample": dict(do_sample=True, top_k=20),
+    "beams": dict(do_sample=False, num_beams=3),
+    "sample_n": dict(do_sample=True, num_return_sequences=2),
+    "beams_n": dict(do_sample=False, num_beams=3, num_return_sequences=2),
+    "beam_scores": dict(do_sample=False, num_beams=3, num_return_sequences=2, return_dict_in_generate=True,
+                        output_scores=True, output_logits=True),
+    "prompt_lookup": dict(do_sample=False, prompt_lookup_num_tokens=2),
+    "assistant": dict(do_sample=False),          # assistant_model: an unpatched copy
+}
+
+
+def run_generate(model, inputs, mode, assistant):
+    kwargs = dict(GENERATE_MODES[mode], max_new_tokens=3, suppress_tokens=[IMAGE])
+    if mode == "assistant":
+        kwargs["assistant_model"] = assistant
+    if mode in ("prompt_lookup", "assistant"):       # transformers runs assisted decoding at batch size 1
+        inputs = single(inputs)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return model.generate(**inputs, **kwargs)
+
+
+def labelled(inputs):
+    """inputs with labels: every attended text token its own id, placeholders and padding -100. The first two
+    text tokens of the shorter sample are masked as well, so that the samples differ by at least two tokens after the
+    reduction (new pad slots beyond the first column, whose label is never a target)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].clone()
+    short = int(mask.sum(1).argmin())
+    first = int(mask[short].argmax())
+    mask[short, first:first + 2] = 0
+    return dict(inputs, attention_mask=mask, labels=ids.masked_fill((ids == IMAGE) | (mask == 0), -100))

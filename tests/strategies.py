@@ -129,8 +129,10 @@ def traces(model):
 
 # -- methods and options -----------------------------------------------------------------------------------------
 def usable_methods(kind, has_cls):
-    """Methods vlmeff offers for this model kind ("vit" / "lvlm"), [CLS] methods only where there is a [CLS]."""
-    return [m.name for m in vlmeff.methods() if kind in m.model_kinds and (has_cls or not m.needs_cls)]
+    """Methods vlmeff offers for this model kind ("vit" / "lvlm") in the vision encoder or before the LLM, [CLS]
+    methods only where there is a [CLS]."""
+    return [m.name for m in vlmeff.methods() if kind in m.model_kinds and (has_cls or not m.needs_cls)
+            and m.acts_in != ("inside LLM",)]            # the in-LLM engine has its own tests (test_llm_stage)
 
 
 @st.composite

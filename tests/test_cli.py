@@ -153,3 +153,22 @@ def test_showcase_refuses_a_bad_method_spec_before_any_run(tmp_path):
     with pytest.raises(SystemExit, match="vlmeff showcase: unknown method 'clss'; available:"):
         cli.main(["showcase", "--methods", "clss", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_calibrate_writes_a_schedule_that_patch_accepts(tmp_path, untrained_weights, monkeypatch, capsys):
+    """`vlmeff calibrate` on the train split of the scenes model (8-layer LM): a debiased schedule for it that
+    `vlmeff.patch` reloads; an existing file is not overwritten."""
+    import vlmeff
+
+    monkeypatch.setattr(zoo, "WEIGHTS", untrained_weights)
+    out = tmp_path / "debias.json"
+    args = ["calibrate", "--model", "tiny-llava-scenes", "--n", "8", "--batch-size", "4", "--out", str(out)]
+    cli.main(args)
+    assert "8 scenes train questions" in capsys.readouterr().out
+    model, _ = zoo.load("tiny-llava-scenes")
+    with vlmeff.patch(model, "debiased", keep=0.25, schedule=out) as patch:
+        assert patch.config["schedule"]["samples"] == 8 and patch.config["schedule"]["positions"] == 256
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        cli.main(args)
+    with pytest.raises(SystemExit, match="the train split of scenes has"):
+        cli.main([*args[:-2], "--n", "10000000", "--out", str(tmp_path / "other.json")])

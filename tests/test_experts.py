@@ -310,7 +310,7 @@ def test_calibrate_refuses_bad_options(qwen_moe):
     with pytest.raises(ValueError, match="method='fastv'"):
         vlmeff.calibrate(qwen_moe[0], [], method="fastv")
     with pytest.raises(ValueError, match="target_skip=1.2"):
-        vlmeff.calibrate(qwen_moe[0], [], target_skip=1.2)
+        vlmeff.calibrate(qwen_moe[0], [], method="modes", target_skip=1.2)
 
 
 def test_calibration_data_is_seeded_train_data():

@@ -127,10 +127,11 @@ def test_mrope_model_refuses_compact_positions():
     vlmeff.patch(model, "received", keep=4, positions="original").unpatch()
 
 
-@pytest.mark.parametrize("method", [["cls"], None, 1])
+@pytest.mark.parametrize("method", [{"cls"}, None, 1])
 def test_method_that_is_not_a_string_is_a_type_error(method):
-    with pytest.raises(TypeError, match=r"method must be a str, one of cls, pool, random, received, tome, "
-                                        r"visionzip; got " + re.escape(repr(method))):
+    with pytest.raises(TypeError, match=r"method must be a str, one of cls, debiased, fastv, pdrop, pool, random, "
+                                        r"received, tome, visionzip \(or a list of \(method, options\) pairs\); "
+                                        r"got " + re.escape(repr(method))):
         vlmeff.patch(tiny_timm_vit(), method=method, keep=8)
 
 
@@ -144,15 +145,25 @@ def test_unknown_option_lists_keep_and_suggests_the_closest_name():
         vlmeff.patch(tiny_timm_vit(), method="rnadom", keep=8)
 
 
+# methods whose budget is not a count, or that need an option: PyramidDrop's keep is an average share of the visual
+# tokens over the decoder layers; Attention Debiasing needs its fitted trend (here the published preset)
+BUDGET_AND_REQUIRED = {"pdrop": (0.75, {}), "debiased": (4, {"schedule": "llava-1.5"})}
+
+
 def test_every_method_patches_with_its_defaults_and_forward_runs(llava):
     vit, x = tiny_timm_vit(), images()
     for info in vlmeff.methods():
         for kind, model, call in (("vit", vit, lambda: run(vit, x)), ("lvlm", llava, lambda: logits(llava, two_samples()))):
             if kind not in info.model_kinds:
                 continue
-            with vlmeff.patch(model, info.name, keep=4) as p:
+            keep, required = BUDGET_AND_REQUIRED.get(info.name, (4, {}))
+            with vlmeff.patch(model, info.name, keep=keep, **required) as p:
                 call()
-            assert p.config == {"method": info.name, "keep": 4, **info.defaults}
+            config = {"method": info.name, "keep": keep, **info.defaults, **required}
+            if "schedule" in config:              # the preset, as loaded
+                config["schedule"] = p.config["schedule"]
+                assert p.config["schedule"]["preset"] == "llava-1.5"
+            assert p.config == config
             assert p.stats["visual_tokens"], (info.name, kind)
 
 
@@ -167,9 +178,12 @@ def test_every_family_bounds_score_layers_by_its_tower_and_patches_with_defaults
                                          rf"{depth - 1}\]"):
         vlmeff.patch(model, "received", keep=4, score_layers=depth)
     has_cls = find_adapter(model).has_cls
+    in_llm = {"fastv", "pdrop", "debiased"}
     for info in vlmeff.methods():
-        if "lvlm" in info.model_kinds and (has_cls or not info.needs_cls):
-            vlmeff.patch(model, info.name, keep=4).unpatch()
+        if "lvlm" in info.model_kinds and (has_cls or not info.needs_cls) and not (
+                family == "gemma3" and info.name in in_llm):         # sliding-window LM: refused, see test_llm_stage
+            keep, required = BUDGET_AND_REQUIRED.get(info.name, (4, {}))
+            vlmeff.patch(model, info.name, keep=keep, **required).unpatch()
     assert not hasattr(model, "_vlmeff_patch")
 
 

@@ -2,7 +2,8 @@
 from . import zoo
 from .api import patch
 from .errors import UnsupportedModelError
-from .experts import calibrate, skip_experts
+from .calibration import calibrate
+from .experts import skip_experts
 from .patching import Patch
 from .registry import MethodInfo, method_info, methods
 from .structural import MlpPruneReport, load_pruned_mlp, prune_mlp, save_pruned_mlp

@@ -7,6 +7,7 @@
     torchrun --nproc_per_node 4 -m vlmeff eval ...     # data parallel: 4 processes, one result (vlmeff.eval.parallel)
     vlmeff sweep --task pope --model llava-hf/llava-1.5-7b-hf --methods cls visionzip --budgets 192 128 64 \
         --out runs/pope-sweep           # or: vlmeff sweep --config sweep.yaml (see vlmeff.eval.sweep)
+    vlmeff calibrate --model tiny-llava-scenes --method debiased --split train --out debias.json   # vlmeff.calibrate
 """
 import argparse
 from pathlib import Path
@@ -148,6 +149,27 @@ def cmd_eval(args):
         print_results(results, Path(args.out) / "results.json")
 
 
+def cmd_calibrate(args):
+    """Fit a method's calibration on questions of a task's split (default train) and write its schedule file."""
+    from .calibration import calibrate, task_batches
+    from .eval.runner import load_model
+
+    task = args.task or (zoo.dataset(args.model) if args.model in zoo.names() else None)
+    if task is None:
+        raise SystemExit(f"vlmeff calibrate: --task is needed for {args.model!r}, which is not an embedded model")
+    if Path(args.out).exists() and not args.overwrite:
+        raise SystemExit(f"vlmeff calibrate: {args.out} exists; pass --overwrite to replace it")
+    try:
+        model, processor = load_model(args.model, args.dtype)
+        batches = task_batches(model, processor, task, args.split, args.n, args.batch_size, args.seed, args.data)
+        options = {"base": args.base} if args.method == "debiased" else {}
+        schedule = calibrate(model, batches, method=args.method, path=args.out, **options)
+    except ValueError as error:
+        raise SystemExit(f"vlmeff calibrate: {error}") from error
+    print(f"{args.method} ({schedule.get('base', '')}) on {schedule.get('samples')} {task} {args.split} questions: "
+          f"{schedule.get('trend', '')} trend {schedule.get('coefficients', '')}; wrote {args.out}")
+
+
 def print_results(results, path):
     """The metrics, per kind, and the efficiency of an eval run."""
     c, e = results["config"], results["efficiency"]
@@ -239,6 +261,7 @@ def build_parser():
                       help="re-measure every run and replace the results already in --out")
     show.set_defaults(run=cmd_showcase)
     add_eval_parser(sub)
+    add_calibrate_parser(sub)
     add_sweep_parser(sub)
     return parser
 
@@ -302,6 +325,31 @@ def add_eval_parser(sub):
     ev.add_argument("--max-new-tokens", type=int_at_least(1), default=None,
                     help="generation length (default: the task's)")
     ev.set_defaults(run=cmd_eval)
+
+
+def add_calibrate_parser(sub):
+    from .calibration import CALIBRATED
+    from .eval.runner import DTYPES
+
+    cal = sub.add_parser("calibrate", help="fit a method's calibration (vlmeff.calibrate) on questions of a task's "
+                                           "training split and write its schedule file")
+    cal.add_argument("--model", default="tiny-llava-evqa",
+                     help="an embedded model, a local path or a hub name (default: %(default)s)")
+    cal.add_argument("--method", choices=[m for m in CALIBRATED if m != "modes"], default="debiased",
+                     help="the method to calibrate (default: %(default)s; MoDES: vlmeff.calibrate in Python)")
+    cal.add_argument("--base", choices=["fastv", "pdrop"], default="fastv",
+                     help="debiased: the scorer whose trend is fitted (default: %(default)s)")
+    cal.add_argument("--task", type=task_name, default=None, help="the task whose questions calibrate (default: an "
+                                                                  "embedded model's dataset)")
+    cal.add_argument("--split", default="train", help="never the split you evaluate on (default: %(default)s)")
+    cal.add_argument("--data", default=None, help="dataset: a hub name or local path (default: the task's)")
+    cal.add_argument("--n", type=int_at_least(1), default=256, help="questions (default: %(default)s)")
+    cal.add_argument("--batch-size", type=int_at_least(1), default=32, help="(default: %(default)s)")
+    cal.add_argument("--seed", type=int, default=0, help="which questions are drawn (default: %(default)s)")
+    cal.add_argument("--dtype", choices=DTYPES, default="auto", help="(default: %(default)s)")
+    cal.add_argument("--out", required=True, help="the schedule file (JSON) to write")
+    cal.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    cal.set_defaults(run=cmd_calibrate)
 
 
 def main(argv=None):

@@ -38,3 +38,27 @@ def kv_cache_bytes(text_config, n, bytes_per_value):
     """Bytes of the K and V caches of n tokens over all layers."""
     layers, _, _, kv_dim, _, _ = llm_dims(text_config)
     return 2 * layers * n * kv_dim * bytes_per_value
+
+
+def staged_prefill_flops(text_config, n, drops):
+    """Prefill FLOPs of the LM's decoder layers on a prompt of n tokens from which, before decoder layer l, r tokens
+    are removed, for each (l, r) of `drops` (layers increasing): FastV's count, each layer at its own length."""
+    layers, dim, attn_dim, kv_dim, mlp_dim, mats = llm_dims(text_config)
+    bounds = [layer for layer, _ in drops] + [layers]
+    total = bounds[0] * layer_flops(n, dim, attn_dim, mlp_dim, mats, kv_dim=kv_dim)
+    for (layer, removed), end in zip(drops, bounds[1:]):
+        n -= removed
+        total += (end - layer) * layer_flops(n, dim, attn_dim, mlp_dim, mats, kv_dim=kv_dim)
+    return total
+
+
+def staged_kv_cache_bytes(text_config, n, drops, bytes_per_value):
+    """Bytes of the K and V caches of an n-token prompt pruned as `drops` says (see `staged_prefill_flops`): each
+    layer caches the tokens it saw."""
+    layers, _, _, kv_dim, _, _ = llm_dims(text_config)
+    bounds = [layer for layer, _ in drops] + [layers]
+    tokens = bounds[0] * n
+    for (layer, removed), end in zip(drops, bounds[1:]):
+        n -= removed
+        tokens += (end - layer) * n
+    return 2 * tokens * kv_dim * bytes_per_value

@@ -1,4 +1,7 @@
 """`Patch`: the handle returned by `vlmeff.patch`; owns every hook and instance-level override it installed."""
+import contextlib
+
+_MISSING = object()
 
 
 class Patch:
@@ -22,7 +25,8 @@ class Patch:
         self.config = config
         self.stats = {}
         self._handles = []
-        self._overridden = []
+        self._overridden = []          # (object, name, the value it had on the instance or _MISSING)
+        self._depth = 0                # nesting of `calling` blocks
         setattr(model, self.ATTR, self)
 
     def new_call(self):
@@ -30,15 +34,30 @@ class Patch:
         that raises leaves them empty; what a completed call records is the engine's: see its docstring)."""
         self.stats = {}
 
+    @contextlib.contextmanager
+    def calling(self):
+        """A block around a patched call of the caller: the outermost one starts a new call (`new_call`), nested
+        ones (an engine's wrapper inside another's, the forwards generate makes) do not."""
+        if self._depth == 0:
+            self.new_call()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
     def hook(self, handle):
         self._handles.append(handle)
 
     def override(self, obj, name, fn):
-        """Set `obj.<name>` (a method such as forward or generate) on this instance only; the class is untouched."""
-        if name in vars(obj):
+        """Set `obj.<name>` (a method such as forward or generate) on this instance only; the class is untouched.
+        This patch may override a name it overrode already (the engines of one patch stack, the later wrapping the
+        earlier); a name some other code set on the instance is an error."""
+        ours = any(o is obj and n == name for o, n, _ in self._overridden)
+        if name in vars(obj) and not ours:
             raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on this instance by other code")
+        self._overridden.append((obj, name, vars(obj).get(name, _MISSING)))
         setattr(obj, name, fn)
-        self._overridden.append((obj, name))
 
     @property
     def active(self):
@@ -49,8 +68,11 @@ class Patch:
             return
         for handle in self._handles:
             handle.remove()
-        for obj, name in self._overridden:
-            delattr(obj, name)
+        for obj, name, previous in reversed(self._overridden):
+            if previous is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, previous)
         self._handles.clear()
         self._overridden.clear()
         delattr(self.model, self.ATTR)

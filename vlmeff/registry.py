@@ -6,6 +6,7 @@ Adding an option is one line, e.g. `ORDER = Option("order", "tome", *choice("tom
 """
 import difflib
 import numbers
+import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
@@ -15,9 +16,10 @@ class ModelContext:
     """What option ranges depend on, read from the model's adapter by `vlmeff.patch`.
 
     kind ("vit" or "lvlm"), family (the model's name in messages), depth (layers that `layer` and `score_layers`
-    index: the ViT's layers, or the LVLM's vision tower), reduce_layer (the layer after which the tokens are
+    index: the ViT's layers, the LVLM's vision tower, or for methods inside the LLM its decoder layers), reduce_layer (the layer after which the tokens are
     reduced unless `layer` says otherwise: a quarter of a ViT's depth, an LVLM tower's feature layer), mrope
-    (positions are M-RoPE), keep (the budget of the call), options (the call's options, resolved so far).
+    (positions are M-RoPE), keep (the budget of the call), options (the call's options, resolved so far),
+    first_layer (methods inside the LLM: the shallowest decoder layer whose input may be pruned).
     """
 
     kind: str
@@ -27,6 +29,7 @@ class ModelContext:
     mrope: bool = False
     keep: object = None
     options: dict = field(default_factory=dict)
+    first_layer: int = 1          # inside the LLM: the shallowest layer that may prune (deepstack models: deeper)
 
     @property
     def last(self):
@@ -209,6 +212,95 @@ PROP_ATTN = Option("prop_attn", True, (bool,), accepted="True or False (proporti
 SEED = Option("seed", 0, (int,), lambda v, c: 0 <= v < 2 ** 64, "an int in [0, 2**64)")
 
 
+# -- inside the LLM: FastV, PyramidDrop, Attention Debiasing (layers index the decoder) ----------------------------
+def _llm_layer_ok(value, ctx):
+    return _index(value, ctx) and ctx.first_layer <= value % ctx.depth
+
+
+def _llm_range(ctx):
+    return (f"decoder layer indices in [{ctx.first_layer}, {ctx.last}] (or counted from the end, down to "
+            f"{ctx.first_layer - ctx.depth}; layer 0 and the layers before {ctx.first_layer} keep every token)")
+
+
+def _base_is(value, ctx, base):
+    return ctx.options.get("base", base) == base
+
+
+def _fastv_layer_valid(value, ctx):
+    return value is None or (_base_is(value, ctx, "fastv") and _llm_layer_ok(value, ctx))
+
+
+def _fastv_layer_accepted(ctx):
+    if not _base_is(None, ctx, "fastv"):
+        return "None only: with base='pdrop' the stages are set by layers and ratios"
+    from .pruners.stages import FASTV_LAYER, scale_layer
+    scaled = scale_layer(FASTV_LAYER, ctx.depth, ctx.first_layer)
+    return (f"None (FastV's K = {FASTV_LAYER} of 32 layers, scaled: layer {scaled} of this model's {ctx.depth}) or "
+            f"one of the {_llm_range(ctx)}")
+
+
+def _pdrop_layers_valid(value, ctx):
+    if value is None:
+        return True
+    if not _base_is(value, ctx, "pdrop") or not isinstance(value, (list, tuple)) or not value:
+        return False
+    if not all(_is_int(v) and _llm_layer_ok(v, ctx) for v in value):
+        return False
+    wrapped = [v % ctx.depth for v in value]
+    return all(a < b for a, b in zip(wrapped, wrapped[1:]))
+
+
+def _pdrop_layers_accepted(ctx):
+    if not _base_is(None, ctx, "pdrop"):
+        return "None only: with base='fastv' the stage is set by layer"
+    from .pruners.stages import PDROP_LAYERS, scaled_pdrop
+    scaled = list(scaled_pdrop(ctx.depth, ctx.first_layer)[0])
+    return (f"None (PyramidDrop's layers {list(PDROP_LAYERS)} of 32, scaled: {scaled} on this model) or a non-empty "
+            f"list of increasing {_llm_range(ctx)}")
+
+
+def _stage_count(ctx):
+    from .pruners.stages import scaled_pdrop
+    layers = ctx.options.get("layers")
+    return len(scaled_pdrop(ctx.depth, ctx.first_layer)[0]) if layers is None else len(layers)
+
+
+def _pdrop_ratios_valid(value, ctx):
+    if value is None:
+        return True
+    if not _base_is(value, ctx, "pdrop") or not isinstance(value, (list, tuple)) or len(value) != _stage_count(ctx):
+        return False
+    if not all(isinstance(v, float) and 0.0 < v <= 1.0 for v in value):
+        return False
+    return all(a >= b for a, b in zip(value, value[1:]))
+
+
+def _pdrop_ratios_accepted(ctx):
+    if not _base_is(None, ctx, "pdrop"):
+        return "None only: with base='fastv' the budget is keep"
+    return (f"None (0.5, 0.25, 0.125 ...: lambda = 0.5 per stage) or a list of {_stage_count(ctx)} non-increasing "
+            "floats in (0, 1], one per stage: the share of the sample's visual tokens kept after it")
+
+
+def _schedule_valid(value, ctx):
+    return value is not None
+
+
+LLM_LAYER = Option("layer", None, (type(None), int), _fastv_layer_valid,
+                   "None (FastV's K = 2 of 32 layers, scaled to the model's depth) or a decoder layer index >= 1",
+                   _fastv_layer_accepted)
+PDROP_LAYERS = Option("layers", None, (type(None), list, tuple), _pdrop_layers_valid,
+                      "None (PyramidDrop's 8, 16, 24 of 32 layers, scaled) or a list of increasing decoder layer "
+                      "indices >= 1", _pdrop_layers_accepted)
+PDROP_RATIOS = Option("ratios", None, (type(None), list, tuple), _pdrop_ratios_valid,
+                      "None (0.5, 0.25, 0.125) or one non-increasing float in (0, 1] per stage",
+                      _pdrop_ratios_accepted)
+DEBIAS_BASE = Option("base", "fastv", *choice("fastv", "pdrop"))
+SCHEDULE = Option("schedule", None, (type(None), str, dict, os.PathLike), _schedule_valid,
+                  "a calibration file written by vlmeff.calibrate(model, data, method='debiased') (path or its "
+                  "loaded dict) or the preset 'llava-1.5' (the reference's FastV polynomial for LLaVA-1.5-7B)")
+
+
 def contextual_count(contextual, k):
     """Contextual tokens out of a budget of k (VisionZip): a count as given, a share rounded, at most k - 1 so
     one dominant token stays. A count above k - 1, possible only when keep is a ratio, is a ValueError."""
@@ -265,6 +357,13 @@ register("random", "Keep a uniformly random subset of patches (baseline)", "base
          ("vit", "lvlm"), (LAYER, REDUCE, SEED, POSITIONS))
 register("pool", "Average-pool the patch grid down to the budget (baseline)", "baseline",
          ("vision encoder", "before LLM"), ("vit", "lvlm"), (LAYER, POSITIONS))
+register("fastv", "Drop the visual tokens the last prompt token attends to least at decoder layer K - 1, from "
+         "layer K on (FastV)", "FastV arXiv 2403.06764", ("inside LLM",), ("lvlm",), (LLM_LAYER,))
+register("pdrop", "Drop visual tokens in stages inside the LLM, ranked by the last instruction token's attention "
+         "(PyramidDrop)", "PyramidDrop arXiv 2410.17247", ("inside LLM",), ("lvlm",), (PDROP_LAYERS, PDROP_RATIOS))
+register("debiased", "FastV or PyramidDrop with the positional (recency) trend removed from their scores "
+         "(Attention Debiasing)", "Attention Debiasing arXiv 2508.17807", ("inside LLM",), ("lvlm",),
+         (DEBIAS_BASE, LLM_LAYER, PDROP_LAYERS, PDROP_RATIOS, SCHEDULE))
 
 
 def methods():
@@ -276,7 +375,8 @@ def method_info(name):
     """The record of one method; TypeError for a non-string, ValueError naming the known methods otherwise."""
     available = ", ".join(sorted(_METHODS))
     if not isinstance(name, str):
-        raise TypeError(f"method must be a str, one of {available}; got {name!r}")
+        raise TypeError(f"method must be a str, one of {available} (or a list of (method, options) pairs); got "
+                        f"{name!r}")
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; available: {available}{_did_you_mean(name, _METHODS)}")
     return _METHODS[name]

@@ -69,28 +69,28 @@ class PreLLMReduction:
             kwargs = {**dict(zip(names, args)), **kwargs}
             if self._generating:               # a step of our generate: its prompt is reduced already
                 return forward(**kwargs)
-            self.patch.new_call()              # a call that fails leaves no stats of an earlier one
-            if kwargs.get("pixel_values") is None:
-                self._record_text_only(kwargs)
-                return forward(**kwargs)
-            return forward(**self.reduce_inputs(kwargs, numbering="forward"))
+            with self.patch.calling():         # a call that fails leaves no stats of an earlier one
+                if kwargs.get("pixel_values") is None:
+                    self._record_text_only(kwargs)
+                    return forward(**kwargs)
+                return forward(**self.reduce_inputs(kwargs, numbering="forward"))
 
         @functools.wraps(generate)
         def patched_generate(*args, **kwargs):
             if args:                                   # generate(input_ids, ...)
                 kwargs["input_ids"], args = args[0], args[1:]
             caller_ids = kwargs.get("input_ids")
-            self.patch.new_call()
-            if kwargs.get("pixel_values") is not None:
-                reduced = self.reduce_inputs(kwargs, numbering="generate")
-            else:
-                reduced = self._continue_conversation(kwargs)
-                self._record_text_only(reduced)
-            self._generating = True
-            try:
-                out = generate(*args, **reduced)
-            finally:
-                self._generating = False
+            with self.patch.calling():
+                if kwargs.get("pixel_values") is not None:
+                    reduced = self.reduce_inputs(kwargs, numbering="generate")
+                else:
+                    reduced = self._continue_conversation(kwargs)
+                    self._record_text_only(reduced)
+                self._generating = True
+                try:
+                    out = generate(*args, **reduced)
+                finally:
+                    self._generating = False
             if reduced.get("input_ids") is caller_ids:
                 return out
             return with_caller_prompt(out, caller_ids, reduced["input_ids"].shape[1])

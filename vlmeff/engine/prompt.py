@@ -72,21 +72,31 @@ def shrink(kwargs, keep, new_length, right, pad_token_id):
     B, L = ids.shape
     if kwargs.get("attention_mask") is None:
         kwargs["attention_mask"] = torch.ones_like(ids)
-    length = keep.sum(1, keepdim=True)
-    column = keep.long().cumsum(1) - 1                     # slot of each kept token among its sample's kept tokens
-    if not right:
-        column = column + new_length - length
-    # dropped tokens all land in one spare column past the end, cut off below
-    column = column.masked_fill(~keep, new_length)
-    source = ids.new_zeros(B, new_length + 1).scatter_(1, column, torch.arange(L, device=ids.device).expand(B, L))
-    filled = keep.new_zeros(B, new_length + 1).scatter_(1, column, keep)
-    source, filled = source[:, :new_length], filled[:, :new_length]
+    source, filled = compaction(keep, new_length, right)
     for name, value in list(kwargs.items()):
         if torch.is_tensor(value) and value.dim() >= 2 and value.shape[-2:] == (B, L):
             lead = value.shape[:-2]
             gathered = value.gather(-1, source.expand(*lead, B, new_length))
             kwargs[name] = gathered.masked_fill(~filled.expand(*lead, B, new_length), pad_value(name, pad_token_id))
     return kwargs
+
+
+def compaction(keep, new_length, right=False):
+    """The kept columns of each row, in order, packed into new_length slots.
+
+    keep [B, L] bool, at most new_length True per row. Returns (source [B, new_length] long: the column each slot
+    takes, 0 for a new pad slot; filled [B, new_length] bool: the slot holds a kept column). The pad slots of a
+    row with fewer kept columns come first (last when `right`).
+    """
+    B, L = keep.shape
+    column = keep.long().cumsum(1) - 1                     # slot of each kept token among its sample's kept tokens
+    if not right:
+        column = column + new_length - keep.sum(1, keepdim=True)
+    # dropped tokens all land in one spare column past the end, cut off below
+    column = column.masked_fill(~keep, new_length)
+    source = column.new_zeros(B, new_length + 1).scatter_(1, column, torch.arange(L, device=keep.device).expand(B, L))
+    filled = keep.new_zeros(B, new_length + 1).scatter_(1, column, keep)
+    return source[:, :new_length], filled[:, :new_length]
 
 
 def pad_value(name, pad_token_id):

@@ -2,10 +2,13 @@
 
 Per example (deterministic, so a resumed run sums to the same totals):
 - visual tokens: the image placeholders the LLM reads. Unpatched: the processor's placeholders in the prompt;
-  patched: `Patch.stats["visual_tokens"]["before LLM"]` (per image, summed over the example's images).
+  patched: `Patch.stats["visual_tokens"]["before LLM"]` (per image, summed over the example's images); methods
+  inside the LLM (`Patch.stats["llm_stages"]`): the mean over the decoder layers of the visual tokens each sees
+  (the "average token budget" of PyramidDrop's and FastV's comparisons).
 - prompt tokens: the attended prompt length the LLM prefills (unpatched: the attention mask's sum; patched:
   minus the visual tokens the patch removed).
-- prefill FLOPs and KV-cache bytes of the prompt: `vlmeff.flops` (`llm_prefill_flops`, `kv_cache_bytes`) of
+- prefill FLOPs and KV-cache bytes of the prompt: `vlmeff.flops` (`llm_prefill_flops`, `kv_cache_bytes`; with
+  stages inside the LLM `staged_prefill_flops`, `staged_kv_cache_bytes`, each layer at its own length) of
   those lengths, the functions behind `Patch.stats["prefill_flops"]` / `["kv_cache_bytes"]` and their
   `_unpatched` values, which are their sums over a batch (tests check the sums, and the FLOPs against
   `torch.utils.flop_counter`). LLM decoder layers only: 2 x MACs of the
@@ -34,7 +37,7 @@ import time
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..flops import kv_cache_bytes, llm_prefill_flops
+from ..flops import kv_cache_bytes, llm_prefill_flops, staged_kv_cache_bytes, staged_prefill_flops
 
 COUNTS = ("visual_tokens", "visual_tokens_unpatched", "prompt_tokens", "prompt_tokens_unpatched",
           "prefill_flops", "prefill_flops_unpatched", "kv_cache_bytes", "kv_cache_bytes_unpatched")
@@ -108,19 +111,37 @@ def example_counts(inputs, images_per_example, image_token_id, stats, text_confi
     mask = inputs["attention_mask"].bool()
     prompt_unpatched = mask.sum(1).tolist()
     visual_unpatched = ((inputs["input_ids"] == image_token_id) & mask).sum(1).tolist()
-    visual = per_example(stats["visual_tokens"]["before LLM"], images_per_example) if stats else visual_unpatched
+    tokens = stats["visual_tokens"] if stats else {}
+    visual = per_example(tokens["before LLM"], images_per_example) if "before LLM" in tokens else visual_unpatched
+    stages = (stats or {}).get("llm_stages") or []         # methods inside the LLM: [(layer, kept per sample)]
+    depth = text_config.num_hidden_layers
     counts = []
-    for seen, seen_unpatched, length_unpatched in zip(visual, visual_unpatched, prompt_unpatched):
+    for b, (seen, seen_unpatched, length_unpatched) in enumerate(zip(visual, visual_unpatched, prompt_unpatched)):
         length = length_unpatched - seen_unpatched + seen
+        drops, previous = [], seen
+        for layer, kept in stages:
+            drops.append((layer, previous - kept[b]))
+            previous = kept[b]
         counts.append({
-            "visual_tokens": seen, "visual_tokens_unpatched": seen_unpatched,
+            "visual_tokens": mean_over_layers(seen, drops, depth), "visual_tokens_unpatched": seen_unpatched,
             "prompt_tokens": length, "prompt_tokens_unpatched": length_unpatched,
-            "prefill_flops": llm_prefill_flops(text_config, length),
+            "prefill_flops": staged_prefill_flops(text_config, length, drops),
             "prefill_flops_unpatched": llm_prefill_flops(text_config, length_unpatched),
-            "kv_cache_bytes": kv_cache_bytes(text_config, length, value_bytes),
+            "kv_cache_bytes": staged_kv_cache_bytes(text_config, length, drops, value_bytes),
             "kv_cache_bytes_unpatched": kv_cache_bytes(text_config, length_unpatched, value_bytes),
         })
     return counts
+
+
+def mean_over_layers(visual, drops, depth):
+    """The visual tokens the decoder layers see, averaged over the `depth` layers: `visual` at the LLM's input,
+    fewer from each (layer, removed) of `drops` on (PyramidDrop's "average token budget"); `visual` without drops."""
+    total, start = 0, 0
+    for layer, removed in drops:
+        total += (layer - start) * visual
+        visual, start = visual - removed, layer
+    total += (depth - start) * visual
+    return total / depth if drops else visual
 
 
 def per_example(per_image, images_per_example):

@@ -75,11 +75,12 @@ class Run:
 
 
 def parse_method_spec(spec):
-    """'cls' or 'cls:reduce=merge,score_layers=1' -> ('cls', {'reduce': 'merge', 'score_layers': 1}); values are
-    Python literals where they parse as one, else strings. ValueError for an option that is not key=value."""
+    """'cls' or 'cls:reduce=merge,score_layers=(1,2)' -> ('cls', {'reduce': 'merge', 'score_layers': (1, 2)});
+    values are Python literals where they parse as one, else strings; commas inside brackets belong to the value.
+    ValueError for an option that is not key=value."""
     name, _, rest = spec.partition(":")
     options = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, top_level_items(rest)):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
@@ -88,6 +89,18 @@ def parse_method_spec(spec):
         except (ValueError, SyntaxError):
             options[key] = value
     return name, options
+
+
+def top_level_items(text):
+    """'a=1,b=[1,2],c=x' -> ['a=1', 'b=[1,2]', 'c=x']: split at the commas outside brackets and parentheses, so
+    that list values such as layers=[1,3,5] stay whole."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "([") - (char in ")]")
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return items + [text[start:]]
 
 
 def plan(methods, budgets):

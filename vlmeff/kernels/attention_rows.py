@@ -3,13 +3,14 @@ few launches as possible: a whole SDPA call is one kernel, so every extra small 
 import torch
 
 
-def attention_rows(q_rows, k, scale, mean_rows=False, chunk=None):
+def attention_rows(q_rows, k, scale, mean_rows=False, chunk=None, key_mask=None):
     """Head-mean softmax(q_rows @ k^T * scale).
 
     q_rows: [B, H, Q, d] queries of the rows wanted; k: [B, Hk, N, d] keys, Hk dividing H (grouped-query
     attention: query head h reads key head h // (H / Hk), as `repeat_interleave` would give). Returns [B, Q, N]
     float32 probabilities averaged over the H heads, or with `mean_rows` [B, N] averaged over the Q rows too
-    (queries then processed `chunk` at a time, so memory stays O(chunk x N)). Computed in float32: scores feed
+    (queries then processed `chunk` at a time, so memory stays O(chunk x N)). key_mask [B, N] bool (one query row
+    only): the keys the row may attend to (padding and later tokens False), the others get probability 0. Computed in float32: scores feed
     rankings, where bf16 logits would reorder near-ties. Costs B*H*Q*N*d multiply-adds: Q/N of the attention's
     own Q @ K^T (one row: Hk times that, see `_one_row`).
     Launches (float32 inputs): one row 4 (diag_embed, baddbmm, softmax, mean); Q rows in one chunk 5 (two copies
@@ -19,8 +20,10 @@ def attention_rows(q_rows, k, scale, mean_rows=False, chunk=None):
     Hk = k.shape[1]
     if H % Hk:
         raise ValueError(f"query heads ({H}) must be a multiple of key heads ({Hk})")
+    if key_mask is not None and Q != 1:
+        raise ValueError("key_mask is supported for one query row")
     if Q == 1:
-        probs = _one_row(q_rows, k, scale)
+        probs = _one_row(q_rows, k, scale, key_mask)
         return probs if mean_rows else probs[:, None]
     # [B * Hk, N, d] contiguous float32: one copy at most (none for contiguous float32 keys)
     keys = k.to(torch.float32, memory_format=torch.contiguous_format).reshape(B * Hk, k.shape[2], d).transpose(1, 2)
@@ -48,8 +51,9 @@ def _rows(q_rows, keys_t, scale, Hk, mean_rows):
     return probs.mean(dim=(1, 2, 3)) if mean_rows else probs.mean(dim=(1, 2))
 
 
-def _one_row(q_rows, k, scale):
-    """One query row [B, H, 1, d] against k [B, Hk, N, d] -> [B, N], reading k where it lies.
+def _one_row(q_rows, k, scale, key_mask=None):
+    """One query row [B, H, 1, d] against k [B, Hk, N, d] -> [B, N], reading k where it lies (key_mask [B, N]:
+    the keys attended, one more launch).
 
     The keys are read in token-major layout [B, N, Hk * d] (a view of what the k projection wrote, no copy) and
     multiplied by a block-diagonal [Hk * d, H] matrix holding each head's query in its key head's rows: one
@@ -63,4 +67,6 @@ def _one_row(q_rows, k, scale):
     blocks = torch.diag_embed(q.permute(0, 3, 2, 1), dim1=1, dim2=3).reshape(B, Hk * d, H)
     keys = k.transpose(1, 2).reshape(B, N, Hk * d).float()
     logits = torch.baddbmm(keys.new_empty(()), keys, blocks, beta=0, alpha=scale)   # [B, N, H]
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, :, None], float("-inf"))
     return logits.softmax(dim=1).mean(dim=2)

@@ -1,9 +1,12 @@
 """What every LVLM adapter provides to the pre-LLM engine (`vlmeff.engine.lvlm`), with the defaults of a HF
 model whose `model.model.get_image_features` returns one feature block per image from a CLIP/SigLIP tower."""
+import functools
+
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..engine.capture import TowerCapture
+from .decoder import DecoderAdapter
 from .hf_vision import HFViTAdapter
 
 
@@ -42,6 +45,11 @@ class LVLMAdapter:
         self.pad_token_id = cfg.text_config.pad_token_id or 0
         self.tower = self.tower_adapter(model.model.vision_tower)
         self.has_cls = self.tower.has_cls
+
+    @functools.cached_property
+    def decoder(self):
+        """The language model, for methods inside the LLM (UnsupportedModelError where they cannot act)."""
+        return DecoderAdapter(self.model.model.language_model, self.family)
 
     def encode(self, image_kwargs):
         """Per-image feature blocks [N_i, D] (list), from the model's own `get_image_features`."""

@@ -18,6 +18,7 @@ the last block; Qwen2.5-VL: the last full-attention block), from the block's pos
 frame), in query chunks, then averaged over each merge group to give one score per feature row. Qwen2.5-VL runs
 its blocks on a window-permuted order of the merge groups; scores are mapped back to the merger's output order.
 """
+import functools
 import sys
 from types import SimpleNamespace
 
@@ -25,6 +26,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..pruners.scores import received_attention
+from .decoder import DecoderAdapter
 
 QUERY_CHUNK = 256
 
@@ -58,6 +60,11 @@ class QwenVLAdapter:
         self.output_type = BaseModelOutputWithPooling
         self._encoding = False       # the capture hooks act only while `encode` runs the tower
         self._set_rope_deltas = False
+
+    @functools.cached_property
+    def decoder(self):
+        """The language model, for methods inside the LLM."""
+        return DecoderAdapter(self.model.model.language_model, self.family)
 
     # -- features ---------------------------------------------------------------------------------------------
     def encode(self, image_kwargs):

@@ -1,0 +1,529 @@
+"""Pruning inside the LLM (FastV, PyramidDrop, Attention Debiasing) on tiny random LVLMs of the LLaVA and Qwen-VL
+lines: full budget is the unpatched model in every generate mode, scores equal eager attention, the pruned forward
+equals an oracle that runs the decoder on the kept tokens itself, cache / batch / labels / multi-turn consistency,
+composition with a method before the LLM, calibration files, and errors."""
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vlmeff
+from lvlm_models import (EVERY_FAMILY, GENERATE_MODES, IMAGE, Recorder, generate, labelled, logits, run_generate,
+                         setup_any, single, tiny_llava)
+from opcount import OpCounter
+from vlmeff.errors import UnsupportedModelError
+from vlmeff.flops import staged_prefill_flops
+from vlmeff.pruners import debias, stages
+
+LLM_FAMILIES = [f for f in EVERY_FAMILY if f != "gemma3"]
+ORACLE_FAMILIES = ["llava", "next", "qwen2", "qwen2_5"]      # decoders without deepstack additions
+
+
+def pdrop_full(model):
+    n = len(stages.scaled_pdrop(model.config.text_config.num_hidden_layers,
+                                max(1, len(getattr(model.config.vision_config, "deepstack_visual_indexes", None)
+                                           or [])))[0])
+    return dict(ratios=[1.0] * n)
+
+
+def full_budget(method, model):
+    return dict(keep=1.0) if method == "fastv" else pdrop_full(model)
+
+
+# -- full budget: the unpatched model ------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", LLM_FAMILIES)
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_full_budget_is_identical_and_unpatch_restores(family, method):
+    model, inputs = setup_any(family)
+    ref_logits, ref_tokens = logits(model, inputs), generate(model, inputs)
+    with vlmeff.patch(model, method, **full_budget(method, model)) as patch:
+        assert torch.equal(logits(model, inputs), ref_logits)
+        assert torch.equal(generate(model, inputs), ref_tokens)
+        tokens = patch.stats["visual_tokens"]
+        assert all(v == tokens["LLM input"] for v in tokens.values())
+    keep = dict(keep=0.25) if method == "fastv" else {}
+    with vlmeff.patch(model, method, **keep) as patch:
+        pruned = logits(model, inputs)
+        assert pruned.shape == ref_logits.shape and not torch.allclose(pruned, ref_logits)
+        assert patch.stats["prefill_flops"] < patch.stats["prefill_flops_unpatched"]
+    assert torch.equal(logits(model, inputs), ref_logits)
+    assert torch.equal(generate(model, inputs), ref_tokens)
+    assert "forward" not in vars(model) and "generate" not in vars(model)
+
+
+@pytest.mark.parametrize("mode", [m for m in GENERATE_MODES if m not in ("prompt_lookup", "assistant")])
+@pytest.mark.parametrize("family", ["llava", "qwen2", "qwen3"])
+def test_every_generate_mode_equals_unpatched_at_full_budget(family, mode):
+    model, inputs = setup_any(family)
+    ref = run_generate(model, inputs, mode, None)
+    with vlmeff.patch(model, "fastv", keep=1.0):
+        out = run_generate(model, inputs, mode, None)
+    if mode != "beam_scores":
+        assert torch.equal(out, ref)
+        return
+    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(out.sequences_scores, ref.sequences_scores)
+    assert torch.equal(torch.stack(out.scores), torch.stack(ref.scores))
+
+
+# -- scores: the eager attention row ---------------------------------------------------------------------------
+def eager_rows(model, inputs):
+    """Per layer, the head-mean attention row of each sample's last token [B, L], from the unpatched model run with
+    eager attention and output_attentions (materialised matrices, written by transformers, not by vlmeff)."""
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    return [a[:, :, -1].mean(1) for a in out.attentions]
+
+
+@pytest.mark.parametrize("family", LLM_FAMILIES)
+def test_scores_equal_the_eager_attention_row(family):
+    """FastV ranks by layer K - 1's last-token row, PyramidDrop by each stage layer's own (at full budget the stage
+    layers see the unpruned sequence, so every stage's row is the unpatched model's)."""
+    model, inputs = setup_any(family)
+    rows = eager_rows(model, inputs)
+    with vlmeff.patch(model, "fastv", keep=1.0) as patch:
+        logits(model, inputs)
+        (scores, visual, _), = patch.stats["llm_scores"]
+    K = stages.scale_layer(2, model.config.text_config.num_hidden_layers,
+                           max(1, len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or [])))
+    torch.testing.assert_close(scores, rows[K - 1].float(), atol=1e-6, rtol=1e-5)
+    assert torch.equal(visual, inputs["input_ids"] == IMAGE)
+    full = pdrop_full(model)
+    with vlmeff.patch(model, "pdrop", **full) as patch:
+        logits(model, inputs)
+        layers = [int(k.split()[-1]) for k in patch.stats["visual_tokens"] if k.startswith("after")]
+        for layer, (scores, _, _) in zip(layers, patch.stats["llm_scores"]):
+            torch.testing.assert_close(scores, rows[layer].float(), atol=1e-6, rtol=1e-5)
+
+
+# -- the pruned forward: an oracle that runs the decoder on the kept tokens ---------------------------------------
+def oracle_logits(model, inputs, kept, K):
+    """Logits of each sample's last token [B, V] computed without vlmeff: the language model's own layers run on the
+    sample alone (no padding, causal attention), on every token before layer K and on the columns `kept` [B, L]
+    from layer K on, each with its original position (the position ids the model gave it)."""
+    lm = model.model.language_model
+    with Recorder(lm) as rec, torch.no_grad():
+        model(**inputs)
+    embeds, positions = rec.kwargs["inputs_embeds"], rec.kwargs.get("position_ids")
+    B, L = embeds.shape[:2]
+    if positions is None:
+        positions = torch.arange(L).expand(B, L)
+    if positions.dim() == 3 and positions.shape[0] == 4:          # Qwen-VL: a text row ahead of (t, h, w)
+        positions = positions[1:]
+    out = []
+    with torch.no_grad():
+        for b in range(B):
+            columns = inputs["attention_mask"][b].bool()
+            for i, layer in enumerate(lm.layers):
+                if i == 0 or i == K:
+                    h = embeds[b:b + 1, columns] if i == 0 else h[:, kept[b][columns.nonzero()[:, 0]]]
+                    pos = positions[..., b:b + 1, :][..., columns] if i == 0 else pos[..., kept[b][columns]]
+                    rope = lm.rotary_emb(h, pos)
+                h = layer(h, attention_mask=None, position_embeddings=rope, position_ids=None)
+            out.append(model.lm_head(lm.norm(h))[0, -1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family", ORACLE_FAMILIES)
+def test_pruned_forward_equals_the_decoder_run_on_the_kept_tokens(family):
+    model, inputs = setup_any(family)
+    with vlmeff.patch(model, "fastv", keep=0.25) as patch:
+        out = logits(model, inputs)[:, -1]
+        kept = patch.stats["llm_kept"]
+    K = stages.scale_layer(2, model.config.text_config.num_hidden_layers)
+    visual = inputs["input_ids"] == IMAGE
+    assert torch.equal((kept & visual).sum(1), (visual.sum(1) * 0.25).round().long())
+    assert torch.equal(kept | visual, torch.ones_like(kept))           # only visual tokens are dropped
+    torch.testing.assert_close(out, oracle_logits(model, inputs, kept, K), atol=2e-5, rtol=1e-5)
+
+
+def test_the_kept_tokens_are_the_top_scored_visual_tokens():
+    model, inputs = setup_any("llava")
+    rows = eager_rows(model, inputs)
+    with vlmeff.patch(model, "fastv", keep=5) as patch:
+        logits(model, inputs)
+        kept = patch.stats["llm_kept"]
+    visual = inputs["input_ids"] == IMAGE
+    for b in range(2):
+        scores = rows[0][b].masked_fill(~visual[b], -1)                 # K = 1 on 4 layers: layer 0's row
+        assert set(scores.topk(5).indices.tolist()) == set((kept[b] & visual[b]).nonzero()[:, 0].tolist())
+
+
+# -- consistency: cache, batch, labels, follow-up turns ---------------------------------------------------------
+@pytest.mark.parametrize("family", LLM_FAMILIES)
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_cached_generation_equals_recomputation_without_cache(family, method):
+    """Without a cache generate recomputes the whole sequence at every step; the scoring query stays the prompt's
+    last token, so every step prunes what the cached prefill pruned."""
+    model, inputs = setup_any(family)
+    kw = dict(return_dict_in_generate=True, output_logits=True)
+    keep = dict(keep=0.5) if method == "fastv" else {}
+    with vlmeff.patch(model, method, **keep):
+        cached = generate(model, inputs, **kw)
+        recomputed = generate(model, inputs, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(recomputed.logits), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", LLM_FAMILIES)
+def test_batch_equals_samples_one_by_one(family):
+    """The samples of the batch keep different column counts (different padding, or images), so the stage layout
+    has new pad slots; each sample's logits and tokens equal its own run alone."""
+    model, inputs = setup_any(family)
+    alone_inputs = single(inputs)
+    with vlmeff.patch(model, "fastv", keep=0.5):
+        batched = logits(model, inputs)[0, -1]
+        tokens = generate(model, inputs)
+        alone = logits(model, alone_inputs)[0, -1]
+        alone_tokens = generate(model, alone_inputs)
+    torch.testing.assert_close(batched, alone, atol=2e-5, rtol=1e-5)
+    L, L0 = inputs["input_ids"].shape[1], alone_inputs["input_ids"].shape[1]
+    assert torch.equal(tokens[0, L:], alone_tokens[0, L0:])
+
+
+def test_samples_without_images_and_with_two_images_in_one_batch():
+    from lvlm_models import B, C, qwen_inputs, tiny_qwen
+    model = tiny_qwen("qwen2")
+    inputs = qwen_inputs([B, C])
+    with vlmeff.patch(model, "fastv", keep=4) as patch:
+        out = logits(model, inputs)
+        assert patch.stats["visual_tokens"]["LLM input"] == [16, 0]
+        assert patch.stats["visual_tokens"]["after LLM layer 1"] == [4, 0]
+        text_alone = logits(model, qwen_inputs([C]))
+    torch.testing.assert_close(out[1, -1], text_alone[0, -1], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2", "qwen3"])
+def test_loss_with_labels_is_the_cross_entropy_of_the_reduced_sequence(family):
+    """Labels on every text token and on the placeholders too (the hardest case: dropped tokens have labels).
+    Oracle: the reduced sequence is the kept columns; each kept token predicts the next kept one."""
+    model, inputs = setup_any(family)
+    inputs = labelled(inputs)
+    ids = inputs["input_ids"]
+    inputs["labels"] = ids.masked_fill(inputs["attention_mask"] == 0, -100)
+    caller_labels = inputs["labels"].clone()
+    with vlmeff.patch(model, "fastv", keep=0.5) as patch, torch.no_grad():
+        out = model(**inputs)
+        kept = patch.stats["llm_kept"]
+    assert torch.equal(inputs["labels"], caller_labels)                  # the caller's tensor is untouched
+    per_token, targets = [], []
+    for b in range(ids.shape[0]):
+        columns = kept[b].nonzero()[:, 0]
+        per_token.append(out.logits[b, columns[:-1]])
+        targets.append(caller_labels[b, columns[1:]])
+    oracle = torch.nn.functional.cross_entropy(torch.cat(per_token).float(), torch.cat(targets), ignore_index=-100)
+    torch.testing.assert_close(out.loss, oracle, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        ref = model(**inputs).loss
+        with vlmeff.patch(model, "fastv", keep=1.0):
+            assert torch.equal(model(**inputs).loss, ref)
+
+
+def test_follow_up_turn_continues_on_the_pruned_cache():
+    """Turn 2 on the returned cache equals the oracle run on the full conversation with turn 1's kept tokens."""
+    model, inputs = setup_any("llava")
+    with vlmeff.patch(model, "fastv", keep=0.25) as patch:
+        first = generate(model, inputs, return_dict_in_generate=True)
+        kept = patch.stats["llm_kept"]
+        ids2 = torch.cat([first.sequences, torch.tensor([[7, 8], [9, 10]])], dim=1)
+        mask2 = torch.cat([inputs["attention_mask"], torch.ones(2, ids2.shape[1] - kept.shape[1], dtype=torch.long)],
+                          dim=1)
+        second = generate(model, dict(input_ids=ids2, attention_mask=mask2), cache=first.cache,
+                          return_dict_in_generate=True, output_logits=True)
+    grown = torch.cat([kept, torch.ones(2, ids2.shape[1] - kept.shape[1], dtype=torch.bool)], dim=1)
+    turn2 = dict(input_ids=ids2, attention_mask=mask2, pixel_values=inputs["pixel_values"])
+    # the oracle numbers positions like generate does: attended tokens from 0
+    turn2["position_ids"] = (mask2.cumsum(1) - 1).clamp(min=0)
+    torch.testing.assert_close(second.logits[0], oracle_logits(model, turn2, grown, 1), atol=2e-5, rtol=1e-5)
+
+
+def test_decoding_on_the_pruned_cache_reads_the_host_as_unpatched():
+    """A decode step: the added work is the stage masks, no host read."""
+    model, inputs = setup_any("llava")
+
+    def step_syncs():
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+            with OpCounter() as counter:
+                model(input_ids=torch.tensor([[5], [6]]), attention_mask=mask, cache=out.cache)
+        return counter.syncs
+
+    base = step_syncs()
+    with vlmeff.patch(model, "fastv", keep=0.25):
+        assert step_syncs() == base
+
+
+def test_prefill_adds_one_host_read():
+    model, inputs = setup_any("llava")
+    with OpCounter() as base, torch.no_grad():
+        model(**inputs)
+    with vlmeff.patch(model, "fastv", keep=0.25), OpCounter() as patched, torch.no_grad():
+        model(**inputs)
+    assert patched.syncs - base.syncs == 1
+
+
+# -- FLOPs ------------------------------------------------------------------------------------------------------
+def test_prefill_flops_match_torch_flop_counter():
+    """The stats' FastV count equals torch's count of the decoder layers' matmuls (batch 1, no padding), up to the
+    one scoring row. Eager attention: torch counts its attention matmuls (CPU SDPA is not counted)."""
+    model = tiny_llava()
+    model.set_attn_implementation({"text_config": "eager"})
+    inputs = single(setup_any("llava")[1])
+    with vlmeff.patch(model, "fastv", keep=4) as patch, torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            model(**inputs)
+        stats = patch.stats
+    counts = counter.get_flop_counts()
+    layers = sum(sum(v.values()) for k, v in counts.items() if ".layers." in k and k.count(".") == 4)
+    assert stats["prefill_flops"] == staged_prefill_flops(model.config.text_config, inputs["input_ids"].shape[1],
+                                                          [(1, 12)])
+    assert abs(layers - stats["prefill_flops"]) / stats["prefill_flops"] < 0.01
+
+
+def test_staged_flops_by_hand():
+    from vlmeff.flops import layer_flops, llm_dims
+    cfg = tiny_llava().config.text_config
+    _, dim, attn, kv, mlp, mats = llm_dims(cfg)
+    one = lambda n: layer_flops(n, dim, attn, mlp, mats, kv_dim=kv)  # noqa: E731
+    assert staged_prefill_flops(cfg, 30, [(1, 10), (3, 5)]) == one(30) + 2 * one(20) + one(15)
+
+
+def test_pdrop_keep_is_the_average_share_over_the_layers():
+    """keep=0.5 with stages at layers 1, 2, 3 of 4: lambda solves (1 + l + l^2 + l^3) / 4 = 0.5."""
+    ratios = stages.average_budget_ratios(0.5, [1, 2, 3], 4)
+    lam = ratios[0]
+    assert abs((1 + lam + lam ** 2 + lam ** 3) / 4 - 0.5) < 1e-12 and ratios[2] == pytest.approx(lam ** 3)
+    model, inputs = setup_any("llava")
+    with vlmeff.patch(model, "pdrop", keep=0.5) as patch:
+        logits(model, inputs)
+    kept = [patch.stats["visual_tokens"][f"after LLM layer {i}"][0] for i in (1, 2, 3)]
+    assert kept == [max(1, round(16 * r)) for r in ratios]
+
+
+def test_eval_counts_of_an_in_llm_method_are_per_layer():
+    from vlmeff.eval.efficiency import example_counts, mean_over_layers
+    assert mean_over_layers(16, [(1, 12)], 4) == (16 + 3 * 4) / 4
+    assert mean_over_layers(16, [], 4) == 16
+    model, inputs = setup_any("llava")
+    cfg = model.config.text_config
+    with vlmeff.patch(model, "fastv", keep=4) as patch:
+        logits(model, inputs)
+    counts = example_counts(inputs, [1, 1], IMAGE, patch.stats, cfg, 4)
+    assert [c["visual_tokens"] for c in counts] == [7.0, 7.0]
+    assert sum(c["prefill_flops"] for c in counts) == patch.stats["prefill_flops"]
+    assert sum(c["kv_cache_bytes"] for c in counts) == patch.stats["kv_cache_bytes"]
+    assert sum(c["prefill_flops_unpatched"] for c in counts) == patch.stats["prefill_flops_unpatched"]
+
+
+def test_method_specs_keep_list_values_whole():
+    from vlmeff.eval.sweep import parse_method_spec
+    assert parse_method_spec("pdrop:layers=[1,3,5],ratios=(0.5,0.25,0.1)") == (
+        "pdrop", {"layers": [1, 3, 5], "ratios": (0.5, 0.25, 0.1)})
+    assert parse_method_spec("debiased:base=pdrop,schedule=runs/a.json") == (
+        "debiased", {"base": "pdrop", "schedule": "runs/a.json"})
+
+
+# -- composition ------------------------------------------------------------------------------------------------
+def test_composition_of_a_vision_side_and_an_llm_side_method():
+    model, inputs = setup_any("llava")
+    ref = logits(model, inputs)
+    ref_tokens = generate(model, inputs)
+    with vlmeff.patch(model, [("cls", {"keep": 8}), ("fastv", {"keep": 0.5})]) as patch:
+        out = logits(model, inputs)
+        tokens = patch.stats["visual_tokens"]
+        assert tokens["before LLM"] == [8, 8] and tokens["LLM input"] == [8, 8]
+        assert tokens["after LLM layer 1"] == [4, 4]
+        assert patch.stats["prefill_flops"] < patch.stats["prefill_flops_unpatched"]
+        assert patch.config["method"] == "cls+fastv" and len(patch.config["stages"]) == 2
+        generate(model, inputs)
+    assert not torch.allclose(out[:, -1], ref[:, -1])
+    with vlmeff.patch(model, [("cls", {"keep": 1.0}), ("fastv", {"keep": 1.0})]):
+        assert torch.equal(logits(model, inputs), ref)
+        assert torch.equal(generate(model, inputs), ref_tokens)
+    assert torch.equal(logits(model, inputs), ref) and torch.equal(generate(model, inputs), ref_tokens)
+    assert "forward" not in vars(model) and "generate" not in vars(model)
+
+
+def test_composition_errors():
+    model, inputs = setup_any("llava")
+    with pytest.raises(ValueError, match="one method per site"):
+        vlmeff.patch(model, [("fastv", {"keep": 0.5}), ("pdrop", {})])
+    with pytest.raises(TypeError, match="give each its keep"):
+        vlmeff.patch(model, [("fastv", {"keep": 0.5})], keep=0.5)
+    with pytest.raises(TypeError, match="pair"):
+        vlmeff.patch(model, [("fastv", 0.5)])
+    assert torch.equal(logits(model, inputs), logits(tiny_llava(), inputs))
+
+
+# -- options and errors -----------------------------------------------------------------------------------------
+def test_layer_defaults_scale_with_depth_and_explicit_settings_win():
+    assert [stages.scale_layer(2, d) for d in (2, 8, 32, 40)] == [1, 1, 2, 3]
+    assert stages.scaled_pdrop(32) == ((8, 16, 24), (0.5, 0.25, 0.125))
+    assert stages.scaled_pdrop(8) == ((2, 4, 6), (0.5, 0.25, 0.125))
+    assert stages.scaled_pdrop(4) == ((1, 2, 3), (0.5, 0.25, 0.125))
+    assert stages.scaled_pdrop(2) == ((1,), (0.125,))               # three stages on one layer: the smallest budget
+    model, inputs = setup_any("llava")
+    with vlmeff.patch(model, "fastv", keep=0.5, layer=3) as patch:
+        logits(model, inputs)
+        assert "after LLM layer 3" in patch.stats["visual_tokens"]
+    with vlmeff.patch(model, "pdrop", layers=[1, 3], ratios=[0.5, 0.25]) as patch:
+        logits(model, inputs)
+        assert patch.stats["visual_tokens"]["after LLM layer 3"] == [4, 4]
+
+
+@pytest.mark.parametrize("method, kwargs, error, words", [
+    ("fastv", {}, ValueError, "needs keep"),
+    ("pdrop", dict(keep=4), ValueError, "no token count"),
+    ("pdrop", dict(keep=0.5, ratios=[0.5, 0.2, 0.1]), ValueError, "not both"),
+    ("pdrop", dict(keep=0.2), ValueError, "below 0.25 is out of reach"),
+    ("fastv", dict(keep=0.5, layer=0), ValueError, r"layer=0 .*\[1, 3\]"),
+    ("fastv", dict(keep=0.5, layer=4), ValueError, "layer=4"),
+    ("fastv", dict(keep=0.5, layer=1.5), TypeError, "layer=1.5"),
+    ("pdrop", dict(layers=[2, 1]), ValueError, "increasing"),
+    ("pdrop", dict(layers=[1, 2], ratios=[0.5]), ValueError, "2 non-increasing"),
+    ("pdrop", dict(ratios=[0.5, 0.6, 0.1]), ValueError, "non-increasing"),
+    ("debiased", dict(keep=0.5), ValueError, "schedule=None"),
+    ("debiased", dict(base="pdrop", layer=2, schedule="llava-1.5"), ValueError, "None only"),
+    ("debiased", dict(keep=0.5, schedule="nowhere.json"), ValueError, "neither a file nor a preset"),
+    ("debiased", dict(base="pdrop", schedule="llava-1.5"), ValueError, "reference's fastv trend"),
+])
+def test_bad_options_are_clear_errors(method, kwargs, error, words):
+    model, inputs = setup_any("llava")
+    with pytest.raises(error, match=words):
+        vlmeff.patch(model, method, **kwargs)
+    assert not hasattr(model, "_vlmeff_patch") and "forward" not in vars(model)
+
+
+def test_unsupported_families_and_modes_are_clear_errors():
+    model, _ = setup_any("gemma3")
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        vlmeff.patch(model, "fastv", keep=0.5)
+    model, inputs = setup_any("llava")
+    with vlmeff.patch(model, "fastv", keep=0.5), pytest.raises(ValueError, match="assisted"):
+        model.generate(**single(inputs), prompt_lookup_num_tokens=2, max_new_tokens=2)
+    with vlmeff.patch(model, "fastv", keep=0.5), pytest.raises(ValueError, match="DynamicCache"):
+        model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+def test_qwen3_deepstack_layers_keep_every_token():
+    model, inputs = setup_any("qwen3")                    # deepstack after layers 0 and 1: pruning from layer 2
+    with pytest.raises(ValueError, match=r"layer=1 .*\[2, 2\]"):
+        vlmeff.patch(model, "fastv", keep=0.5, layer=1)
+    with vlmeff.patch(model, "fastv", keep=0.5) as patch:
+        logits(model, inputs)
+        assert "after LLM layer 2" in patch.stats["visual_tokens"]
+
+
+# -- Attention Debiasing ----------------------------------------------------------------------------------------
+def test_debiasing_by_hand():
+    scores = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    ordinals = torch.tensor([[0, 1, 2, 3]])
+    # 1 / w = 1 + i: w = 1, 1/2, 1/3, 1/4
+    out = debias.debiased(scores, ordinals, "cubic", [1.0, 1.0, 0.0, 0.0], positions=4)
+    torch.testing.assert_close(out, torch.tensor([[0.4, 0.15, 0.2 / 3, 0.025]]))
+    # exp(b i), b = ln 2: w = 1, 1/2, 1/4, 1/8; ordinals past the fitted range take the last one's weight
+    out = debias.debiased(scores, torch.tensor([[0, 1, 2, 9]]), "exponential", [1.0, 0.6931471805599453],
+                          positions=3)
+    torch.testing.assert_close(out, torch.tensor([[0.4, 0.15, 0.05, 0.025]]))
+
+
+def test_published_llava_polynomial():
+    preset = debias.PRESETS["llava-1.5"]
+    assert preset["coefficients"] == [1.0, 3.015e-3, -1.46e-5, 2.569e-8] and preset["positions"] == 576
+    # 1 / w at the last of LLaVA-1.5's 576 tokens: 1 + 3.015e-3 * 575 - 1.46e-5 * 575^2 + 2.569e-8 * 575^3
+    inv = debias.trend("cubic", preset["coefficients"], torch.tensor(575.0, dtype=torch.float64))
+    assert abs(float(inv) - (1 + 1.733625 - 4.827125 + 4.883909843750)) < 1e-9
+
+
+def test_fit_recovers_known_trends():
+    i = torch.arange(64, dtype=torch.float64).numpy()
+    cubic = 2.0 * (1 + 0.01 * i - 2e-4 * i ** 2 + 3e-6 * i ** 3)
+    assert torch.allclose(torch.tensor(debias.fit_trend(cubic, "cubic"), dtype=torch.float64),
+                          torch.tensor([1.0, 0.01, -2e-4, 3e-6], dtype=torch.float64), atol=1e-9)
+    exponential = 0.3 * torch.exp(torch.tensor(0.02 * i)).numpy()
+    assert abs(debias.fit_trend(exponential, "exponential")[1] - 0.02) < 1e-9
+
+
+def calibration_batches(model):
+    inputs = setup_any("llava")[1]
+    return [inputs, dict(inputs, pixel_values=torch.flip(inputs["pixel_values"], dims=[0]))]
+
+
+def test_calibration_file_round_trips_and_debiasing_changes_the_ranking(tmp_path):
+    model, inputs = setup_any("llava")
+    path = tmp_path / "debias.json"
+    schedule = vlmeff.calibrate(model, calibration_batches(model), method="debiased", base="fastv", path=path,
+                                progress=False)
+    saved = json.loads(path.read_text())
+    assert saved == schedule
+    assert saved["method"] == "debiased" and saved["base"] == "fastv" and saved["positions"] == 16
+    assert saved["vlmeff_version"] == vlmeff.__version__ and saved["model"]["layers"] == 4
+    assert saved["coefficients"][0] == 1.0 and len(saved["coefficients"]) == 4
+    # the mean attention per position is the calibration data's: recompute it from the eager oracle
+    rows = eager_rows(model, inputs)[0]
+    visual = inputs["input_ids"] == IMAGE
+    flipped = eager_rows(model, dict(inputs, pixel_values=torch.flip(inputs["pixel_values"], dims=[0])))[0]
+    mean = torch.stack([rows[visual].view(2, 16), flipped[visual].view(2, 16)]).mean(dim=(0, 1))
+    torch.testing.assert_close(torch.tensor(saved["mean_attention"]), mean, atol=1e-6, rtol=1e-5)
+    with vlmeff.patch(model, "debiased", keep=5, schedule=path) as patch:
+        logits(model, inputs)
+        debiased_kept = patch.stats["llm_kept"]
+        assert patch.config["schedule"]["coefficients"] == saved["coefficients"]
+    with vlmeff.patch(model, "debiased", keep=5, schedule=saved):
+        logits(model, inputs)
+    with vlmeff.patch(model, "fastv", keep=5) as patch:
+        logits(model, inputs)
+        plain_kept = patch.stats["llm_kept"]
+    weights = 1 / debias.trend("cubic", saved["coefficients"], torch.arange(16.0))
+    for b in range(2):
+        expected = (rows[b][visual[b]] * weights).topk(5).indices
+        assert set(expected.tolist()) == set(debiased_kept[b][visual[b]].nonzero()[:, 0].tolist())
+    assert debiased_kept.shape == plain_kept.shape
+
+
+def test_schedule_for_another_model_or_method_is_refused(tmp_path):
+    model, _ = setup_any("llava")
+    schedule = vlmeff.calibrate(model, calibration_batches(model), method="debiased", progress=False)
+    other = tiny_llava()
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(1.5)
+    with pytest.raises(ValueError, match="another model .*embedding_checksum"):
+        vlmeff.patch(other, "debiased", keep=0.5, schedule=schedule)
+    with pytest.raises(ValueError, match="fitted on base 'fastv'"):
+        vlmeff.patch(model, "debiased", base="pdrop", schedule=schedule)
+    with pytest.raises(ValueError, match="for method 'modes'"):
+        vlmeff.patch(model, "debiased", keep=0.5, schedule=dict(schedule, method="modes"))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="not a vlmeff calibration file"):
+        vlmeff.patch(model, "debiased", keep=0.5, schedule=broken)
+    with pytest.raises(ValueError, match="malformed"):
+        vlmeff.patch(model, "debiased", keep=0.5, schedule=dict(schedule, trend="quartic"))
+    with pytest.raises(ValueError, match="vlmeff.calibrate fits"):
+        vlmeff.calibrate(model, [], method="fastv")
+
+
+def test_calibration_is_deterministic_and_pdrop_uses_an_exponential():
+    model, _ = setup_any("llava")
+    data = calibration_batches(model)
+    a = vlmeff.calibrate(model, data, method="debiased", progress=False)
+    b = vlmeff.calibrate(model, data, method="debiased", progress=False)
+    assert a == b
+    p = vlmeff.calibrate(model, data, method="debiased", base="pdrop", progress=False)
+    assert p["trend"] == "exponential" and len(p["coefficients"]) == 2 and p["layers"] == [1, 2, 3]
+    with vlmeff.patch(model, "debiased", base="pdrop", schedule=p) as patch:
+        logits(model, data[0])
+        assert patch.stats["visual_tokens"]["after LLM layer 3"] == [2, 2]
+
+
+def test_debiased_preset_runs_on_llava():
+    model, inputs = setup_any("llava")
+    with vlmeff.patch(model, "debiased", keep=0.5, schedule="llava-1.5") as patch:
+        logits(model, inputs)
+        assert patch.config["schedule"]["preset"] == "llava-1.5"

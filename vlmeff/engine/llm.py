@@ -1,0 +1,455 @@
+"""Visual-token pruning inside the LLM (FastV, PyramidDrop, Attention Debiasing): the decoder runs on every token up
+to a stage layer K, then only on the tokens kept, with the model's own attention kernel.
+
+Hooks on this instance only:
+- the VLM's base model (pre-hook): which prompt columns hold visual tokens (`input_ids` == the image / video token);
+- the language model (pre-hook, hook): a call starts and ends. A call on an empty or absent cache with visual tokens
+  is a prefill and is pruned; a call on a cache this engine pruned (decoding, a follow-up turn) only needs the
+  stage masks of that cache, grown by the new columns; any other call runs as unpatched;
+- the q / k projections of each scoring layer (hooks): what the layer computes anyway, turned into the one
+  attention row a scorer needs (`DecoderAdapter.query_key`, `attention_rows`): never an N x N matrix;
+- every decoder layer from the first stage on (pre-hook): at a stage layer, hidden states and (cos, sin) are
+  gathered to the kept columns; every layer of a stage gets that stage's causal mask, built by the model's own
+  `create_causal_mask` for the stage's (shorter) cache layers with `layer_idx`, so the cache of layer i holds the
+  tokens layer i saw. Positions are the original ones: kept tokens keep their rotary angles;
+- the final norm (hook): the kept columns are spread back over the prompt, each position carrying the state of the
+  last kept position at or before it (the prediction of the next kept token, exactly as in the reduced sequence), so
+  logits keep the caller's shape and `generate`'s last-column logits are unchanged in meaning;
+- `forward` with `labels`: labels of dropped tokens become -100 (a clone; the caller's tensor is untouched), so the
+  loss is the reduced sequence's; `generate`: the scoring query stays the last token of the caller's prompt when
+  generate recomputes without a cache, so `use_cache=False` gives the cached result.
+
+Stage layout: the kept columns of every sample in order, padded on the left to the longest sample with new pad slots
+(attention mask 0). Layers before the first stage keep their full-length cache, so `cache.get_seq_length()` (layer 0)
+and generate's positions stay those of the caller's prompt.
+
+Host reads: a prefill reads the host once (per-sample visual-token and prompt lengths, which fix the stage lengths);
+decoding steps and follow-up turns none. Unsupported, with a clear error: assisted / prompt-lookup decoding (they
+crop the cache by the first layer's length), caches other than `DynamicCache`, pre-built 4-D masks.
+"""
+import functools
+import inspect
+import weakref
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from ..flops import kv_cache_bytes, llm_prefill_flops, staged_kv_cache_bytes, staged_prefill_flops
+from ..kernels.attention_rows import attention_rows
+from ..pruners.debias import recency_reweighter
+from ..pruners.select import resolve_keep
+from ..pruners.stages import plan_stages
+from .prompt import IGNORE_INDEX, compaction
+
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Prune the input of decoder layer `layer` to `keep` visual tokens per sample (an int count, or a float ratio of
+    the sample's visual tokens at the LLM's input), ranked by the attention row of layer `score_layer` (`layer` - 1:
+    the previous layer's attention, FastV; `layer`: the layer's own q / k on its unpruned input, PyramidDrop)."""
+
+    layer: int
+    keep: object
+    score_layer: int
+
+
+class InLLMReduction:
+    """The engine of methods that act inside the LLM: the method's stages (`vlmeff.pruners.stages.plan_stages`,
+    layers increasing) and, for `debiased`, `reweight(scores, ordinals, stage_index)`, which adjusts the raw scores
+    before ranking (`vlmeff.pruners.debias`)."""
+
+    def __init__(self, patch, adapter, method, keep, options):
+        self.patch, self.adapter = patch, adapter
+        self.decoder = adapter.decoder
+        # option types and ranges, the layers included, were checked by the registry on this model
+        self.stages = [Stage(*s) for s in plan_stages(method, keep, options, self.decoder.depth,
+                                                       first_prunable_layer(adapter))]
+        self.reweight = recency_reweighter(options) if method == "debiased" else None
+        config = adapter.model.config
+        self.visual_ids = [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+                           if i is not None]
+        self.first = self.stages[0].layer
+        self.call = None                       # the state of the language-model call running now
+        self.visual = None                     # [B, L] bool of the latest base-model call, None without input_ids
+        self.labels = None                     # the clone of the running forward's labels
+        self.prompt_columns = None             # inside generate: the caller's prompt length
+        self.pruned_caches = weakref.WeakKeyDictionary()     # cache -> _CacheState
+        self.captured = {}                     # layer -> {"q", "k", "rope"} of the scoring layers, this call
+
+    # -- installation -------------------------------------------------------------------------------------------
+    def install(self):
+        patch, dec = self.patch, self.decoder
+        patch.hook(self.adapter.model.model.register_forward_pre_hook(self._base_model_call, with_kwargs=True))
+        patch.hook(dec.model.register_forward_pre_hook(self._language_model_call, with_kwargs=True))
+        patch.hook(dec.model.register_forward_hook(self._language_model_done))
+        patch.hook(dec.norm.register_forward_hook(self._spread_back))
+        previous_scorers = {s.score_layer for s in self.stages if s.score_layer < s.layer}
+        for i in previous_scorers:
+            attn = dec.attention(i)
+            patch.hook(attn.q_proj.register_forward_hook(self._keeper(i, "q")))
+            patch.hook(attn.k_proj.register_forward_hook(self._keeper(i, "k")))
+        for i in sorted(previous_scorers | set(range(self.first, dec.depth))):
+            patch.hook(dec.layers[i].register_forward_pre_hook(functools.partial(self._layer_call, i),
+                                                               with_kwargs=True))
+        self._wrap_entry_points()
+
+    def _wrap_entry_points(self):
+        model, patch = self.adapter.model, self.patch
+        forward, generate = model.forward, model.generate
+        names = [n for n, p in inspect.signature(forward).parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+
+        @functools.wraps(forward)
+        def patched_forward(*args, **kwargs):
+            kwargs = {**dict(zip(names, args)), **kwargs}
+            labels = kwargs.get("labels")
+            with patch.calling():
+                if labels is None or self.labels is not None:
+                    return forward(**kwargs)
+                self.labels = kwargs["labels"] = labels.clone()
+                try:
+                    return forward(**kwargs)
+                finally:
+                    self.labels = None
+
+        @functools.wraps(generate)
+        def patched_generate(*args, **kwargs):
+            for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+                if kwargs.get(name) is not None:
+                    raise ValueError(f"generate({name}=...) is not supported with pruning inside the LLM: assisted "
+                                     "decoding crops the cache by the first layer's length, which pruned layers do not "
+                                     "share. Use greedy, sampling or beam search")
+            ids = args[0] if args else kwargs.get("input_ids")
+            outer = self.prompt_columns is None
+            if outer and ids is not None:
+                self.prompt_columns = ids.shape[1]
+            try:
+                with patch.calling():
+                    return generate(*args, **kwargs)
+            finally:
+                if outer:
+                    self.prompt_columns = None
+
+        patch.override(model, "forward", patched_forward)
+        patch.override(model, "generate", patched_generate)
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+    def _base_model_call(self, module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        self.visual = None
+        if ids is None:
+            if kwargs.get("pixel_values") is not None:
+                raise ValueError("vlmeff finds visual tokens in input_ids; pass input_ids, not inputs_embeds")
+            return
+        visual = ids == self.visual_ids[0]
+        for other in self.visual_ids[1:]:
+            visual = visual | (ids == other)
+        self.visual = visual
+
+    def _language_model_call(self, module, args, kwargs):
+        self.call, self.captured = None, {}
+        cache = next((kwargs[n] for n in CACHE_KWARGS if kwargs.get(n) is not None), None)
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise ValueError(f"pruning inside the LLM needs a DynamicCache (per-layer lengths); got "
+                             f"{type(cache).__name__}. Drop cache_implementation= or pass a DynamicCache")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2):
+            raise ValueError("pruning inside the LLM needs the 2-D attention mask (batch, length); got a pre-built "
+                             f"{getattr(mask, 'dim', lambda: type(mask).__name__)()}-D mask")
+        state = self.pruned_caches.get(cache) if cache is not None else None
+        if state is not None:
+            # layer 0 keeps the caller's full history: the stage masks grow by the columns it has after this call
+            total = cache.get_seq_length() + _embeds(args, kwargs).shape[1]
+            self.call = _Call(cache=cache, state=state, mask=mask, length=total)
+            return
+        past = 0 if cache is None else cache.get_seq_length()
+        visual = self.visual
+        if past or visual is None or visual.shape != _embeds(args, kwargs).shape[:2]:
+            return
+        self.call = self._plan(visual, mask, cache)
+
+    def _language_model_done(self, module, args, out):
+        call, self.call = self.call, None
+        self.captured = {}
+        if call is None or call.state is not None:
+            return
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is not None and call.masks2d:
+            self.pruned_caches[cache] = _CacheState(length=call.length, masks2d=call.masks2d)
+
+    def _keeper(self, layer, name):
+        def hook(module, args, out):
+            call = self.call
+            if call is not None and call.state is None and call.stage < len(self.stages):
+                self.captured.setdefault(layer, {})[name] = out
+        return hook
+
+    def _layer_call(self, i, module, args, kwargs):
+        call = self.call
+        if call is None:
+            return None
+        if call.state is not None:                     # decoding / a follow-up turn on a pruned cache
+            return self._continue(i, call, args, kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        args = args[1:] if args else ()
+        stage = call.stage
+        if stage < len(self.stages) and self.stages[stage].layer == i:
+            hidden = self._prune(call, i, hidden, kwargs)
+        if call.stage > 0:
+            kwargs.update(attention_mask=call.mask4d, position_embeddings=call.rope, position_ids=None)
+        if call.stage < len(self.stages) and i == self.stages[call.stage].score_layer < self.stages[call.stage].layer:
+            self.captured.setdefault(i, {})["rope"] = kwargs["position_embeddings"]
+        return (hidden, *args), kwargs
+
+    def _spread_back(self, module, args, out):
+        call = self.call
+        if call is None or call.state is not None or call.stage == 0:
+            return None
+        return out.gather(1, call.back[..., None].expand(-1, -1, out.shape[-1]))
+
+    # -- prefill ------------------------------------------------------------------------------------------------
+    def _plan(self, visual, mask, cache):
+        """The call state of a prefill: the one host read (visual tokens and prompt length per sample) fixes the
+        kept counts and stage lengths."""
+        B, L = visual.shape
+        valid = torch.ones_like(visual) if mask is None else mask.bool()
+        values = torch.cat([visual.sum(1), valid.sum(1)]).tolist()
+        n_visual, n_valid = values[:B], values[B:]
+        if not any(n_visual):
+            self._record_unpruned(n_valid)
+            return None
+        kept = []                                  # per stage, visual tokens kept per sample (host ints)
+        for stage in self.stages:
+            previous = kept[-1] if kept else n_visual
+            kept.append([min(p, _resolve(stage.keep, n)) for p, n in zip(previous, n_visual)])
+        # where the scoring query sits: the last attended column of the caller's prompt
+        columns = torch.arange(L, device=visual.device)
+        in_prompt = valid if self.prompt_columns is None else valid & (columns < self.prompt_columns)
+        query = torch.where(in_prompt, columns, -1).amax(1)
+        return _Call(cache=cache, mask=mask, visual=visual, valid=valid, query=query, n_visual=n_visual,
+                     n_valid=n_valid, kept=kept, length=L, labels=self.labels)
+
+    def _prune(self, call, i, hidden, kwargs):
+        """Score, select and gather the input of stage layer i; returns the pruned hidden states."""
+        s = call.stage
+        stage = self.stages[s]
+        rope = kwargs["position_embeddings"] if s == 0 else call.rope
+        scores = self._scores(call, stage, hidden, rope)
+        call.scores.append((scores, call.visual_now, call.ordinals()))
+        if self.reweight is not None:
+            scores = self.reweight(scores, call.ordinals(), s)
+        B, L_now = call.visual_now.shape
+        kept = call.kept[s]
+        k = torch.tensor(kept, device=hidden.device)
+        k_max = max(kept)
+        kept_visual = torch.zeros_like(call.visual_now)
+        if k_max:
+            top = scores.masked_fill(~call.visual_now, float("-inf")).topk(k_max, dim=1).indices
+            kept_visual.scatter_(1, top, torch.arange(k_max, device=hidden.device) < k[:, None])
+        keep = call.filled_now & (~call.visual_now | kept_visual)
+        previous = call.kept[s - 1] if s else call.n_visual
+        call.columns = [c - (p - n) for c, p, n in zip(call.columns, previous, kept)]
+        new_length = max(call.columns)
+        source, filled = compaction(keep, new_length)
+        call.advance(source, filled, new_length)
+        if call.labels is not None:
+            call.labels.masked_fill_(~call.alive, IGNORE_INDEX)
+        cos, sin = rope
+        call.rope = tuple(_gather_rows(t.expand(B, -1, -1), source) for t in (cos, sin))
+        call.mask2d = call.mask2d_now.long()
+        no_padding = call.mask is None and min(call.columns) == new_length
+        pruned = _gather_rows(hidden, source)
+        # with a padding mask, materialise it: skipping it (sdpa's is_causal) would first read the host (mask.all())
+        call.mask4d = create_causal_mask(config=self.decoder.config, inputs_embeds=pruned,
+                                         attention_mask=None if no_padding else call.mask2d, cache=call.cache,
+                                         layer_idx=stage.layer, allow_is_causal_skip=no_padding)
+        call.masks2d.append((stage.layer, call.mask2d))
+        call.stage += 1
+        if call.stage == len(self.stages):
+            self._record(call)
+        return pruned
+
+    def _scores(self, call, stage, hidden, rope):
+        """[B, L_now] attention of the query row to every column of the current layout (visual columns ranked)."""
+        dec = self.decoder
+        query = call.query_now()
+        if stage.score_layer < stage.layer:
+            captured = self.captured[stage.score_layer]
+            q_out, k_out, rope = captured["q"], captured["k"], captured["rope"]
+            q_out = _gather_rows(q_out, query[:, None])
+        else:
+            layer = dec.layers[stage.layer]
+            normed = layer.input_layernorm(hidden)
+            attn = dec.attention(stage.layer)
+            q_out, k_out = attn.q_proj(_gather_rows(normed, query[:, None])), attn.k_proj(normed)
+        B = hidden.shape[0]
+        cos, sin = (t.expand(B, -1, -1) for t in rope)
+        q_rope = (_gather_rows(cos, query[:, None]), _gather_rows(sin, query[:, None]))
+        q, k = dec.query_key(stage.score_layer, q_out, k_out, q_rope, (cos, sin))
+        columns = torch.arange(k.shape[2], device=k.device)
+        key_mask = call.mask2d_now.bool() & (columns <= query[:, None])
+        return attention_rows(q, k, dec.attention(stage.score_layer).scaling, mean_rows=True, key_mask=key_mask)
+
+    # -- decoding on a pruned cache --------------------------------------------------------------------------------
+    def _continue(self, i, call, args, kwargs):
+        stage = _stage_of(i, call.state.masks2d)
+        if stage is None:
+            return None
+        if stage not in call.masks4d:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            layer, head = call.state.masks2d[stage]
+            tail = (head.new_ones(hidden.shape[0], call.length - call.state.length) if call.mask is None
+                    else call.mask[:, call.state.length:].to(head.dtype))
+            call.masks4d[stage] = create_causal_mask(config=self.decoder.config, inputs_embeds=hidden,
+                                                     attention_mask=torch.cat([head, tail], dim=1), cache=call.cache,
+                                                     layer_idx=layer, allow_is_causal_skip=False)
+        kwargs["attention_mask"] = call.masks4d[stage]
+        return args, kwargs
+
+    # -- stats ------------------------------------------------------------------------------------------------------
+    def _record(self, call):
+        cfg = self.decoder.config
+        drops = [(stage.layer, [p - n for p, n in zip(prev, now)])
+                 for stage, prev, now in zip(self.stages, [call.n_visual] + call.kept[:-1], call.kept)]
+        stats = self.patch.stats
+        tokens = stats.setdefault("visual_tokens", {})
+        tokens["LLM input"] = call.n_visual
+        for stage, now in zip(self.stages, call.kept):
+            tokens[f"after LLM layer {stage.layer}"] = now
+        per_sample = [[(layer, d[b]) for layer, d in drops] for b in range(len(call.n_valid))]
+        nbytes = self.adapter.model.get_input_embeddings().weight.element_size()
+        stats.setdefault("prefill_flops_unpatched", sum(llm_prefill_flops(cfg, n) for n in call.n_valid))
+        stats.setdefault("flops_unpatched", stats["prefill_flops_unpatched"])
+        stats.setdefault("kv_cache_bytes_unpatched", sum(kv_cache_bytes(cfg, n, nbytes) for n in call.n_valid))
+        stats["prefill_flops"] = stats["flops"] = sum(
+            staged_prefill_flops(cfg, n, d) for n, d in zip(call.n_valid, per_sample))
+        stats["kv_cache_bytes"] = sum(staged_kv_cache_bytes(cfg, n, d, nbytes) for n, d in zip(call.n_valid, per_sample))
+        # per stage: (layer, visual tokens per sample from that layer on), for per-example accounting (eval)
+        stats["llm_stages"] = [(stage.layer, now) for stage, now in zip(self.stages, call.kept)]
+        stats["llm_kept"] = call.alive          # [B, L] bool: the prompt columns that reach the last layer
+        stats["llm_scores"] = call.scores       # per stage: (raw scores, visual columns, ordinals) in its layout
+
+    def _record_unpruned(self, n_valid):
+        """Stats of a prefill without visual tokens: nothing pruned."""
+        stats = self.patch.stats
+        stats.setdefault("visual_tokens", {})["LLM input"] = [0] * len(n_valid)
+        cfg, nbytes = self.decoder.config, self.adapter.model.get_input_embeddings().weight.element_size()
+        flops = sum(llm_prefill_flops(cfg, n) for n in n_valid)
+        cache = sum(kv_cache_bytes(cfg, n, nbytes) for n in n_valid)
+        stats.setdefault("prefill_flops_unpatched", flops)
+        stats.setdefault("flops_unpatched", flops)
+        stats.setdefault("kv_cache_bytes_unpatched", cache)
+        stats["prefill_flops"], stats["flops"], stats["kv_cache_bytes"] = flops, flops, cache
+        stats["llm_stages"] = []
+
+
+@dataclass
+class _CacheState:
+    """What a pruned cache needs on later calls: the prompt's column count and, per stage, (first layer, the 2-D
+    mask of the stage layout [B, L_s])."""
+
+    length: int
+    masks2d: list
+
+
+class _Call:
+    """The state of one language-model call. A prefill tracks the current layout (after the stages so far):
+    `source` of each current column in the caller's columns, `filled` (not a new pad slot), and `alive` / `back` over
+    the caller's columns; a call on a pruned cache (`state`) caches the stage masks it builds."""
+
+    def __init__(self, cache, mask, state=None, visual=None, valid=None, query=None, n_visual=None, n_valid=None,
+                 kept=None, length=None, labels=None):
+        self.cache, self.mask, self.state, self.length = cache, mask, state, length
+        self.masks4d = {}
+        if state is not None:
+            return
+        self.visual, self.valid, self.query, self.labels = visual, valid, query, labels
+        self.n_visual, self.n_valid, self.kept = n_visual, n_valid, kept
+        self.columns = [length] * visual.shape[0]      # real columns per sample in the current layout
+        self.stage = 0
+        self.masks2d = []
+        self.scores = []               # per stage: (raw scores, visual columns, visual ordinals), each [B, L_s]
+        self.origin = torch.arange(length, device=visual.device).expand_as(visual)
+        self.filled_now = torch.ones_like(visual)
+        self.alive = torch.ones_like(visual)
+        self.back = self.origin
+        self.rope = self.mask4d = self.mask2d = None
+
+    @property
+    def visual_now(self):
+        return self.visual.gather(1, self.origin) & self.filled_now
+
+    @property
+    def mask2d_now(self):
+        return self.valid.gather(1, self.origin) & self.filled_now
+
+    def query_now(self):
+        """[B] current column of the scoring query."""
+        return self.back.gather(1, self.query[:, None])[:, 0]
+
+    def ordinals(self):
+        """[B, L_now] each current column's ordinal among its sample's visual tokens at the LLM input."""
+        return (self.visual.long().cumsum(1) - 1).gather(1, self.origin)
+
+    def advance(self, source, filled, new_length):
+        """Move to the layout whose column j takes current column source[:, j] (a pad slot where not filled)."""
+        B, L = self.visual.shape
+        self.origin = self.origin.gather(1, source)
+        self.filled_now = self.filled_now.gather(1, source) & filled
+        spare = torch.where(self.filled_now, self.origin, L)
+        self.alive = self.alive.new_zeros(B, L + 1).scatter_(1, spare, True)[:, :L]
+        offset = new_length - self.alive.sum(1, keepdim=True)
+        self.back = (self.alive.long().cumsum(1) - 1 + offset).clamp(min=0)
+
+
+def _stage_of(i, masks2d):
+    """Index of the stage layer i belongs to (the last stage starting at or before it), or None."""
+    index = None
+    for s, (layer, _) in enumerate(masks2d):
+        if layer <= i:
+            index = s
+    return index
+
+
+def _resolve(keep, n):
+    """Visual tokens a sample with n of them keeps: an int count (at most n), a ratio of n; 0 of 0."""
+    if n == 0:
+        return 0
+    return min(keep, n) if isinstance(keep, int) else resolve_keep(keep, n)
+
+
+def _gather_rows(x, index):
+    """x [B, L, ...] at the rows index [B, L'] -> [B, L', ...]."""
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
+
+
+def _embeds(args, kwargs):
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        ids = args[0] if args else kwargs.get("input_ids")
+        return ids[..., None]
+    return embeds
+
+
+def first_prunable_layer(adapter):
+    """The shallowest decoder layer whose input may be pruned: 1 (layer 0 keeps every token, and with it the cache
+    length generate reads), or past Qwen3-VL's deepstack layers, which add visual features at the prompt's image
+    positions after each of the first layers."""
+    return max(1, getattr(adapter, "deepstack", 0))
+
+
+def check_llm_budget(method, keep, options):
+    """ValueError unless the budget fits the method: FastV (and `debiased` on it) keeps `keep` visual tokens per
+    sample; PyramidDrop's stages keep their `ratios`, or, given keep (a ratio), the geometric ratios that make keep
+    the average share over the decoder layers (`vlmeff.pruners.stages.average_budget_ratios`)."""
+    base = options.get("base", method)
+    if base == "fastv" and keep is None:
+        raise ValueError(f"method {method!r} needs keep (visual tokens kept per sample after layer K: an int count "
+                         "or a ratio in (0, 1])")
+    if base == "pdrop" and keep is not None and (not isinstance(keep, float) or options.get("ratios") is not None):
+        raise ValueError(f"method {method!r}: keep={keep!r} with PyramidDrop stages is the average share of the "
+                         "visual tokens the decoder layers see, a float ratio in (0, 1], which sets the ratios "
+                         "lambda, lambda^2, ...; give either keep or ratios=[...], not both, and no token count")

@@ -1,0 +1,59 @@
+"""Attention Debiasing (arXiv 2508.17807, intcomp/attention-bias): remove the positional (recency) trend from a
+host method's text-to-image attention scores before ranking.
+
+The reference multiplies the head-mean score of visual token i (its raster index among the image's tokens) by a
+fixed weight w_i = f(0) / f(i), f the trend of mean attention over position, at the first pruning stage only; as
+shipped, 1 / w is a cubic in i for FastV and exp(b i) for PyramidDrop (`../notes`: methods.md section 2). Here
+f is fitted by `vlmeff.calibrate(model, data, method="debiased")` and saved; the published FastV polynomial of
+LLaVA-1.5-7B is the preset "llava-1.5".
+"""
+import numpy as np
+import torch
+
+TRENDS = ("cubic", "exponential")
+DEFAULT_TREND = {"fastv": "cubic", "pdrop": "exponential"}     # the forms the reference ships per host method
+# 1 / w = 1 + 3.015e-3 i - 1.46e-5 i^2 + 2.569e-8 i^3 over LLaVA-1.5's 576 visual tokens (the reference's FastV file)
+PRESETS = {"llava-1.5": dict(base="fastv", trend="cubic", coefficients=[1.0, 3.015e-3, -1.46e-5, 2.569e-8],
+                             positions=576)}
+
+
+def trend(kind, coefficients, i):
+    """f(i) / f(0), the trend at positions i (tensor or array): "cubic": sum_j c_j i^j with c_0 = 1;
+    "exponential": exp(c_1 i)."""
+    if kind == "exponential":
+        return (coefficients[1] * i).exp() if torch.is_tensor(i) else np.exp(coefficients[1] * i)
+    return sum(c * i ** j for j, c in enumerate(coefficients))
+
+
+def fit_trend(mean_attention, kind):
+    """Coefficients of f(i) / f(0) fitted to mean attention [n] over positions 0..n-1 (least squares: a cubic, or a
+    line through log attention), normalised so that f(0) = 1 (w_0 = 1, as in the reference's files)."""
+    a = np.asarray(mean_attention, dtype=np.float64)
+    i = np.arange(a.shape[0], dtype=np.float64)
+    if kind == "exponential":
+        slope, intercept = np.polyfit(i, np.log(np.maximum(a, 1e-30)), 1)
+        return [1.0, float(slope)]
+    c = np.polyfit(i, a, 3)[::-1]           # c_0 + c_1 i + c_2 i^2 + c_3 i^3
+    if c[0] <= 0 or trend("cubic", c / c[0], i).min() <= 0:
+        raise ValueError("the fitted cubic attention trend is not positive over the visual positions (its weights "
+                         "would divide by zero or flip signs); calibrate on more data or with trend='exponential'")
+    return [float(v / c[0]) for v in c]
+
+
+def debiased(scores, ordinals, kind, coefficients, positions):
+    """scores [B, L] divided by the trend at each column's visual ordinal [B, L] (>= 0 on visual columns), i.e.
+    times w_i = f(0) / f(i). Ordinals past the fitted range (`positions`) take the last fitted position's weight,
+    so that a cubic never extrapolates to 0 or below."""
+    i = ordinals.clamp(0, positions - 1).to(scores.dtype)
+    return scores / trend(kind, coefficients, i)
+
+
+def recency_reweighter(options):
+    """The `reweight(scores, ordinals, stage_index)` of `debiased` with resolved options: the schedule's trend at
+    the first stage, as the reference applies it; later stages rank raw scores."""
+    schedule = options["schedule"]
+    kind, coefficients, positions = schedule["trend"], schedule["coefficients"], schedule["positions"]
+
+    def reweight(scores, ordinals, stage_index):
+        return debiased(scores, ordinals, kind, coefficients, positions) if stage_index == 0 else scores
+    return reweight

@@ -1,0 +1,73 @@
+"""Where the methods that act inside the LLM prune: their papers' layers at their papers' depth, scaled to the
+model's depth by one rule (`scale_layer`), explicit settings as given. Pure arithmetic: knows no model."""
+import math
+
+PAPER_DEPTH = 32                  # LLaVA-1.5-7B's 32 decoder layers, where FastV and PyramidDrop set their layers
+FASTV_LAYER = 2                   # FastV: K = 2, the attention of layer K - 1 ranks the visual tokens
+PDROP_LAYERS = (8, 16, 24)        # PyramidDrop on LLaVA-1.5 (its README): stages end after layers 8, 16, 24 ...
+PDROP_RATIOS = (0.5, 0.25, 0.125)   # ... keeping lambda = 0.5 of the previous stage's visual tokens each time
+
+
+def scale_layer(layer, depth, first=1):
+    """A layer index of the paper's 32-layer model on a model of `depth` layers: round(layer * depth / 32), half
+    up, clamped to [first, depth - 1] (`first`: the shallowest layer that may prune, at least 1 so that layer 0 keeps
+    every token and the cache length generate reads)."""
+    return min(depth - 1, max(first, math.floor(layer * depth / PAPER_DEPTH + 0.5)))
+
+
+def scaled_pdrop(depth, first=1):
+    """PyramidDrop's default (layers, ratios) on `depth` layers: its layers scaled; stages that land on one layer
+    become one, keeping the deepest stage's ratio (the smaller budget)."""
+    stages = {}
+    for layer, ratio in zip(PDROP_LAYERS, PDROP_RATIOS):
+        stages[scale_layer(layer, depth, first)] = ratio
+    return tuple(stages), tuple(stages.values())
+
+
+def default_ratios(n):
+    """PyramidDrop's ratios for n explicit stages: lambda = 0.5, stage s keeps 0.5 ** s of the visual tokens."""
+    return tuple(0.5 ** (s + 1) for s in range(n))
+
+
+def average_share(ratios, layers, depth):
+    """The share of the visual tokens the decoder layers see on average when stage s keeps ratios[s] of them from
+    layers[s] on (every layer before layers[0] sees all)."""
+    bounds = list(layers) + [depth]
+    return (bounds[0] + sum(r * (b - a) for r, a, b in zip(ratios, bounds, bounds[1:]))) / depth
+
+
+def average_budget_ratios(share, layers, depth):
+    """PyramidDrop's ratios lambda, lambda^2, ... for the stages at `layers` such that the layers see `share` of
+    the visual tokens on average (bisection on lambda in (0, 1]). ValueError when the layers before the first stage
+    alone see more than that."""
+    floor = layers[0] / depth
+    if share <= floor:
+        raise ValueError(f"keep={share}: an average budget below {floor:.4g} is out of reach with stages from layer "
+                         f"{layers[0]} of {depth} (the layers before it see every visual token); prune from an "
+                         "earlier layer (layers=[...]) or give a larger keep")
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        lam = (low + high) / 2
+        low, high = (lam, high) if average_share([lam ** (s + 1) for s in range(len(layers))], layers, depth) < share \
+            else (low, lam)
+    return tuple(high ** (s + 1) for s in range(len(layers)))
+
+
+def plan_stages(method, keep, options, depth, first=1):
+    """[(layer, keep, score layer)] of an in-LLM method with checked options: keep after each stage layer (an int
+    count per sample or a ratio of the sample's visual tokens at the LLM's input), scored at the previous layer's
+    attention (FastV) or at the stage layer's own q / k (PyramidDrop)."""
+    base = options.get("base", method)
+    if base == "fastv":
+        layer = options.get("layer")
+        layer = scale_layer(FASTV_LAYER, depth, first) if layer is None else layer % depth
+        return [(layer, keep, layer - 1)]
+    layers, ratios = options.get("layers"), options.get("ratios")
+    if layers is None:
+        layers, scaled_ratios = scaled_pdrop(depth, first)
+        ratios = scaled_ratios if ratios is None else ratios
+    elif ratios is None:
+        ratios = default_ratios(len(layers))
+    if keep is not None:                 # an average budget: the geometric ratios lambda ** s that meet it
+        ratios = average_budget_ratios(keep, [layer % depth for layer in layers], depth)
+    return [(layer % depth, ratio, layer % depth) for layer, ratio in zip(layers, ratios)]
