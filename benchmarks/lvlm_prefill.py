@@ -1,5 +1,6 @@
 """Prefill of a LLaVA-1.5-7B-shaped model (CLIP ViT-L/14-336 + Llama-7B dimensions, depth cut, random weights),
-unpatched vs `cls` keeping 576 -> 192 / 128 / 64 visual tokens, in one run.
+unpatched vs `cls` keeping 576 -> 192 / 128 / 64 visual tokens (--suite pre), or vs FastV / PyramidDrop inside the
+LLM and `cls` + FastV stacked (--suite llm), in one run.
 
 Prints per variant: prefill time (vision tower + LLM prefill, `logits_to_keep=1`, as generate's first step),
 measured speedup, the FLOPs ratio of tower + projector + LLM layers (target: speedup >= 0.9 x FLOPs ratio), the
@@ -9,6 +10,7 @@ keep=1.0 vs unpatched; target <= 2%).
 
     python benchmarks/lvlm_prefill.py                       # CPU: tower 4 layers, LLM 2 layers
     python benchmarks/lvlm_prefill.py --tower-layers 24 --llm-layers 32 --dtype fp16 --batch 8   # a GPU
+    python benchmarks/lvlm_prefill.py --suite llm --llm-layers 4   # CPU: inside the LLM (FastV K = 1 of 4)
 """
 import argparse
 
@@ -22,6 +24,16 @@ from vlmeff.opcount import count_ops
 
 IMAGE_TOKEN = 32000
 BUDGETS = [192, 128, 64]
+# variant -> vlmeff.patch arguments (None: unpatched). "pre": before the LLM; "llm": inside it (FastV's K and
+# PyramidDrop's layers scaled to --llm-layers), and a composition of both sites
+SUITES = {
+    "pre": {"unpatched": None, "cls keep=1.0 (overhead)": dict(method="cls", keep=1.0),
+            **{f"cls keep={k}": dict(method="cls", keep=k) for k in BUDGETS}},
+    "llm": {"unpatched": None, "fastv keep=1.0 (overhead)": dict(method="fastv", keep=1.0),
+            "fastv keep=0.5": dict(method="fastv", keep=0.5), "fastv keep=0.25": dict(method="fastv", keep=0.25),
+            "pdrop (lambda 0.5)": dict(method="pdrop"),
+            "cls 192 + fastv 0.5": dict(method=[("cls", {"keep": 192}), ("fastv", {"keep": 0.5})])},
+}
 
 
 def build(tower_layers, llm_layers, device, dtype):
@@ -43,6 +55,8 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--text-tokens", type=int, default=64, help="prompt text tokens around the image (LLaVA ~64)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--suite", choices=SUITES, default="pre",
+                        help="pre: cls before the LLM; llm: FastV, PyramidDrop inside it and cls + FastV")
     args = parser.parse_args()
     device, dtype = device_and_dtype(args)
 
@@ -57,20 +71,25 @@ def main():
         with torch.inference_mode():
             model(**inputs, logits_to_keep=1)
 
-    variants = {"unpatched": None, "cls keep=1.0 (overhead)": 1.0, **{f"cls keep={k}": k for k in BUDGETS}}
-    patches, stats = {}, {}
+    variants = SUITES[args.suite]
+    stats = {}
 
-    def runner(keep):
+    def runner(name, patch):
         def run():
-            if keep is None:
+            if patch is None:
                 return prefill()
-            with vlmeff.patch(model, method="cls", keep=keep) as h:
-                prefill()
-            stats[keep] = h.stats
+            method = patch.pop("method")
+            try:
+                with vlmeff.patch(model, method, **patch) as h:
+                    prefill()
+            finally:
+                patch["method"] = method
+            stats[name] = h.stats
         return run
 
-    counts = {name: count_ops(runner(keep))[1] for name, keep in variants.items()}
-    seconds = time_interleaved({name: runner(keep) for name, keep in variants.items()}, device, rounds=args.rounds, warmup=1)
+    counts = {name: count_ops(runner(name, patch))[1] for name, patch in variants.items()}
+    seconds = time_interleaved({name: runner(name, patch) for name, patch in variants.items()}, device,
+                               rounds=args.rounds, warmup=1)
     tower = HFViTAdapter(model.model.vision_tower)
     # the tower runs on all 577 tokens, patched or not; the projector maps only the rows that are kept
     projector = sum(2 * m.in_features * m.out_features for m in model.model.multi_modal_projector.modules()
@@ -81,24 +100,27 @@ def main():
         return tower_flops + args.batch * kept * projector
 
     print(f"LLaVA-1.5-7B shape (tower {args.tower_layers}/24 layers, LLM {args.llm_layers}/32 layers), batch "
-          f"{args.batch}, {args.text_tokens} text tokens, {dtype}, {machine(device)}, median of {args.rounds} interleaved rounds")
-    print(f"{'variant':26s} {'visual':>6s} {'prefill ms':>11s} {'speedup':>8s} {'FLOPs ratio':>12s} "
+          f"{args.batch}, {args.text_tokens} text tokens, {dtype}, {machine(device)}, median of {args.rounds} "
+          "interleaved rounds")
+    print(f"{'variant':30s} {'visual':>13s} {'prefill ms':>11s} {'speedup':>8s} {'FLOPs ratio':>12s} "
           f"{'speedup/FLOPs':>14s} {'KV MiB':>8s} {'ops added':>10s} {'syncs':>6s}")
     base = seconds["unpatched"]
-    full = stats[1.0]
-    base_flops = vision_flops(576) + full["prefill_flops_unpatched"]
-    print(f"{'unpatched':26s} {576:6d} {base * 1e3:11.1f} {1.0:8.2f} {1.0:12.2f} {1.0:14.2f} "
-          f"{full['kv_cache_bytes_unpatched'] / 2**20:8.1f} {0:10d} {counts['unpatched'].syncs:6d}")
-    for name, keep in variants.items():
-        if keep is None:
-            continue
-        s = stats[keep]
-        ratio = base_flops / (vision_flops(s["visual_tokens"]["before LLM"][0]) + s["prefill_flops"])
+    reference = next(iter(stats.values()))
+    base_flops = vision_flops(576) + reference["prefill_flops_unpatched"]
+    print(f"{'unpatched':30s} {'576':>13s} {base * 1e3:11.1f} {1.0:8.2f} {1.0:12.2f} {1.0:14.2f} "
+          f"{reference['kv_cache_bytes_unpatched'] / 2**20:8.1f} {0:10d} {counts['unpatched'].syncs:6d}")
+    for name, s in stats.items():
+        tokens = s["visual_tokens"]
+        into_llm = tokens["before LLM"][0] if "before LLM" in tokens else 576
+        after = [v[0] for k, v in tokens.items() if k.startswith("after LLM layer")]
+        visual = f"{into_llm}" + "".join(f">{n}" for n in after)       # e.g. 576>288: 288 from layer K on
+        ratio = base_flops / (vision_flops(into_llm) + s["prefill_flops"])
         speedup = base / seconds[name]
-        print(f"{name:26s} {s['visual_tokens']['before LLM'][0]:6d} {seconds[name] * 1e3:11.1f} {speedup:8.2f} "
+        print(f"{name:30s} {visual:>13s} {seconds[name] * 1e3:11.1f} {speedup:8.2f} "
               f"{ratio:12.2f} {speedup / ratio:14.2f} {s['kv_cache_bytes'] / 2**20:8.1f} "
               f"{counts[name].total - counts['unpatched'].total:10d} {counts[name].syncs:6d}")
-    print(f"scoring overhead at full budget: {(seconds['cls keep=1.0 (overhead)'] / base - 1) * 100:+.1f}% of the "
+    overhead = next(name for name in variants if "overhead" in name)
+    print(f"scoring overhead at full budget ({overhead}): {(seconds[overhead] / base - 1) * 100:+.1f}% of the "
           f"unpatched prefill")
 
 

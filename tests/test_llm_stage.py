@@ -119,10 +119,11 @@ def oracle_logits(model, inputs, kept, K):
     with torch.no_grad():
         for b in range(B):
             columns = inputs["attention_mask"][b].bool()
+            h, pos = embeds[b:b + 1, columns], positions[..., b:b + 1, :][..., columns]
+            rope = lm.rotary_emb(h, pos)
             for i, layer in enumerate(lm.layers):
-                if i == 0 or i == K:
-                    h = embeds[b:b + 1, columns] if i == 0 else h[:, kept[b][columns.nonzero()[:, 0]]]
-                    pos = positions[..., b:b + 1, :][..., columns] if i == 0 else pos[..., kept[b][columns]]
+                if i == K:
+                    h, pos = h[:, kept[b][columns]], pos[..., kept[b][columns]]
                     rope = lm.rotary_emb(h, pos)
                 h = layer(h, attention_mask=None, position_embeddings=rope, position_ids=None)
             out.append(model.lm_head(lm.norm(h))[0, -1])
@@ -140,6 +141,18 @@ def test_pruned_forward_equals_the_decoder_run_on_the_kept_tokens(family):
     assert torch.equal((kept & visual).sum(1), (visual.sum(1) * 0.25).round().long())
     assert torch.equal(kept | visual, torch.ones_like(kept))           # only visual tokens are dropped
     torch.testing.assert_close(out, oracle_logits(model, inputs, kept, K), atol=2e-5, rtol=1e-5)
+
+
+def test_pruned_forward_with_new_pad_slots_equals_the_oracle():
+    """One sample drops 12 visual tokens, the text-only one none: the stage layout pads the first by 12 slots."""
+    from lvlm_models import A, C, qwen_inputs, tiny_qwen
+    model = tiny_qwen("qwen2")
+    inputs = qwen_inputs([A, C])
+    with vlmeff.patch(model, "fastv", keep=4) as patch:
+        out = logits(model, inputs)[:, -1]
+        kept = patch.stats["llm_kept"]
+    assert kept.sum(1).tolist() == [inputs["attention_mask"].shape[1] - 12, inputs["attention_mask"].shape[1]]
+    torch.testing.assert_close(out, oracle_logits(model, inputs, kept, 1), atol=2e-5, rtol=1e-5)
 
 
 def test_the_kept_tokens_are_the_top_scored_visual_tokens():
@@ -497,6 +510,8 @@ def test_schedule_for_another_model_or_method_is_refused(tmp_path):
         vlmeff.patch(other, "debiased", keep=0.5, schedule=schedule)
     with pytest.raises(ValueError, match="fitted on base 'fastv'"):
         vlmeff.patch(model, "debiased", base="pdrop", schedule=schedule)
+    with pytest.raises(ValueError, match="decoder layer 0; this patch scores at layer 1"):
+        vlmeff.patch(model, "debiased", keep=0.5, layer=2, schedule=schedule)
     with pytest.raises(ValueError, match="for method 'modes'"):
         vlmeff.patch(model, "debiased", keep=0.5, schedule=dict(schedule, method="modes"))
     broken = tmp_path / "broken.json"
@@ -516,7 +531,7 @@ def test_calibration_is_deterministic_and_pdrop_uses_an_exponential():
     b = vlmeff.calibrate(model, data, method="debiased", progress=False)
     assert a == b
     p = vlmeff.calibrate(model, data, method="debiased", base="pdrop", progress=False)
-    assert p["trend"] == "exponential" and len(p["coefficients"]) == 2 and p["layers"] == [1, 2, 3]
+    assert p["trend"] == "exponential" and len(p["coefficients"]) == 2 and p["score_layer"] == 1
     with vlmeff.patch(model, "debiased", base="pdrop", schedule=p) as patch:
         logits(model, data[0])
         assert patch.stats["visual_tokens"]["after LLM layer 3"] == [2, 2]
@@ -527,3 +542,60 @@ def test_debiased_preset_runs_on_llava():
     with vlmeff.patch(model, "debiased", keep=0.5, schedule="llava-1.5") as patch:
         logits(model, inputs)
         assert patch.config["schedule"]["preset"] == "llava-1.5"
+
+
+def test_continuation_with_masked_new_tokens_equals_the_oracle():
+    """A forward on the pruned cache whose new columns are partly masked (sample 0 ignores its first new token):
+    the stage layers' masks carry the caller's mask of the new columns."""
+    model, inputs = setup_any("llava")
+    new = torch.tensor([[7, 8], [9, 10]])
+    grown_mask = torch.cat([inputs["attention_mask"], torch.tensor([[0, 1], [1, 1]])], dim=1)
+    with vlmeff.patch(model, "fastv", keep=0.25) as patch, torch.no_grad():
+        prefill = model(**inputs, use_cache=True)
+        kept = patch.stats["llm_kept"]
+        out = model(input_ids=new, attention_mask=grown_mask, cache=prefill.cache).logits[:, -1]
+    full = dict(input_ids=torch.cat([inputs["input_ids"], new], dim=1), attention_mask=grown_mask,
+                pixel_values=inputs["pixel_values"])
+    grown = torch.cat([kept, torch.ones(2, 2, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(out, oracle_logits(model, full, grown, 1), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method, kwargs, launches", [
+    ("fastv", dict(keep=1.0), 35),        # the plan and the scoring row only: nothing to drop, the layout stays
+    ("fastv", dict(keep=0.25), 90),       # + selection, compaction, gathers, the stage mask, spreading back
+    ("pdrop", {}, 282),                   # three stages, each scoring at its own layer (norm, q / k projections)
+])
+def test_prefill_launch_counts_are_pinned(method, kwargs, launches):
+    """Ops a patch adds to a prefill of tiny LLaVA (the GPU path counts launches: each costs microseconds)."""
+    from opcount import count_ops
+    model, inputs = setup_any("llava")
+
+    def run():
+        with torch.no_grad():
+            model(**inputs)
+
+    run()
+    base = count_ops(run)[1]
+    with vlmeff.patch(model, method, **kwargs):
+        run()
+        patched = count_ops(run)[1]
+    assert (patched.total - base.total, patched.syncs - base.syncs) == (launches, 1)
+
+
+@pytest.mark.parametrize("name", ["tiny-llava-evqa", "tiny-llava-moe-evqa"])
+def test_bundled_models_full_budget_and_pruned(name):
+    """The embedded models (Llama and Qwen3-MoE LMs, 2 layers: K = 1): full budget is the unpatched model,
+    keep=0.25 keeps 64 of their 256 visual tokens from layer 1 on."""
+    from vlmeff.data import easyvqa
+    model, processor = vlmeff.zoo.load(name)
+    questions, _, image_ids = easyvqa.questions("train")
+    image = easyvqa.load_images("train")[image_ids[0]]
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[0]}]}]]
+    inputs = processor(images=[image], text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                       return_tensors="pt")
+    ref = generate(model, inputs)
+    with vlmeff.patch(model, "fastv", keep=1.0):
+        assert torch.equal(generate(model, inputs), ref)
+    with vlmeff.patch(model, "fastv", keep=0.25) as patch:
+        generate(model, inputs)
+        assert patch.stats["visual_tokens"] == {"LLM input": [256], "after LLM layer 1": [64]}

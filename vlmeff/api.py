@@ -6,6 +6,7 @@ from .engine.vit import ViTReduction, default_layer
 from .errors import UnsupportedModelError
 from .models import find_adapter
 from .patching import Patch
+from .pruners.stages import plan_stages
 from .pruners.select import check_keep
 from .registry import ModelContext, method_info, methods, resolve_options
 
@@ -71,7 +72,8 @@ def _checked_stage(model, adapter, method, keep, options):
     if site == "inside LLM":
         check_llm_budget(method, keep, options)
         if "schedule" in options:
-            options["schedule"] = load_schedule(options["schedule"], model, method, options["base"])
+            first = plan_stages(method, keep, options, adapter.decoder.depth, first_prunable_layer(adapter))[0]
+            options["schedule"] = load_schedule(options["schedule"], model, method, options["base"], first[2])
     return _Stage(method, site, keep, options)
 
 

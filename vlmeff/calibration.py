@@ -59,21 +59,22 @@ def calibrate_debiasing(model, data, base="fastv", trend=None, layer=None, layer
     """The recency trend of `base`'s first-stage scores on `data` (see `calibrate`)."""
     from . import api
     from .pruners.debias import DEFAULT_TREND, TRENDS, fit_trend
-    from .pruners.stages import scaled_pdrop
+    from .pruners.stages import plan_stages, scaled_pdrop
     if base not in DEFAULT_TREND:
         raise ValueError(f"base={base!r}: Attention Debiasing calibrates the scores of fastv or pdrop")
     trend = DEFAULT_TREND[base] if trend is None else trend
     if trend not in TRENDS:
         raise ValueError(f"trend={trend!r}: accepted {', '.join(TRENDS)}")
+    context = api.model_context(api.find_adapter(model), None, "inside LLM")
     if base == "fastv":
         keep, options = 1.0, {"layer": layer}
     else:                                           # every stage at full budget: nothing dropped while measuring
         if layers is None:
-            context = api.model_context(api.find_adapter(model), None, "inside LLM")
             layers = list(scaled_pdrop(context.depth, context.first_layer)[0])
         keep, options = None, {"layers": layers, "ratios": [1.0] * len(layers)}
     total = count = None
     samples = 0
+    score_layer = plan_stages(base, keep, options, context.depth, context.first_layer)[0][2]
     with api.patch(model, base, keep=keep, **options) as patch, torch.no_grad():
         for batch in tqdm(list(data), desc="calibrate debiased", disable=not progress):
             model(**batch)
@@ -87,7 +88,6 @@ def calibrate_debiasing(model, data, base="fastv", trend=None, layer=None, layer
             total.index_add_(0, i, scores[visual].double())
             count.index_add_(0, i, torch.ones_like(i, dtype=torch.float64))
             samples += batch["input_ids"].shape[0]
-        config = dict(patch.config)
     if total is None:
         raise ValueError("the calibration data is empty: pass an iterable of model-input batches with images")
     seen = count > 0
@@ -97,7 +97,7 @@ def calibrate_debiasing(model, data, base="fastv", trend=None, layer=None, layer
     mean = (total[:positions] / count[:positions]).numpy()
     coefficients = fit_trend(mean, trend)
     return dict(method="debiased", vlmeff_version=version(), model=model_identity(model), base=base,
-                layers=list(config.get("layers") or [config.get("layer")]), trend=trend,
+                score_layer=score_layer, trend=trend,
                 coefficients=coefficients, positions=positions, samples=samples,
                 mean_attention=[float(v) for v in mean])
 
@@ -120,9 +120,10 @@ def task_batches(model, processor, task, split="train", n=256, batch_size=32, se
             for start in range(0, n, batch_size)]
 
 
-def load_schedule(schedule, model, method, base):
-    """A `debiased` schedule (a path, its loaded dict or a preset name) checked against the model and the base:
-    a file for another model, method or base is a ValueError naming the mismatch."""
+def load_schedule(schedule, model, method, base, score_layer):
+    """A `debiased` schedule (a path, its loaded dict or a preset name) checked against the model, the base and the
+    layer whose attention it debiases (`score_layer`): a file for another model, method, base or layer is a
+    ValueError naming the mismatch. Presets are the reference's fixed weights and are not checked for the layer."""
     from .pruners.debias import PRESETS, TRENDS, trend
     if isinstance(schedule, str) and schedule in PRESETS:
         preset = PRESETS[schedule]
@@ -144,6 +145,9 @@ def load_schedule(schedule, model, method, base):
         raise ValueError(f"this schedule is for method {schedule.get('method')!r}, not {method!r}")
     if schedule.get("base") != base:
         raise ValueError(f"this schedule was fitted on base {schedule.get('base')!r}; got base={base!r}")
+    if schedule.get("score_layer") != score_layer:
+        raise ValueError(f"this schedule was fitted on the attention of decoder layer {schedule.get('score_layer')}; "
+                         f"this patch scores at layer {score_layer} (calibrate with the same layer / layers)")
     identity = model_identity(model)
     mismatched = {k: (v, identity.get(k)) for k, v in (schedule.get("model") or {}).items() if identity.get(k) != v}
     if "model" not in schedule or mismatched:

@@ -162,7 +162,9 @@ def cmd_calibrate(args):
     try:
         model, processor = load_model(args.model, args.dtype)
         batches = task_batches(model, processor, task, args.split, args.n, args.batch_size, args.seed, args.data)
-        options = {"base": args.base} if args.method == "debiased" else {}
+        options = {}
+        if args.method == "debiased":
+            options = {"base": args.base, "layer": args.layer, "layers": args.layers}
         schedule = calibrate(model, batches, method=args.method, path=args.out, **options)
     except ValueError as error:
         raise SystemExit(f"vlmeff calibrate: {error}") from error
@@ -339,6 +341,9 @@ def add_calibrate_parser(sub):
                      help="the method to calibrate (default: %(default)s; MoDES: vlmeff.calibrate in Python)")
     cal.add_argument("--base", choices=["fastv", "pdrop"], default="fastv",
                      help="debiased: the scorer whose trend is fitted (default: %(default)s)")
+    cal.add_argument("--layer", type=int, default=None, help="debiased on fastv: its layer K (default: FastV's, scaled)")
+    cal.add_argument("--layers", type=int, nargs="+", default=None,
+                     help="debiased on pdrop: its stage layers (default: PyramidDrop's, scaled)")
     cal.add_argument("--task", type=task_name, default=None, help="the task whose questions calibrate (default: an "
                                                                   "embedded model's dataset)")
     cal.add_argument("--split", default="train", help="never the split you evaluate on (default: %(default)s)")

@@ -198,7 +198,7 @@ class InLLMReduction:
         stage = call.stage
         if stage < len(self.stages) and self.stages[stage].layer == i:
             hidden = self._prune(call, i, hidden, kwargs)
-        if call.stage > 0:
+        if call.masks2d:                              # some stage changed the layout
             kwargs.update(attention_mask=call.mask4d, position_embeddings=call.rope, position_ids=None)
         if call.stage < len(self.stages) and i == self.stages[call.stage].score_layer < self.stages[call.stage].layer:
             self.captured.setdefault(i, {})["rope"] = kwargs["position_embeddings"]
@@ -206,7 +206,7 @@ class InLLMReduction:
 
     def _spread_back(self, module, args, out):
         call = self.call
-        if call is None or call.state is not None or call.stage == 0:
+        if call is None or call.state is not None or not call.masks2d:
             return None
         return out.gather(1, call.back[..., None].expand(-1, -1, out.shape[-1]))
 
@@ -236,21 +236,26 @@ class InLLMReduction:
         """Score, select and gather the input of stage layer i; returns the pruned hidden states."""
         s = call.stage
         stage = self.stages[s]
-        rope = kwargs["position_embeddings"] if s == 0 else call.rope
+        rope = call.rope if call.masks2d else kwargs["position_embeddings"]
         scores = self._scores(call, stage, hidden, rope)
-        call.scores.append((scores, call.visual_now, call.ordinals()))
-        if self.reweight is not None:
-            scores = self.reweight(scores, call.ordinals(), s)
-        B, L_now = call.visual_now.shape
+        ordinals = call.ordinals()
+        call.scores.append((scores, call.visual_now, ordinals))
         kept = call.kept[s]
+        previous = call.kept[s - 1] if s else call.n_visual
+        if kept == previous:              # nothing to drop (full budget): the layout, masks and cache stay
+            return self._next_stage(call, hidden)
+        if self.reweight is not None:
+            scores = self.reweight(scores, ordinals, s)
+        B, L_now = call.visual_now.shape
         k = torch.tensor(kept, device=hidden.device)
         k_max = max(kept)
         kept_visual = torch.zeros_like(call.visual_now)
         if k_max:
             top = scores.masked_fill(~call.visual_now, float("-inf")).topk(k_max, dim=1).indices
             kept_visual.scatter_(1, top, torch.arange(k_max, device=hidden.device) < k[:, None])
-        keep = call.filled_now & (~call.visual_now | kept_visual)
-        previous = call.kept[s - 1] if s else call.n_visual
+        keep = ~call.visual_now | kept_visual
+        if call.filled_now is not None:
+            keep = keep & call.filled_now
         call.columns = [c - (p - n) for c, p, n in zip(call.columns, previous, kept)]
         new_length = max(call.columns)
         source, filled = compaction(keep, new_length)
@@ -259,7 +264,7 @@ class InLLMReduction:
             call.labels.masked_fill_(~call.alive, IGNORE_INDEX)
         cos, sin = rope
         call.rope = tuple(_gather_rows(t.expand(B, -1, -1), source) for t in (cos, sin))
-        call.mask2d = call.mask2d_now.long()
+        call.mask2d = call.valid_now.long()
         no_padding = call.mask is None and min(call.columns) == new_length
         pruned = _gather_rows(hidden, source)
         # with a padding mask, materialise it: skipping it (sdpa's is_causal) would first read the host (mask.all())
@@ -267,15 +272,18 @@ class InLLMReduction:
                                          attention_mask=None if no_padding else call.mask2d, cache=call.cache,
                                          layer_idx=stage.layer, allow_is_causal_skip=no_padding)
         call.masks2d.append((stage.layer, call.mask2d))
+        return self._next_stage(call, pruned)
+
+    def _next_stage(self, call, hidden):
         call.stage += 1
         if call.stage == len(self.stages):
             self._record(call)
-        return pruned
+        return hidden
 
     def _scores(self, call, stage, hidden, rope):
         """[B, L_now] attention of the query row to every column of the current layout (visual columns ranked)."""
         dec = self.decoder
-        query = call.query_now()
+        query = call.query_now
         if stage.score_layer < stage.layer:
             captured = self.captured[stage.score_layer]
             q_out, k_out, rope = captured["q"], captured["k"], captured["rope"]
@@ -290,7 +298,7 @@ class InLLMReduction:
         q_rope = (_gather_rows(cos, query[:, None]), _gather_rows(sin, query[:, None]))
         q, k = dec.query_key(stage.score_layer, q_out, k_out, q_rope, (cos, sin))
         columns = torch.arange(k.shape[2], device=k.device)
-        key_mask = call.mask2d_now.bool() & (columns <= query[:, None])
+        key_mask = call.valid_now & (columns <= query[:, None])
         return attention_rows(q, k, dec.attention(stage.score_layer).scaling, mean_rows=True, key_mask=key_mask)
 
     # -- decoding on a pruned cache --------------------------------------------------------------------------------
@@ -326,7 +334,8 @@ class InLLMReduction:
         stats.setdefault("kv_cache_bytes_unpatched", sum(kv_cache_bytes(cfg, n, nbytes) for n in call.n_valid))
         stats["prefill_flops"] = stats["flops"] = sum(
             staged_prefill_flops(cfg, n, d) for n, d in zip(call.n_valid, per_sample))
-        stats["kv_cache_bytes"] = sum(staged_kv_cache_bytes(cfg, n, d, nbytes) for n, d in zip(call.n_valid, per_sample))
+        stats["kv_cache_bytes"] = sum(staged_kv_cache_bytes(cfg, n, d, nbytes)
+                                      for n, d in zip(call.n_valid, per_sample))
         # per stage: (layer, visual tokens per sample from that layer on), for per-example accounting (eval)
         stats["llm_stages"] = [(stage.layer, now) for stage, now in zip(self.stages, call.kept)]
         stats["llm_kept"] = call.alive          # [B, L] bool: the prompt columns that reach the last layer
@@ -356,9 +365,10 @@ class _CacheState:
 
 
 class _Call:
-    """The state of one language-model call. A prefill tracks the current layout (after the stages so far):
-    `source` of each current column in the caller's columns, `filled` (not a new pad slot), and `alive` / `back` over
-    the caller's columns; a call on a pruned cache (`state`) caches the stage masks it builds."""
+    """The state of one language-model call. A prefill tracks the current layout (after the stages so far): `origin`
+    (the caller's column of each current column) and `filled_now` (not a new pad slot), both None while the caller's
+    layout stands; `visual_now`, `valid_now` and `query_now` in it; `alive` / `back` over the caller's columns. A call
+    on a pruned cache (`state`) caches the stage masks it builds."""
 
     def __init__(self, cache, mask, state=None, visual=None, valid=None, query=None, n_visual=None, n_valid=None,
                  kept=None, length=None, labels=None):
@@ -372,37 +382,29 @@ class _Call:
         self.stage = 0
         self.masks2d = []
         self.scores = []               # per stage: (raw scores, visual columns, visual ordinals), each [B, L_s]
-        self.origin = torch.arange(length, device=visual.device).expand_as(visual)
-        self.filled_now = torch.ones_like(visual)
+        # the caller's layout until a stage changes it: no identity gathers (origin / filled None)
+        self.origin = self.filled_now = None
+        self.visual_now, self.valid_now, self.query_now = visual, valid, query
         self.alive = torch.ones_like(visual)
-        self.back = self.origin
         self.rope = self.mask4d = self.mask2d = None
-
-    @property
-    def visual_now(self):
-        return self.visual.gather(1, self.origin) & self.filled_now
-
-    @property
-    def mask2d_now(self):
-        return self.valid.gather(1, self.origin) & self.filled_now
-
-    def query_now(self):
-        """[B] current column of the scoring query."""
-        return self.back.gather(1, self.query[:, None])[:, 0]
 
     def ordinals(self):
         """[B, L_now] each current column's ordinal among its sample's visual tokens at the LLM input."""
-        return (self.visual.long().cumsum(1) - 1).gather(1, self.origin)
+        ordinals = self.visual.long().cumsum(1) - 1
+        return ordinals if self.origin is None else ordinals.gather(1, self.origin)
 
     def advance(self, source, filled, new_length):
         """Move to the layout whose column j takes current column source[:, j] (a pad slot where not filled)."""
         B, L = self.visual.shape
-        self.origin = self.origin.gather(1, source)
-        self.filled_now = self.filled_now.gather(1, source) & filled
+        self.origin = source if self.origin is None else self.origin.gather(1, source)
+        self.filled_now = filled if self.filled_now is None else self.filled_now.gather(1, source) & filled
+        self.visual_now = self.visual.gather(1, self.origin) & self.filled_now
+        self.valid_now = self.valid.gather(1, self.origin) & self.filled_now
         spare = torch.where(self.filled_now, self.origin, L)
         self.alive = self.alive.new_zeros(B, L + 1).scatter_(1, spare, True)[:, :L]
         offset = new_length - self.alive.sum(1, keepdim=True)
         self.back = (self.alive.long().cumsum(1) - 1 + offset).clamp(min=0)
+        self.query_now = self.back.gather(1, self.query[:, None])[:, 0]
 
 
 def _stage_of(i, masks2d):

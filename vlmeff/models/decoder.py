@@ -1,8 +1,8 @@
 """An LVLM's language model as the in-LLM engine (`vlmeff.engine.llm`) sees it: decoder layers of HF's
 Llama-like form (`input_layernorm`, `self_attn` with `q_proj` / `k_proj`, optional per-head `q_norm` / `k_norm`,
-rotary positions applied by the modeling module's `apply_rotary_pos_emb`) and a final `norm`. Knows no method.
+rotary positions in the rotate-half form of `apply_rotary_pos_emb`) and a final `norm`. Knows no method.
 """
-import sys
+import torch
 
 from ..errors import UnsupportedModelError
 
@@ -29,7 +29,6 @@ class DecoderAdapter:
                 f"{family}'s language model has {why}; vlmeff prunes inside decoders whose layers all use full causal "
                 "attention (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2/2.5/3-VL, InternVL). Use a method that acts "
                 "before the LLM on it")
-        self.rope = sys.modules[type(attention[0]).__module__].apply_rotary_pos_emb
 
     def attention(self, i):
         return self.layers[i].self_attn
@@ -43,6 +42,12 @@ class DecoderAdapter:
         q, k = q.unflatten(-1, (-1, attn.head_dim)), k.unflatten(-1, (-1, attn.head_dim))
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        # apply_rotary_pos_emb(q, k, cos, sin) rotates two tensors of one length; q and k differ here
-        return self.rope(q, q, *q_rope)[0], self.rope(k, k, *k_rope)[0]
+        return rotate(q.transpose(1, 2), *q_rope), rotate(k.transpose(1, 2), *k_rope)
+
+
+def rotate(x, cos, sin):
+    """x [B, H, N, d] rotated by (cos, sin) [B | 1, N, d]: `x cos + rotate_half(x) sin`, what the modeling modules'
+    `apply_rotary_pos_emb` computes for each of q and k (this one rotates a single tensor: q and k have different
+    lengths here); M-RoPE (Qwen-VL) is folded into cos / sin by the model's rotary embedding already."""
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin[:, None]
