@@ -172,3 +172,19 @@ def test_calibrate_writes_a_schedule_that_patch_accepts(tmp_path, untrained_weig
         cli.main(args)
     with pytest.raises(SystemExit, match="the train split of scenes has"):
         cli.main([*args[:-2], "--n", "10000000", "--out", str(tmp_path / "other.json")])
+
+
+def test_eval_of_a_stacked_method_spec(tmp_path, untrained_weights, monkeypatch, capsys):
+    """`--method cls:keep=128+fastv --keep 0.5`: cls keeps 128 tokens before the LLM, FastV half of them inside."""
+    import json
+    monkeypatch.setattr(zoo, "WEIGHTS", untrained_weights)
+    out = tmp_path / "run"
+    cli.main(["eval", "--model", "tiny-llava-scenes", "--task", "scenes", "--method", "cls:keep=128+fastv",
+              "--keep", "0.5", "--limit", "4", "--batch-size", "4", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["method"] == "cls:keep=128+fastv" and results["config"]["keep"] == 0.5
+    # 128 tokens reach the LLM; from layer 1 of 8 on, 64: the layer mean is (128 + 7 * 64) / 8
+    assert results["efficiency"]["visual_tokens"] == (128 + 7 * 64) / 8
+    with pytest.raises(SystemExit, match="unknown method 'fast'"):
+        cli.main(["eval", "--model", "tiny-llava-scenes", "--task", "scenes", "--method", "cls:keep=128+fast",
+                  "--keep", "0.5", "--limit", "4", "--out", str(tmp_path / "other")])

@@ -340,6 +340,10 @@ def test_method_specs_keep_list_values_whole():
         "pdrop", {"layers": [1, 3, 5], "ratios": (0.5, 0.25, 0.1)})
     assert parse_method_spec("debiased:base=pdrop,schedule=runs/a.json") == (
         "debiased", {"base": "pdrop", "schedule": "runs/a.json"})
+    from vlmeff.eval.sweep import plan, stages_of
+    assert stages_of("cls:keep=128+fastv:layer=2", 0.5) == [("cls", {"keep": 128}), ("fastv", {"keep": 0.5, "layer": 2})]
+    with pytest.raises(TypeError, match="method 'fastv' got unknown option"):
+        plan(["cls:keep=128+fastv:layr=2"], [0.5])
 
 
 # -- composition ------------------------------------------------------------------------------------------------

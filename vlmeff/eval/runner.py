@@ -131,7 +131,9 @@ def check_run(spec, method, keep, data, dtype, limit, batch_size, shard):
     if method is None and keep is not None:
         raise ValueError(f"keep={keep!r} needs a method; methods: {', '.join(m.name for m in api.methods())}")
     if method is not None:
-        method_info(method)                    # the method's name; its options are checked against the model
+        from .sweep import stage_specs         # a stacked spec 'cls:keep=128+fastv': every stage's method name
+        for part in stage_specs(method):
+            method_info(part.partition(":")[0])    # the options are checked against the model
     if data is not None and spec.embedded:
         raise ValueError(f"task {spec.name!r} reads the embedded data (vlmeff.data); data= is for the "
                          "HF dataset tasks")
@@ -201,6 +203,12 @@ def patched(model, method, keep, options):
     """`vlmeff.patch(model, ...)` as a context (removed when it exits), or a context holding None unpatched."""
     if method is None:
         return contextlib.nullcontext()
+    from .sweep import stage_specs, stages_of
+    if len(stage_specs(method)) > 1:           # stacked methods: one Patch, keep for the stages without their own
+        if options:
+            raise ValueError(f"options {options} next to the stacked method spec {method!r}: put them in the spec "
+                             "of their stage, e.g. cls:keep=128+fastv:layer=2")
+        return api.patch(model, stages_of(method, keep))
     return api.patch(model, method=method, keep=keep, **options)
 
 

@@ -39,7 +39,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .. import api
 from ..pruners.select import check_keep
 from ..registry import _did_you_mean, check_option_names, method_info
 from . import runner
@@ -74,13 +73,32 @@ class Run:
         return self.label if self.method is None else f"{self.label} {self.keep}"
 
 
+def stage_specs(spec):
+    """The method specs of a stacked spec: 'cls:keep=128+fastv' -> ['cls:keep=128', 'fastv'] (split at the '+'
+    outside brackets); a single method's spec -> [spec]."""
+    return split_top_level(spec, "+")
+
+
+def stages_of(spec, keep):
+    """`vlmeff.patch`'s list of (method, options) for a stacked spec: each stage's own keep=, else the run's."""
+    stages = []
+    for part in stage_specs(spec):
+        name, options = parse_method_spec(part)
+        stages.append((name, {"keep": keep, **options}))
+    return stages
+
+
 def parse_method_spec(spec):
     """'cls' or 'cls:reduce=merge,score_layers=(1,2)' -> ('cls', {'reduce': 'merge', 'score_layers': (1, 2)});
     values are Python literals where they parse as one, else strings; commas inside brackets belong to the value.
     ValueError for an option that is not key=value."""
+    if len(stage_specs(spec)) > 1:              # stacked: the options live in each stage's spec
+        for part in stage_specs(spec):
+            parse_method_spec(part)
+        return spec, {}
     name, _, rest = spec.partition(":")
     options = {}
-    for item in filter(None, top_level_items(rest)):
+    for item in filter(None, split_top_level(rest, ",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
@@ -91,13 +109,13 @@ def parse_method_spec(spec):
     return name, options
 
 
-def top_level_items(text):
-    """'a=1,b=[1,2],c=x' -> ['a=1', 'b=[1,2]', 'c=x']: split at the commas outside brackets and parentheses, so
-    that list values such as layers=[1,3,5] stay whole."""
+def split_top_level(text, separator):
+    """'a=1,b=[1,2],c=x' -> ['a=1', 'b=[1,2]', 'c=x'] for ",": split at the separators outside brackets and
+    parentheses, so that list values such as layers=[1,3,5] stay whole."""
     items, depth, start = [], 0, 0
     for i, char in enumerate(text):
         depth += (char in "([") - (char in ")]")
-        if char == "," and depth == 0:
+        if char == separator and depth == 0:
             items.append(text[start:i])
             start = i + 1
     return items + [text[start:]]
@@ -120,7 +138,9 @@ def plan(methods, budgets):
             raise TypeError(f"method spec {spec!r} is not a string; accepted: a method name, then ':' and "
                             "key=value options, e.g. cls:reduce=merge")
         name, options = parse_method_spec(spec)
-        check_option_names(method_info(name), options)
+        for stage, stage_options in stages_of(spec, None):
+            stage_options.pop("keep")
+            check_option_names(method_info(stage), stage_options)
         runs += [Run(spec, name, budget, options) for budget in budgets]
     refuse_repeats(runs)
     return runs
@@ -183,7 +203,7 @@ def shared_loader(model, runs, dtype, device_map):
     def load():
         loaded = runner.load_model(model, dtype, device_map)
         for run in runs[1:]:
-            api.patch(loaded[0], method=run.method, keep=run.keep, **run.options).unpatch()
+            runner.patched(loaded[0], run.method, run.keep, run.options).unpatch()
         return loaded
     return load
 
