@@ -318,8 +318,8 @@ GENERATE_MODES = {
 }
 
 
-def run_generate(model, inputs, mode, assistant):
-    kwargs = dict(GENERATE_MODES[mode], max_new_tokens=3, suppress_tokens=[IMAGE])
+def run_generate(model, inputs, mode, assistant, **extra):
+    kwargs = dict(GENERATE_MODES[mode], max_new_tokens=3, suppress_tokens=[IMAGE], **extra)
     if mode == "assistant":
         kwargs["assistant_model"] = assistant
     if mode in ("prompt_lookup", "assistant"):       # transformers runs assisted decoding at batch size 1
@@ -338,3 +338,15 @@ def labelled(inputs):
     first = int(mask[short].argmax())
     mask[short, first:first + 2] = 0
     return dict(inputs, attention_mask=mask, labels=ids.masked_fill((ids == IMAGE) | (mask == 0), -100))
+
+
+def assert_same_generation(out, ref, beam_indices=True):
+    """Two generate outputs are the same: ids, or (return_dict_in_generate) sequences, scores and beams."""
+    if torch.is_tensor(ref):
+        assert torch.equal(out, ref)
+        return
+    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(out.sequences_scores, ref.sequences_scores)
+    assert torch.equal(torch.stack(out.scores), torch.stack(ref.scores))
+    if beam_indices:
+        assert torch.equal(out.beam_indices, ref.beam_indices)
