@@ -148,6 +148,8 @@ def test_unknown_option_lists_keep_and_suggests_the_closest_name():
 # methods whose budget is not a count, or that need an option: PyramidDrop's keep is an average share of the visual
 # tokens over the decoder layers; Attention Debiasing needs its fitted trend (here the published preset)
 BUDGET_AND_REQUIRED = {"pdrop": (0.75, {}), "debiased": (4, {"schedule": "llava-1.5"})}
+# the layers the in-LLM defaults scale to on tiny LLaVA's 4 decoder layers, as Patch.config shows them
+RESOLVED = {"fastv": {"layer": 1}, "debiased": {"layer": 1}, "pdrop": {"layers": [1, 2, 3]}}
 
 
 def test_every_method_patches_with_its_defaults_and_forward_runs(llava):
@@ -159,7 +161,13 @@ def test_every_method_patches_with_its_defaults_and_forward_runs(llava):
             keep, required = BUDGET_AND_REQUIRED.get(info.name, (4, {}))
             with vlmeff.patch(model, info.name, keep=keep, **required) as p:
                 call()
-            config = {"method": info.name, "keep": keep, **info.defaults, **required}
+            config = {"method": info.name, "keep": keep, **info.defaults, **required, **RESOLVED.get(info.name, {})}
+            if info.name == "pdrop":              # lambda solved for the average budget: (1 + l + l^2 + l^3) / 4
+                lam = p.config["ratios"][0]
+                assert (1 + lam + lam ** 2 + lam ** 3) / 4 == pytest.approx(keep)
+                config["ratios"] = [lam, lam ** 2, lam ** 3]
+                assert p.config["ratios"] == pytest.approx(config["ratios"])
+                config["ratios"] = p.config["ratios"]
             if "schedule" in config:              # the preset, as loaded
                 config["schedule"] = p.config["schedule"]
                 assert p.config["schedule"]["preset"] == "llava-1.5"

@@ -1,12 +1,10 @@
 """`vlmeff.patch`: one line to make a loaded model cheaper, one line (`.unpatch()`) to undo it."""
-from .calibration import load_schedule
-from .engine.llm import InLLMReduction, check_llm_budget, first_prunable_layer
+from .engine.llm import STAGED, InLLMReduction, first_prunable_layer, resolved_stages
 from .engine.lvlm import PreLLMReduction
 from .engine.vit import ViTReduction, default_layer
 from .errors import UnsupportedModelError
 from .models import find_adapter
 from .patching import Patch
-from .pruners.stages import plan_stages
 from .pruners.select import check_keep
 from .registry import ModelContext, method_info, methods, resolve_options
 
@@ -69,11 +67,8 @@ def _checked_stage(model, adapter, method, keep, options):
         raise ValueError(f"method {method!r} reads the [CLS] token, which {adapter.family} does not have; "
                          f"methods that work on it: {', '.join(usable)}")
     options = resolve_options(info, options, model_context(adapter, keep, site))
-    if site == "inside LLM":
-        check_llm_budget(method, keep, options)
-        if "schedule" in options:
-            first = plan_stages(method, keep, options, adapter.decoder.depth, first_prunable_layer(adapter))[0]
-            options["schedule"] = load_schedule(options["schedule"], model, method, options["base"], first[2])
+    if site == "inside LLM" and method in STAGED:
+        options = resolved_stages(model, adapter, method, keep, options)
     return _Stage(method, site, keep, options)
 
 

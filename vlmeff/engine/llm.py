@@ -443,6 +443,26 @@ def first_prunable_layer(adapter):
     return max(1, getattr(adapter, "deepstack", 0))
 
 
+STAGED = ("fastv", "pdrop", "debiased")       # the methods whose stages `plan_stages` lays out
+
+
+def resolved_stages(model, adapter, method, keep, options):
+    """The checked options of a staged method with the layers (and ratios) its defaults scale to on this model
+    filled in, as `Patch.config` shows them, and a `debiased` schedule loaded and checked against the model.
+    ValueError for a budget the method does not take (`check_llm_budget`) or a schedule that does not fit."""
+    from ..calibration import load_schedule
+    check_llm_budget(method, keep, options)
+    stages = plan_stages(method, keep, options, adapter.decoder.depth, first_prunable_layer(adapter))
+    options = dict(options)
+    if options.get("base", method) == "fastv":
+        options["layer"] = stages[0][0]
+    else:
+        options["layers"], options["ratios"] = [s[0] for s in stages], [s[1] for s in stages]
+    if method == "debiased":
+        options["schedule"] = load_schedule(options["schedule"], model, method, options["base"], stages[0][2])
+    return options
+
+
 def check_llm_budget(method, keep, options):
     """ValueError unless the budget fits the method: FastV (and `debiased` on it) keeps `keep` visual tokens per
     sample; PyramidDrop's stages keep their `ratios`, or, given keep (a ratio), the geometric ratios that make keep
