@@ -604,3 +604,33 @@ def test_bundled_models_full_budget_and_pruned(name):
     with vlmeff.patch(model, "fastv", keep=0.25) as patch:
         generate(model, inputs)
         assert patch.stats["visual_tokens"] == {"LLM input": [256], "after LLM layer 1": [64]}
+
+
+def test_qwen3_vl_moe():
+    """The MoE decoder of Qwen3-VL-MoE (deepstack, M-RoPE): cached generation equals recomputation, full budget
+    equals unpatched."""
+    from lvlm_models import A, B, qwen_inputs, tiny_qwen
+    model = tiny_qwen("qwen3_moe")
+    inputs = qwen_inputs([A, B])
+    ref = generate(model, inputs)
+    kw = dict(return_dict_in_generate=True, output_logits=True)
+    with vlmeff.patch(model, "fastv", keep=1.0):
+        assert torch.equal(generate(model, inputs), ref)
+    with vlmeff.patch(model, "fastv", keep=0.25) as patch:
+        cached = generate(model, inputs, **kw)
+        recomputed = generate(model, inputs, use_cache=False, **kw)
+        assert patch.stats["visual_tokens"]["after LLM layer 2"] == [4, 4]
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(recomputed.logits), atol=2e-5, rtol=1e-5)
+
+
+def test_torch_compile_of_a_patched_model_equals_eager():
+    """Patch, then compile: the compiled forward prunes like eager; the patch adds one graph break to the
+    model's own (the prefill's host read), none while decoding."""
+    model, inputs = setup_any("llava")
+    with vlmeff.patch(model, "fastv", keep=0.25):
+        eager = logits(model, inputs)
+        torch._dynamo.reset()
+        compiled = logits(torch.compile(model), inputs)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
