@@ -89,7 +89,8 @@ def test_scores_equal_the_eager_attention_row(family):
     rows = eager_rows(model, inputs)
     with vlmeff.patch(model, "fastv", keep=1.0) as patch:
         logits(model, inputs)
-        (scores, visual, _), = patch.stats["llm_scores"]
+        (first,) = patch.stats["llm_scores"]
+        scores, visual = first.scores, first.visual
     K = stages.scale_layer(2, model.config.text_config.num_hidden_layers,
                            max(1, len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or [])))
     torch.testing.assert_close(scores, rows[K - 1].float(), atol=1e-6, rtol=1e-5)
@@ -98,8 +99,8 @@ def test_scores_equal_the_eager_attention_row(family):
     with vlmeff.patch(model, "pdrop", **full) as patch:
         logits(model, inputs)
         layers = [int(k.split()[-1]) for k in patch.stats["visual_tokens"] if k.startswith("after")]
-        for layer, (scores, _, _) in zip(layers, patch.stats["llm_scores"]):
-            torch.testing.assert_close(scores, rows[layer].float(), atol=1e-6, rtol=1e-5)
+        for layer, stage in zip(layers, patch.stats["llm_scores"]):
+            torch.testing.assert_close(stage.scores, rows[layer].float(), atol=1e-6, rtol=1e-5)
 
 
 # -- the pruned forward: an oracle that runs the decoder on the kept tokens ---------------------------------------
@@ -523,8 +524,10 @@ def test_schedule_for_another_model_or_method_is_refused(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(ValueError, match="not a vlmeff calibration file"):
         vlmeff.patch(model, "debiased", keep=0.5, schedule=broken)
-    with pytest.raises(ValueError, match="malformed"):
-        vlmeff.patch(model, "debiased", keep=0.5, schedule=dict(schedule, trend="quartic"))
+    for bad in (dict(trend="quartic"), dict(trend="exponential", coefficients=[1.0]), dict(coefficients=[]),
+                dict(positions=0), dict(coefficients=[1.0, -1.0])):      # the last: not positive over 16 positions
+        with pytest.raises(ValueError, match="malformed"):
+            vlmeff.patch(model, "debiased", keep=0.5, schedule=dict(schedule, **bad))
     with pytest.raises(ValueError, match="vlmeff.calibrate fits"):
         vlmeff.calibrate(model, [], method="fastv")
 
@@ -566,9 +569,9 @@ def test_continuation_with_masked_new_tokens_equals_the_oracle():
 
 
 @pytest.mark.parametrize("method, kwargs, launches", [
-    ("fastv", dict(keep=1.0), 35),        # the plan and the scoring row only: nothing to drop, the layout stays
-    ("fastv", dict(keep=0.25), 90),       # + selection, compaction, gathers, the stage mask, spreading back
-    ("pdrop", {}, 282),                   # three stages, each scoring at its own layer (norm, q / k projections)
+    ("fastv", dict(keep=1.0), 33),        # the plan and the scoring row only: nothing to drop, the layout stays
+    ("fastv", dict(keep=0.25), 88),       # + selection, compaction, gathers, the stage mask, spreading back
+    ("pdrop", {}, 272),                   # three stages, each scoring at its own layer (norm, q / k projections)
 ])
 def test_prefill_launch_counts_are_pinned(method, kwargs, launches):
     """Ops a patch adds to a prefill of tiny LLaVA (the GPU path counts launches: each costs microseconds)."""
@@ -634,3 +637,78 @@ def test_torch_compile_of_a_patched_model_equals_eager():
         compiled = logits(torch.compile(model), inputs)
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+# -- edge cases a review found ----------------------------------------------------------------------------------
+def test_loss_when_the_prompt_starts_with_dropped_image_tokens():
+    """No BOS: column 0 is a placeholder and may be dropped; the first kept token then has no predecessor in the
+    reduced sequence, so its label is no target (the oracle's cross-entropy starts at the second kept token)."""
+    from lvlm_models import batch, pixels, prompt
+    model = tiny_llava()
+    ids, mask = batch([prompt([], 1, [7, 8, 9, 10, 11]), prompt([1, 5], 1, [7, 8])])     # sample 0: no padding
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(2), labels=ids.masked_fill(mask == 0, -100))
+    with vlmeff.patch(model, "fastv", keep=0.25) as patch, torch.no_grad():
+        out = model(**inputs)
+        kept = patch.stats["llm_kept"]
+    per_token, targets = [], []
+    for b in range(2):
+        columns = kept[b].nonzero()[:, 0]         # the caller's padding included, as the unpatched loss sees it
+        per_token.append(out.logits[b, columns[:-1]])
+        targets.append(inputs["labels"][b, columns[1:]])
+    oracle = torch.nn.functional.cross_entropy(torch.cat(per_token).float(), torch.cat(targets), ignore_index=-100)
+    torch.testing.assert_close(out.loss, oracle, atol=1e-6, rtol=1e-6)
+
+
+def test_an_all_padding_row_and_numpy_budgets():
+    import numpy as np
+    model, inputs = setup_any("llava")
+    alone = dict(single(inputs))
+    padded = dict(input_ids=torch.cat([inputs["input_ids"][:1], torch.zeros_like(inputs["input_ids"][:1])]),
+                  attention_mask=torch.cat([inputs["attention_mask"][:1], torch.zeros_like(inputs["attention_mask"][:1])]),
+                  pixel_values=inputs["pixel_values"][:1])
+    with vlmeff.patch(model, "fastv", keep=np.int64(100)) as patch:      # more than the 16: all kept
+        logits(model, inputs)
+        assert patch.stats["visual_tokens"]["after LLM layer 1"] == [16, 16]
+    with vlmeff.patch(model, "fastv", keep=4):
+        torch.testing.assert_close(logits(model, padded)[0, -1], logits(model, alone)[0, -1], atol=2e-5, rtol=1e-5)
+
+
+def test_a_direct_language_model_call_after_a_vlm_call_is_not_pruned():
+    model, inputs = setup_any("llava")
+    lm = model.model.language_model
+    embeds = torch.randn(2, inputs["input_ids"].shape[1], 64)
+    with torch.no_grad():
+        ref = lm(inputs_embeds=embeds).last_hidden_state
+        with vlmeff.patch(model, "fastv", keep=4):
+            model(**inputs)
+            assert torch.equal(lm(inputs_embeds=embeds).last_hidden_state, ref)
+
+
+def test_generate_inputs_keyword_and_stats_without_cache():
+    """generate(inputs=...) keeps the prompt's query when recomputing; stats describe the prompt's prefill."""
+    model, inputs = setup_any("llava")
+    kw = dict(return_dict_in_generate=True, output_logits=True)
+    rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+    with vlmeff.patch(model, "fastv", keep=0.25) as patch:
+        cached = generate(model, inputs, **kw)
+        cached_stats = dict(patch.stats)
+        recomputed = generate(model, dict(rest, inputs=inputs["input_ids"]), use_cache=False, **kw)
+        for key in ("prefill_flops", "prefill_flops_unpatched", "kv_cache_bytes", "kv_cache_bytes_unpatched"):
+            assert patch.stats[key] == cached_stats[key]
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(recomputed.logits), atol=2e-5, rtol=1e-5)
+
+
+def test_ordinals_restart_at_each_image():
+    from lvlm_models import B, qwen_inputs, tiny_qwen
+    model = tiny_qwen("qwen2")
+    with vlmeff.patch(model, "fastv", keep=1.0) as patch:
+        logits(model, qwen_inputs([B]))
+        (stage,) = patch.stats["llm_scores"]
+    assert stage.ordinals[stage.visual].tolist() == list(range(8)) * 2       # two images of 8 tokens
+
+
+def test_calibration_skips_batches_without_images():
+    from lvlm_models import C, qwen_inputs, tiny_qwen
+    model = tiny_qwen("qwen2")
+    with pytest.raises(ValueError, match="holds no images"):
+        vlmeff.calibrate(model, [qwen_inputs([C])], method="debiased", progress=False)

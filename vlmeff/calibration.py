@@ -25,13 +25,14 @@ def version():
 
 def model_identity(model) -> dict:
     """What a schedule for methods inside the LLM must match: architecture, decoder shape and a checksum of the
-    token embeddings (another checkpoint of one architecture differs there)."""
+    token embeddings (another checkpoint of one architecture differs there; a dtype of the same one does not)."""
     config = model.config
     text = getattr(config, "text_config", config)
-    embeddings = model.get_input_embeddings().weight
+    total = float(model.get_input_embeddings().weight.detach().double().abs().sum())
+    # 4 significant digits: the same checkpoint loaded in fp16, bf16 or fp32 sums to the same value at that precision
+    checksum = float(f"{total:.4g}")
     return dict(model_type=config.model_type, text_model_type=text.model_type, layers=text.num_hidden_layers,
-                hidden_size=text.hidden_size, vocab_size=text.vocab_size,
-                embedding_checksum=round(float(embeddings.detach().double().abs().sum()), 4))
+                hidden_size=text.hidden_size, vocab_size=text.vocab_size, embedding_checksum=checksum)
 
 
 def calibrate(model, data, method: str, path: str | Path | None = None, progress: bool = True,
@@ -78,7 +79,10 @@ def calibrate_debiasing(model, data, base="fastv", trend=None, layer=None, layer
     with api.patch(model, base, keep=keep, **options) as patch, torch.no_grad():
         for batch in tqdm(list(data), desc="calibrate debiased", disable=not progress):
             model(**batch)
-            scores, visual, ordinals = patch.stats["llm_scores"][0]
+            if not patch.stats.get("llm_scores"):      # a batch without images: nothing to measure
+                continue
+            first = patch.stats["llm_scores"][0]
+            scores, visual, ordinals = first.scores, first.visual, first.ordinals
             n = int(ordinals.max()) + 1
             if total is None or n > total.shape[0]:
                 grown = torch.zeros(n, dtype=torch.float64)
@@ -89,7 +93,7 @@ def calibrate_debiasing(model, data, base="fastv", trend=None, layer=None, layer
             count.index_add_(0, i, torch.ones_like(i, dtype=torch.float64))
             samples += batch["input_ids"].shape[0]
     if total is None:
-        raise ValueError("the calibration data is empty: pass an iterable of model-input batches with images")
+        raise ValueError("the calibration data holds no images: pass an iterable of model-input batches with images")
     seen = count > 0
     positions = int(seen.long().argmin()) if not bool(seen.all()) else int(seen.shape[0])
     if positions < 4:
@@ -154,12 +158,13 @@ def load_schedule(schedule, model, method, base, score_layer):
         found = ", ".join(f"{k}: file {a!r}, model {b!r}" for k, (a, b) in mismatched.items()) or "no model identity"
         raise ValueError(f"this schedule was calibrated on another model ({found}); calibrate this model with "
                          "vlmeff.calibrate(model, data, method='debiased')")
-    coefficients = schedule.get("coefficients")
-    if (schedule.get("trend") not in TRENDS or not isinstance(coefficients, list)
-            or not all(isinstance(c, (int, float)) for c in coefficients)
-            or not isinstance(schedule.get("positions"), int) or schedule["positions"] < 1
+    coefficients, kind, positions = schedule.get("coefficients"), schedule.get("trend"), schedule.get("positions")
+    lengths = {"exponential": (2,), "cubic": (1, 2, 3, 4)}
+    if (kind not in TRENDS or not isinstance(coefficients, list) or len(coefficients) not in lengths[kind]
+            or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coefficients)
+            or not isinstance(positions, int) or isinstance(positions, bool) or positions < 1
             or not np.isfinite(coefficients).all()
-            or trend(schedule["trend"], coefficients, np.arange(schedule["positions"], dtype=np.float64)).min() <= 0):
+            or np.min(trend(kind, coefficients, np.arange(positions, dtype=np.float64))) <= 0):
         raise ValueError("this schedule's trend is malformed (trend, coefficients, positions; the trend must be "
                          "positive over the positions)")
     return schedule

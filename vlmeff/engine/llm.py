@@ -29,6 +29,7 @@ crop the cache by the first layer's length), caches other than `DynamicCache`, p
 """
 import functools
 import inspect
+import numbers
 import weakref
 from dataclasses import dataclass
 
@@ -122,7 +123,7 @@ class InLLMReduction:
                     raise ValueError(f"generate({name}=...) is not supported with pruning inside the LLM: assisted "
                                      "decoding crops the cache by the first layer's length, which pruned layers do not "
                                      "share. Use greedy, sampling or beam search")
-            ids = args[0] if args else kwargs.get("input_ids")
+            ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))   # generate(inputs=...) too
             outer = self.prompt_columns is None
             if outer and ids is not None:
                 self.prompt_columns = ids.shape[1]
@@ -166,7 +167,7 @@ class InLLMReduction:
             self.call = _Call(cache=cache, state=state, mask=mask, length=total)
             return
         past = 0 if cache is None else cache.get_seq_length()
-        visual = self.visual
+        visual, self.visual = self.visual, None        # consumed: a later direct call of the LM is not this prompt's
         if past or visual is None or visual.shape != _embeds(args, kwargs).shape[:2]:
             return
         self.call = self._plan(visual, mask, cache)
@@ -228,8 +229,11 @@ class InLLMReduction:
         # where the scoring query sits: the last attended column of the caller's prompt
         columns = torch.arange(L, device=visual.device)
         in_prompt = valid if self.prompt_columns is None else valid & (columns < self.prompt_columns)
-        query = torch.where(in_prompt, columns, -1).amax(1)
-        return _Call(cache=cache, mask=mask, visual=visual, valid=valid, query=query, n_visual=n_visual,
+        query = torch.where(in_prompt, columns, -1).amax(1).clamp(min=0)     # an all-padding row: column 0
+        # the kept counts go to the device now, while the read above has emptied its queue: a host-to-device copy
+        # inside the decoder loop would wait for the layers queued before it
+        counts = torch.tensor(kept, device=visual.device)
+        return _Call(counts=counts, cache=cache, mask=mask, visual=visual, valid=valid, query=query, n_visual=n_visual,
                      n_valid=n_valid, kept=kept, length=L, labels=self.labels)
 
     def _prune(self, call, i, hidden, kwargs):
@@ -238,16 +242,15 @@ class InLLMReduction:
         stage = self.stages[s]
         rope = call.rope if call.masks2d else kwargs["position_embeddings"]
         scores = self._scores(call, stage, hidden, rope)
-        ordinals = call.ordinals()
-        call.scores.append((scores, call.visual_now, ordinals))
+        call.scores.append(StageScores(scores, call.visual_now, call.visual, call.origin))
         kept = call.kept[s]
         previous = call.kept[s - 1] if s else call.n_visual
         if kept == previous:              # nothing to drop (full budget): the layout, masks and cache stay
             return self._next_stage(call, hidden)
         if self.reweight is not None:
-            scores = self.reweight(scores, ordinals, s)
+            scores = self.reweight(scores, call.scores[-1].ordinals, s)
         B, L_now = call.visual_now.shape
-        k = torch.tensor(kept, device=hidden.device)
+        k = call.counts[s]
         k_max = max(kept)
         kept_visual = torch.zeros_like(call.visual_now)
         if k_max:
@@ -261,7 +264,9 @@ class InLLMReduction:
         source, filled = compaction(keep, new_length)
         call.advance(source, filled, new_length)
         if call.labels is not None:
-            call.labels.masked_fill_(~call.alive, IGNORE_INDEX)
+            # dropped tokens are no targets, nor is each row's first column left: nothing precedes it
+            first = call.alive & (call.alive.long().cumsum(1) == 1)
+            call.labels.masked_fill_(~call.alive | first, IGNORE_INDEX)
         cos, sin = rope
         call.rope = tuple(_gather_rows(t.expand(B, -1, -1), source) for t in (cos, sin))
         call.mask2d = call.valid_now.long()
@@ -319,6 +324,9 @@ class InLLMReduction:
 
     # -- stats ------------------------------------------------------------------------------------------------------
     def _record(self, call):
+        """Stats of the call's first prefill (generate without a cache prefills at every step: the prompt's)."""
+        if "llm_stages" in self.patch.stats:
+            return
         cfg = self.decoder.config
         drops = [(stage.layer, [p - n for p, n in zip(prev, now)])
                  for stage, prev, now in zip(self.stages, [call.n_visual] + call.kept[:-1], call.kept)]
@@ -339,11 +347,13 @@ class InLLMReduction:
         # per stage: (layer, visual tokens per sample from that layer on), for per-example accounting (eval)
         stats["llm_stages"] = [(stage.layer, now) for stage, now in zip(self.stages, call.kept)]
         stats["llm_kept"] = call.alive          # [B, L] bool: the prompt columns that reach the last layer
-        stats["llm_scores"] = call.scores       # per stage: (raw scores, visual columns, ordinals) in its layout
+        stats["llm_scores"] = call.scores       # per stage: `StageScores` (raw scores, visual columns, ordinals)
 
     def _record_unpruned(self, n_valid):
         """Stats of a prefill without visual tokens: nothing pruned."""
         stats = self.patch.stats
+        if "llm_stages" in stats:
+            return
         stats.setdefault("visual_tokens", {})["LLM input"] = [0] * len(n_valid)
         cfg, nbytes = self.decoder.config, self.adapter.model.get_input_embeddings().weight.element_size()
         flops = sum(llm_prefill_flops(cfg, n) for n in n_valid)
@@ -353,6 +363,27 @@ class InLLMReduction:
         stats.setdefault("kv_cache_bytes_unpatched", cache)
         stats["prefill_flops"], stats["flops"], stats["kv_cache_bytes"] = flops, flops, cache
         stats["llm_stages"] = []
+
+
+@dataclass(frozen=True)
+class StageScores:
+    """What a stage ranked (`Patch.stats["llm_scores"]`, one per stage): `scores` [B, L_s] the query row's raw
+    attention over the stage's layout, `visual` [B, L_s] its visual columns, `ordinals` (computed when read)."""
+
+    scores: torch.Tensor
+    visual: torch.Tensor
+    visual_input: torch.Tensor             # [B, L] the visual columns at the LLM's input
+    origin: object                         # [B, L_s] the input column of each stage column, None: the same layout
+
+    @property
+    def ordinals(self):
+        """[B, L_s] each visual column's raster index within its image at the LLM input (its run of visual tokens,
+        an image's block of placeholders), as the reference indexes the 576 tokens of an image."""
+        visual = self.visual_input
+        columns = torch.arange(visual.shape[1], device=visual.device)
+        starts = visual & ~torch.nn.functional.pad(visual[:, :-1], (1, 0))
+        ordinals = columns - torch.where(starts, columns, 0).cummax(1).values
+        return ordinals if self.origin is None else ordinals.gather(1, self.origin)
 
 
 @dataclass
@@ -371,27 +402,22 @@ class _Call:
     on a pruned cache (`state`) caches the stage masks it builds."""
 
     def __init__(self, cache, mask, state=None, visual=None, valid=None, query=None, n_visual=None, n_valid=None,
-                 kept=None, length=None, labels=None):
+                 kept=None, length=None, labels=None, counts=None):
         self.cache, self.mask, self.state, self.length = cache, mask, state, length
         self.masks4d = {}
         if state is not None:
             return
         self.visual, self.valid, self.query, self.labels = visual, valid, query, labels
-        self.n_visual, self.n_valid, self.kept = n_visual, n_valid, kept
+        self.n_visual, self.n_valid, self.kept, self.counts = n_visual, n_valid, kept, counts
         self.columns = [length] * visual.shape[0]      # real columns per sample in the current layout
         self.stage = 0
         self.masks2d = []
-        self.scores = []               # per stage: (raw scores, visual columns, visual ordinals), each [B, L_s]
+        self.scores = []               # per stage: its `StageScores`
         # the caller's layout until a stage changes it: no identity gathers (origin / filled None)
         self.origin = self.filled_now = None
         self.visual_now, self.valid_now, self.query_now = visual, valid, query
         self.alive = torch.ones_like(visual)
         self.rope = self.mask4d = self.mask2d = None
-
-    def ordinals(self):
-        """[B, L_now] each current column's ordinal among its sample's visual tokens at the LLM input."""
-        ordinals = self.visual.long().cumsum(1) - 1
-        return ordinals if self.origin is None else ordinals.gather(1, self.origin)
 
     def advance(self, source, filled, new_length):
         """Move to the layout whose column j takes current column source[:, j] (a pad slot where not filled)."""
@@ -420,7 +446,7 @@ def _resolve(keep, n):
     """Visual tokens a sample with n of them keeps: an int count (at most n), a ratio of n; 0 of 0."""
     if n == 0:
         return 0
-    return min(keep, n) if isinstance(keep, int) else resolve_keep(keep, n)
+    return min(int(keep), n) if isinstance(keep, numbers.Integral) else resolve_keep(keep, n)
 
 
 def _gather_rows(x, index):
