@@ -163,7 +163,8 @@ def test_calibrate_writes_a_schedule_that_patch_accepts(tmp_path, untrained_weig
     monkeypatch.setattr(zoo, "WEIGHTS", untrained_weights)
     out = tmp_path / "debias.json"
     args = ["calibrate", "--model", "tiny-llava-scenes", "--n", "8", "--batch-size", "4", "--out", str(out)]
-    cli.main(args)
+    cli.main([*args, "--plot", str(tmp_path / "trend.png")])
+    assert (tmp_path / "trend.png").read_bytes()[:4] == b"\x89PNG"
     assert "8 scenes train questions" in capsys.readouterr().out
     model, _ = zoo.load("tiny-llava-scenes")
     with vlmeff.patch(model, "debiased", keep=0.25, schedule=out) as patch:

@@ -106,6 +106,30 @@ def calibrate_debiasing(model, data, base="fastv", trend=None, layer=None, layer
                 mean_attention=[float(v) for v in mean])
 
 
+def plot_trend(schedule, path):
+    """A `debiased` schedule's mean attention over visual position, with its fitted trend, as a PNG at `path`
+    (matplotlib: the `eval` extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .pruners.debias import trend
+
+    mean = np.asarray(schedule["mean_attention"])
+    i = np.arange(mean.shape[0], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(i, mean, ".", markersize=3, label="mean attention (calibration data)")
+    shape = trend(schedule["trend"], schedule["coefficients"], i)          # f(i) / f(0)
+    scale = float(mean @ shape / (shape @ shape))                          # least-squares f(0)
+    ax.plot(i, scale * shape, label=f"fitted {schedule['trend']} trend")
+    ax.set(xlabel="visual token index within the image", ylabel="attention of the scoring query",
+           title=f"{schedule['base']} at decoder layer {schedule['score_layer']}, {schedule['samples']} samples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def task_batches(model, processor, task, split="train", n=256, batch_size=32, seed=0, data=None):
     """n questions of an evaluation task's `split` (drawn with `seed`; never pass the split you evaluate on) as
     model-input batches, prompted exactly as `vlmeff eval` prompts them (chat template, left padding); answers

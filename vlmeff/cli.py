@@ -151,7 +151,7 @@ def cmd_eval(args):
 
 def cmd_calibrate(args):
     """Fit a method's calibration on questions of a task's split (default train) and write its schedule file."""
-    from .calibration import calibrate, task_batches
+    from .calibration import calibrate, plot_trend, task_batches
     from .eval.runner import load_model
 
     task = args.task or (zoo.dataset(args.model) if args.model in zoo.names() else None)
@@ -166,6 +166,8 @@ def cmd_calibrate(args):
         if args.method == "debiased":
             options = {"base": args.base, "layer": args.layer, "layers": args.layers}
         schedule = calibrate(model, batches, method=args.method, path=args.out, **options)
+        if args.plot:
+            plot_trend(schedule, args.plot)
     except ValueError as error:
         raise SystemExit(f"vlmeff calibrate: {error}") from error
     print(f"{args.method} ({schedule.get('base', '')}) on {schedule.get('samples')} {task} {args.split} questions: "
@@ -354,6 +356,7 @@ def add_calibrate_parser(sub):
     cal.add_argument("--dtype", choices=DTYPES, default="auto", help="(default: %(default)s)")
     cal.add_argument("--out", required=True, help="the schedule file (JSON) to write")
     cal.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    cal.add_argument("--plot", default=None, help="also draw the mean attention and its fitted trend to this PNG")
     cal.set_defaults(run=cmd_calibrate)
 
 
