@@ -75,7 +75,7 @@ class InLLMReduction:
                            if i is not None]
         self.first = self.stages[0].layer
         self.call = None                       # the state of the language-model call running now
-        self.visual = None                     # [B, L] bool of the latest base-model call, None without input_ids
+        self.visual = None                     # [B, L] bool of the base-model call running, for its LM call only
         self.labels = None                     # the clone of the running forward's labels
         self.prompt_columns = None             # inside generate: the caller's prompt length
         self.pruned_caches = weakref.WeakKeyDictionary()     # cache -> _CacheState
@@ -152,6 +152,7 @@ class InLLMReduction:
 
     def _language_model_call(self, module, args, kwargs):
         self.call, self.captured = None, {}
+        visual, self.visual = self.visual, None        # consumed: a later direct call of the LM is not this prompt's
         cache = next((kwargs[n] for n in CACHE_KWARGS if kwargs.get(n) is not None), None)
         if cache is not None and not isinstance(cache, DynamicCache):
             raise ValueError(f"pruning inside the LLM needs a DynamicCache (per-layer lengths); got "
@@ -167,7 +168,6 @@ class InLLMReduction:
             self.call = _Call(cache=cache, state=state, mask=mask, length=total)
             return
         past = 0 if cache is None else cache.get_seq_length()
-        visual, self.visual = self.visual, None        # consumed: a later direct call of the LM is not this prompt's
         if past or visual is None or visual.shape != _embeds(args, kwargs).shape[:2]:
             return
         self.call = self._plan(visual, mask, cache)
@@ -249,7 +249,7 @@ class InLLMReduction:
             return self._next_stage(call, hidden)
         if self.reweight is not None:
             scores = self.reweight(scores, call.scores[-1].ordinals, s)
-        B, L_now = call.visual_now.shape
+        B = call.visual_now.shape[0]
         k = call.counts[s]
         k_max = max(kept)
         kept_visual = torch.zeros_like(call.visual_now)
