@@ -712,3 +712,103 @@ def test_calibration_skips_batches_without_images():
     model = tiny_qwen("qwen2")
     with pytest.raises(ValueError, match="holds no images"):
         vlmeff.calibrate(model, [qwen_inputs([C])], method="debiased", progress=False)
+
+
+# -- survivors of a mutation run (tools/mutation.sh 'vlmeff.engine.llm.*' ...) -------------------------------------
+def staged_oracle(model, inputs, stages):
+    """Last-token logits [B, V] of PyramidDrop computed without vlmeff: each sample alone, at each stage layer
+    (layer, kept count) the last token's head-mean attention over the current tokens, materialised from the layer's
+    q / k with transformers' own `apply_rotary_pos_emb` / `repeat_kv`, ranks the visual tokens."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+    lm = model.model.language_model
+    with Recorder(lm) as rec, torch.no_grad():
+        model(**inputs)
+    embeds = rec.kwargs["inputs_embeds"]
+    out = []
+    with torch.no_grad():
+        for b in range(embeds.shape[0]):
+            columns = inputs["attention_mask"][b].bool()
+            h, pos = embeds[b:b + 1, columns], torch.arange(embeds.shape[1])[None, columns]
+            visual = inputs["input_ids"][b, columns] == IMAGE
+            for i, layer in enumerate(lm.layers):
+                rope = lm.rotary_emb(h, pos)
+                for stage_layer, kept in stages:
+                    if stage_layer == i and int(visual.sum()) > kept[b]:
+                        attn, normed = layer.self_attn, layer.input_layernorm(h)
+                        q = attn.q_proj(normed).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+                        k = attn.k_proj(normed).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+                        q, k = apply_rotary_pos_emb(q, k, *rope)
+                        row = (q[:, :, -1:] @ repeat_kv(k, attn.num_key_value_groups).transpose(-1, -2)
+                               * attn.scaling).softmax(-1)[0, :, 0].mean(0)
+                        keep = ~visual
+                        keep[row.masked_fill(~visual, -1).topk(kept[b]).indices] = True
+                        h, pos, visual = h[:, keep], pos[:, keep], visual[keep]
+                        rope = lm.rotary_emb(h, pos)
+                h = layer(h, attention_mask=None, position_embeddings=rope, position_ids=None)
+            out.append(model.lm_head(lm.norm(h))[0, -1])
+    return torch.stack(out)
+
+
+def test_pdrop_stages_with_new_pad_slots_equal_the_oracle():
+    """Three stages on a batch whose samples keep different counts (one image: 16 visual tokens, two: 32), so the
+    second and third stages work on a layout that already has pad slots (the caller's padding, kept as columns,
+    and the first stage's new ones)."""
+    from lvlm_models import batch, pixels, prompt
+    model = tiny_llava()
+    ids, mask = batch([prompt([1, 5, 6, 7, 8, 9], 1, [7, 8]), prompt([1], 2, [7])])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(3))
+    with vlmeff.patch(model, "pdrop", layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125]) as patch:
+        out = logits(model, inputs)[:, -1]
+        assert patch.stats["visual_tokens"]["after LLM layer 3"] == [2, 4]
+    stages_kept = [(1, [8, 16]), (2, [4, 8]), (3, [2, 4])]
+    torch.testing.assert_close(out, staged_oracle(model, inputs, stages_kept), atol=2e-5, rtol=1e-5)
+
+
+def test_text_only_prefill_stats_and_decoding_without_a_mask():
+    from vlmeff.flops import kv_cache_bytes, llm_prefill_flops
+    model, inputs = setup_any("llava")
+    cfg = model.config.text_config
+    text = dict(input_ids=torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]]), attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with vlmeff.patch(model, "fastv", keep=4) as patch:
+        logits(model, text)
+        assert patch.stats == {"visual_tokens": {"LLM input": [0, 0]}, "llm_stages": [],
+                               "prefill_flops": 2 * llm_prefill_flops(cfg, 4), "flops": 2 * llm_prefill_flops(cfg, 4),
+                               "prefill_flops_unpatched": 2 * llm_prefill_flops(cfg, 4),
+                               "flops_unpatched": 2 * llm_prefill_flops(cfg, 4),
+                               "kv_cache_bytes": 2 * kv_cache_bytes(cfg, 4, 4),
+                               "kv_cache_bytes_unpatched": 2 * kv_cache_bytes(cfg, 4, 4)}
+        # two samples of one length, no mask at all: prefill and a decode step on the pruned cache
+        same = dict(input_ids=inputs["input_ids"][:1].repeat(2, 1)[:, 1:], pixel_values=inputs["pixel_values"])
+        with torch.no_grad():
+            prefill = model(**same, use_cache=True)
+            kept = patch.stats["llm_kept"]
+            step = model(input_ids=torch.tensor([[5], [6]]), cache=prefill.cache).logits[:, -1]
+    full = dict(input_ids=torch.cat([same["input_ids"], torch.tensor([[5], [6]])], 1),
+                attention_mask=torch.ones(2, same["input_ids"].shape[1] + 1, dtype=torch.long),
+                pixel_values=same["pixel_values"])
+    grown = torch.cat([kept, torch.ones(2, 1, dtype=torch.bool)], 1)
+    torch.testing.assert_close(step, oracle_logits(model, full, grown, 1), atol=2e-5, rtol=1e-5)
+
+
+def test_stage_arithmetic_by_hand():
+    assert stages.default_ratios(3) == (0.5, 0.25, 0.125)
+    assert stages.average_share([0.5, 0.25], [1, 3], 8) == (1 + 0.5 * 2 + 0.25 * 5) / 8
+    with pytest.raises(ValueError, match="below 0.125 is out of reach with stages from layer 1 of 8"):
+        stages.average_budget_ratios(0.125, [1, 3], 8)             # exactly the floor: lambda would be 0
+    model, inputs = setup_any("llava")
+    with vlmeff.patch(model, "pdrop", layers=[1, 3]) as patch:
+        assert patch.config["ratios"] == [0.5, 0.25]
+
+
+def test_debias_functions_by_hand():
+    import numpy as np
+    assert debias.trend("exponential", [1.0, 0.5], np.array([2.0]))[0] == pytest.approx(np.e)
+    assert debias.trend("exponential", [1.0, 0.5], torch.tensor([2.0]))[0].item() == pytest.approx(np.e)
+    i = np.arange(32, dtype=np.float64)
+    assert debias.fit_trend(0.3 * np.exp(0.05 * i), "exponential") == [1.0, pytest.approx(0.05)]
+    with pytest.raises(ValueError, match="not positive over the visual positions"):
+        debias.fit_trend(1 - i / 10, "cubic")                    # falls through zero at i = 10
+    reweight = debias.recency_reweighter({"schedule": dict(trend="cubic", coefficients=[1.0, 1.0], positions=4)})
+    scores, ordinals = torch.tensor([[0.4, 0.4]]), torch.tensor([[0, 1]])
+    torch.testing.assert_close(reweight(scores, ordinals, 0), torch.tensor([[0.4, 0.2]]))
+    assert torch.equal(reweight(scores, ordinals, 1), scores)    # later stages rank raw scores

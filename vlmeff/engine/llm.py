@@ -185,7 +185,7 @@ class InLLMReduction:
         def hook(module, args, out):
             call = self.call
             if call is not None and call.state is None and call.stage < len(self.stages):
-                self.captured.setdefault(layer, {})[name] = out
+                self.captured[layer][name] = out        # the layer's pre-hook opened its entry
         return hook
 
     def _layer_call(self, i, module, args, kwargs):
@@ -202,7 +202,7 @@ class InLLMReduction:
         if call.masks2d:                              # some stage changed the layout
             kwargs.update(attention_mask=call.mask4d, position_embeddings=call.rope, position_ids=None)
         if call.stage < len(self.stages) and i == self.stages[call.stage].score_layer < self.stages[call.stage].layer:
-            self.captured.setdefault(i, {})["rope"] = kwargs["position_embeddings"]
+            self.captured[i] = {"rope": kwargs["position_embeddings"]}
         return (hidden, *args), kwargs
 
     def _spread_back(self, module, args, out):
