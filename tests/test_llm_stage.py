@@ -343,7 +343,8 @@ def test_method_specs_keep_list_values_whole():
     assert parse_method_spec("debiased:base=pdrop,schedule=runs/a.json") == (
         "debiased", {"base": "pdrop", "schedule": "runs/a.json"})
     from vlmeff.eval.sweep import plan, stages_of
-    assert stages_of("cls:keep=128+fastv:layer=2", 0.5) == [("cls", {"keep": 128}), ("fastv", {"keep": 0.5, "layer": 2})]
+    assert stages_of("cls:keep=128+fastv:layer=2", 0.5) == [("cls", {"keep": 128}),
+                                                            ("fastv", {"keep": 0.5, "layer": 2})]
     with pytest.raises(TypeError, match="method 'fastv' got unknown option"):
         plan(["cls:keep=128+fastv:layr=2"], [0.5])
 
@@ -664,7 +665,8 @@ def test_an_all_padding_row_and_numpy_budgets():
     model, inputs = setup_any("llava")
     alone = dict(single(inputs))
     padded = dict(input_ids=torch.cat([inputs["input_ids"][:1], torch.zeros_like(inputs["input_ids"][:1])]),
-                  attention_mask=torch.cat([inputs["attention_mask"][:1], torch.zeros_like(inputs["attention_mask"][:1])]),
+                  attention_mask=torch.cat([inputs["attention_mask"][:1],
+                                            torch.zeros_like(inputs["attention_mask"][:1])]),
                   pixel_values=inputs["pixel_values"][:1])
     with vlmeff.patch(model, "fastv", keep=np.int64(100)) as patch:      # more than the 16: all kept
         logits(model, inputs)
@@ -757,9 +759,21 @@ def test_pdrop_stages_with_new_pad_slots_equal_the_oracle():
     model = tiny_llava()
     ids, mask = batch([prompt([1, 5, 6, 7, 8, 9], 1, [7, 8]), prompt([1], 2, [7])])
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(3))
-    with vlmeff.patch(model, "pdrop", layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125]) as patch:
+    layers = model.model.language_model.layers
+    with vlmeff.patch(model, "pdrop", layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125]) as patch, \
+            Recorder(layers[2]) as second, Recorder(layers[3]) as third:
         out = logits(model, inputs)[:, -1]
         assert patch.stats["visual_tokens"]["after LLM layer 3"] == [2, 4]
+        first_stage, second_stage, _ = patch.stats["llm_scores"]
+    # each layer gets the stage's layout (after its own stage's pruning), as long as the sample with the fewest
+    # drops (the one-image sample: 8, 4, 2), the caller's padding counting as columns
+    L = ids.shape[1]
+    assert second.args[0].shape[1] == L - 8 - 4 and third.args[0].shape[1] == L - 8 - 4 - 2
+    # a later stage's visual columns keep their ordinals of the LLM input: 8 and 16 of the first stage's kept ones
+    for b, n in enumerate([8, 16]):
+        later = second_stage.ordinals[b][second_stage.visual[b]]
+        earlier = first_stage.ordinals[b][first_stage.visual[b]]
+        assert later.numel() == n and set(later.tolist()) <= set(earlier.tolist())
     stages_kept = [(1, [8, 16]), (2, [4, 8]), (3, [2, 4])]
     torch.testing.assert_close(out, staged_oracle(model, inputs, stages_kept), atol=2e-5, rtol=1e-5)
 
@@ -768,7 +782,8 @@ def test_text_only_prefill_stats_and_decoding_without_a_mask():
     from vlmeff.flops import kv_cache_bytes, llm_prefill_flops
     model, inputs = setup_any("llava")
     cfg = model.config.text_config
-    text = dict(input_ids=torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]]), attention_mask=torch.ones(2, 4, dtype=torch.long))
+    text = dict(input_ids=torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]]),
+                attention_mask=torch.ones(2, 4, dtype=torch.long))
     with vlmeff.patch(model, "fastv", keep=4) as patch:
         logits(model, text)
         assert patch.stats == {"visual_tokens": {"LLM input": [0, 0]}, "llm_stages": [],
@@ -812,3 +827,27 @@ def test_debias_functions_by_hand():
     scores, ordinals = torch.tensor([[0.4, 0.4]]), torch.tensor([[0, 1]])
     torch.testing.assert_close(reweight(scores, ordinals, 0), torch.tensor([[0.4, 0.2]]))
     assert torch.equal(reweight(scores, ordinals, 1), scores)    # later stages rank raw scores
+
+
+def test_stats_of_a_pruned_prefill_by_hand():
+    """FastV keep=4 on tiny LLaVA (4 layers, K = 1), two samples of 23 and 25 attended tokens with 16 visual each:
+    layer 0 sees 23 / 25 tokens, layers 1-3 see 11 / 13."""
+    from vlmeff.flops import layer_flops, llm_dims
+    model, inputs = setup_any("llava")
+    cfg = model.config.text_config
+    _, dim, attn, kv, mlp, mats = llm_dims(cfg)
+
+    def layer(n):
+        return layer_flops(n, dim, attn, mlp, mats, kv_dim=kv)
+
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    with vlmeff.patch(model, "fastv", keep=4) as patch:
+        logits(model, inputs)
+    stats = patch.stats
+    assert stats["visual_tokens"] == {"LLM input": [16, 16], "after LLM layer 1": [4, 4]}
+    assert stats["llm_stages"] == [(1, [4, 4])]
+    assert stats["prefill_flops"] == stats["flops"] == sum(layer(n) + 3 * layer(n - 12) for n in lengths)
+    assert stats["prefill_flops_unpatched"] == stats["flops_unpatched"] == sum(4 * layer(n) for n in lengths)
+    kv_per_token = 2 * kv * 4                                   # K and V, float32
+    assert stats["kv_cache_bytes"] == sum(n + 3 * (n - 12) for n in lengths) * kv_per_token
+    assert stats["kv_cache_bytes_unpatched"] == sum(4 * n for n in lengths) * kv_per_token
