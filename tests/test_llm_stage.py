@@ -827,6 +827,9 @@ def test_debias_functions_by_hand():
     scores, ordinals = torch.tensor([[0.4, 0.4]]), torch.tensor([[0, 1]])
     torch.testing.assert_close(reweight(scores, ordinals, 0), torch.tensor([[0.4, 0.2]]))
     assert torch.equal(reweight(scores, ordinals, 1), scores)    # later stages rank raw scores
+    exponential = debias.recency_reweighter({"schedule": dict(trend="exponential", coefficients=[1.0, np.log(2)],
+                                                              positions=4)})
+    torch.testing.assert_close(exponential(scores, ordinals, 0), torch.tensor([[0.4, 0.2]]))
 
 
 def test_stats_of_a_pruned_prefill_by_hand():
@@ -851,3 +854,41 @@ def test_stats_of_a_pruned_prefill_by_hand():
     kv_per_token = 2 * kv * 4                                   # K and V, float32
     assert stats["kv_cache_bytes"] == sum(n + 3 * (n - 12) for n in lengths) * kv_per_token
     assert stats["kv_cache_bytes_unpatched"] == sum(4 * n for n in lengths) * kv_per_token
+
+
+def test_pdrop_stats_by_hand_and_a_one_token_image():
+    from lvlm_models import qwen_inputs, tiny_qwen
+    from vlmeff.flops import layer_flops, llm_dims
+    model, inputs = setup_any("llava")
+    _, dim, attn, kv, mlp, mats = llm_dims(model.config.text_config)
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    with vlmeff.patch(model, "pdrop") as patch:                # layers 1, 2, 3 keep 8, 4, 2 of 16
+        logits(model, inputs)
+    assert patch.stats["prefill_flops"] == sum(
+        sum(layer_flops(m, dim, attn, mlp, mats, kv_dim=kv) for m in (n, n - 8, n - 12, n - 14)) for n in lengths)
+    # a 2 x 2-patch image gives Qwen2-VL one visual token: any ratio keeps it (at least one token per sample)
+    qwen = tiny_qwen("qwen2")
+    with vlmeff.patch(qwen, "fastv", keep=0.25) as patch:
+        logits(qwen, qwen_inputs([[[1, 5], (2, 2, 7), [6, 7]]]))
+        assert patch.stats["visual_tokens"] == {"LLM input": [1], "after LLM layer 1": [1]}
+
+
+def test_a_steep_schedule_changes_the_ranking_as_weighted():
+    """1 / w = 1 + 10 i: the weights fall 150-fold over 16 tokens, so the debiased choice differs from FastV's and
+    is the top of the weighted eager attention row."""
+    model, inputs = setup_any("llava")
+    schedule = vlmeff.calibrate(model, calibration_batches(model), method="debiased", progress=False)
+    steep = dict(schedule, coefficients=[1.0, 10.0])
+    rows = eager_rows(model, inputs)[0]
+    visual = inputs["input_ids"] == IMAGE
+    with vlmeff.patch(model, "fastv", keep=5) as patch:
+        logits(model, inputs)
+        plain = patch.stats["llm_kept"]
+    with vlmeff.patch(model, "debiased", keep=5, schedule=steep) as patch:
+        logits(model, inputs)
+        debiased_kept = patch.stats["llm_kept"]
+    assert not torch.equal(plain, debiased_kept)
+    weights = 1 / (1 + 10 * torch.arange(16.0))
+    for b in range(2):
+        expected = (rows[b][visual[b]] * weights).topk(5).indices
+        assert set(expected.tolist()) == set(debiased_kept[b][visual[b]].nonzero()[:, 0].tolist())

@@ -198,7 +198,7 @@ class InLLMReduction:
         args = args[1:] if args else ()
         stage = call.stage
         if stage < len(self.stages) and self.stages[stage].layer == i:
-            hidden = self._prune(call, i, hidden, kwargs)
+            hidden = self._prune(call, hidden, kwargs)
         if call.masks2d:                              # some stage changed the layout
             kwargs.update(attention_mask=call.mask4d, position_embeddings=call.rope, position_ids=None)
         if call.stage < len(self.stages) and i == self.stages[call.stage].score_layer < self.stages[call.stage].layer:
@@ -236,8 +236,8 @@ class InLLMReduction:
         return _Call(counts=counts, cache=cache, mask=mask, visual=visual, valid=valid, query=query, n_visual=n_visual,
                      n_valid=n_valid, kept=kept, length=L, labels=self.labels)
 
-    def _prune(self, call, i, hidden, kwargs):
-        """Score, select and gather the input of stage layer i; returns the pruned hidden states."""
+    def _prune(self, call, hidden, kwargs):
+        """Score, select and gather the input of the current stage's layer; returns the pruned hidden states."""
         s = call.stage
         stage = self.stages[s]
         rope = call.rope if call.masks2d else kwargs["position_embeddings"]
