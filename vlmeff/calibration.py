@@ -73,27 +73,21 @@ def calibrate_debiasing(model, data, base="fastv", trend=None, layer=None, layer
         if layers is None:
             layers = list(scaled_pdrop(context.depth, context.first_layer)[0])
         keep, options = None, {"layers": layers, "ratios": [1.0] * len(layers)}
-    total = count = None
-    samples = 0
-    score_layer = plan_stages(base, keep, options, context.depth, context.first_layer)[0][2]
+    positions_seen, values, samples = [], [], 0
+    score_layer = plan_stages(base, keep, options, context.depth, context.first_layer)[0].score_layer
     with api.patch(model, base, keep=keep, **options) as patch, torch.no_grad():
         for batch in tqdm(list(data), desc="calibrate debiased", disable=not progress):
             model(**batch)
             if not patch.stats.get("llm_scores"):      # a batch without images: nothing to measure
                 continue
             first = patch.stats["llm_scores"][0]
-            scores, visual, ordinals = first.scores, first.visual, first.ordinals
-            n = int(ordinals.max()) + 1
-            if total is None or n > total.shape[0]:
-                grown = torch.zeros(n, dtype=torch.float64)
-                total, count = (grown.clone() if total is None else torch.cat([total, grown[total.shape[0]:]]),
-                                grown.clone() if count is None else torch.cat([count, grown[count.shape[0]:]]))
-            i = ordinals[visual]
-            total.index_add_(0, i, scores[visual].double())
-            count.index_add_(0, i, torch.ones_like(i, dtype=torch.float64))
+            positions_seen.append(first.ordinals[first.visual])
+            values.append(first.scores[first.visual].double())
             samples += batch["input_ids"].shape[0]
-    if total is None:
+    if not positions_seen:
         raise ValueError("the calibration data holds no images: pass an iterable of model-input batches with images")
+    i = torch.cat(positions_seen)
+    total, count = torch.bincount(i, weights=torch.cat(values)), torch.bincount(i)
     seen = count > 0
     positions = int(seen.long().argmin()) if not bool(seen.all()) else int(seen.shape[0])
     if positions < 4:

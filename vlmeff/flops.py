@@ -40,25 +40,38 @@ def kv_cache_bytes(text_config, n, bytes_per_value):
     return 2 * layers * n * kv_dim * bytes_per_value
 
 
-def staged_prefill_flops(text_config, n, drops):
-    """Prefill FLOPs of the LM's decoder layers on a prompt of n tokens from which, before decoder layer l, r tokens
-    are removed, for each (l, r) of `drops` (layers increasing): FastV's count, each layer at its own length."""
-    layers, dim, attn_dim, kv_dim, mlp_dim, mats = llm_dims(text_config)
+def stage_drops(visual, kept):
+    """[(layer, removed)] of one sample whose `visual` tokens at the LLM input are cut to kept[s][1] from layer
+    kept[s][0] on, for each stage (layer, count) of `kept` (layers increasing)."""
+    drops = []
+    for layer, count in kept:
+        drops.append((layer, visual - count))
+        visual = count
+    return drops
+
+
+def layer_segments(n, drops, layers):
+    """[(how many consecutive decoder layers, tokens each sees)] of `layers` layers on n tokens from which, before
+    decoder layer l, r tokens are removed, for each (l, r) of `drops` (layers increasing)."""
     bounds = [layer for layer, _ in drops] + [layers]
-    total = bounds[0] * layer_flops(n, dim, attn_dim, mlp_dim, mats, kv_dim=kv_dim)
+    segments = [(bounds[0], n)]
     for (layer, removed), end in zip(drops, bounds[1:]):
         n -= removed
-        total += (end - layer) * layer_flops(n, dim, attn_dim, mlp_dim, mats, kv_dim=kv_dim)
-    return total
+        segments.append((end - layer, n))
+    return segments
+
+
+def staged_prefill_flops(text_config, n, drops):
+    """Prefill FLOPs of the LM's decoder layers on a prompt of n tokens pruned as `drops` says (see
+    `layer_segments`): FastV's count, each layer at its own length."""
+    layers, dim, attn_dim, kv_dim, mlp_dim, mats = llm_dims(text_config)
+    return sum(count * layer_flops(tokens, dim, attn_dim, mlp_dim, mats, kv_dim=kv_dim)
+               for count, tokens in layer_segments(n, drops, layers))
 
 
 def staged_kv_cache_bytes(text_config, n, drops, bytes_per_value):
-    """Bytes of the K and V caches of an n-token prompt pruned as `drops` says (see `staged_prefill_flops`): each
-    layer caches the tokens it saw."""
+    """Bytes of the K and V caches of an n-token prompt pruned as `drops` says (see `layer_segments`): each layer
+    caches the tokens it saw."""
     layers, _, _, kv_dim, _, _ = llm_dims(text_config)
-    bounds = [layer for layer, _ in drops] + [layers]
-    tokens = bounds[0] * n
-    for (layer, removed), end in zip(drops, bounds[1:]):
-        n -= removed
-        tokens += (end - layer) * n
+    tokens = sum(count * m for count, m in layer_segments(n, drops, layers))
     return 2 * tokens * kv_dim * bytes_per_value

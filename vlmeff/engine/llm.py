@@ -37,7 +37,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from ..flops import kv_cache_bytes, llm_prefill_flops, staged_kv_cache_bytes, staged_prefill_flops
+from ..flops import kv_cache_bytes, llm_prefill_flops, stage_drops, staged_kv_cache_bytes, staged_prefill_flops
 from ..kernels.attention_rows import attention_rows
 from ..pruners.debias import recency_reweighter
 from ..pruners.select import resolve_keep
@@ -45,17 +45,6 @@ from ..pruners.stages import plan_stages
 from .prompt import IGNORE_INDEX, compaction
 
 CACHE_KWARGS = ("cache", "past_key_values")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """Prune the input of decoder layer `layer` to `keep` visual tokens per sample (an int count, or a float ratio of
-    the sample's visual tokens at the LLM's input), ranked by the attention row of layer `score_layer` (`layer` - 1:
-    the previous layer's attention, FastV; `layer`: the layer's own q / k on its unpruned input, PyramidDrop)."""
-
-    layer: int
-    keep: object
-    score_layer: int
 
 
 class InLLMReduction:
@@ -67,8 +56,7 @@ class InLLMReduction:
         self.patch, self.adapter = patch, adapter
         self.decoder = adapter.decoder
         # option types and ranges, the layers included, were checked by the registry on this model
-        self.stages = [Stage(*s) for s in plan_stages(method, keep, options, self.decoder.depth,
-                                                       first_prunable_layer(adapter))]
+        self.stages = plan_stages(method, keep, options, self.decoder.depth, first_prunable_layer(adapter))
         self.reweight = recency_reweighter(options) if method == "debiased" else None
         config = adapter.model.config
         self.visual_ids = [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
@@ -328,14 +316,13 @@ class InLLMReduction:
         if "llm_stages" in self.patch.stats:
             return
         cfg = self.decoder.config
-        drops = [(stage.layer, [p - n for p, n in zip(prev, now)])
-                 for stage, prev, now in zip(self.stages, [call.n_visual] + call.kept[:-1], call.kept)]
         stats = self.patch.stats
         tokens = stats.setdefault("visual_tokens", {})
         tokens["LLM input"] = call.n_visual
         for stage, now in zip(self.stages, call.kept):
             tokens[f"after LLM layer {stage.layer}"] = now
-        per_sample = [[(layer, d[b]) for layer, d in drops] for b in range(len(call.n_valid))]
+        per_sample = [stage_drops(n, [(stage.layer, kept[b]) for stage, kept in zip(self.stages, call.kept)])
+                      for b, n in enumerate(call.n_visual)]
         nbytes = self.adapter.model.get_input_embeddings().weight.element_size()
         stats.setdefault("prefill_flops_unpatched", sum(llm_prefill_flops(cfg, n) for n in call.n_valid))
         stats.setdefault("flops_unpatched", stats["prefill_flops_unpatched"])
@@ -481,11 +468,12 @@ def resolved_stages(model, adapter, method, keep, options):
     stages = plan_stages(method, keep, options, adapter.decoder.depth, first_prunable_layer(adapter))
     options = dict(options)
     if options.get("base", method) == "fastv":
-        options["layer"] = stages[0][0]
+        options["layer"] = stages[0].layer
     else:
-        options["layers"], options["ratios"] = [s[0] for s in stages], [s[1] for s in stages]
+        options["layers"], options["ratios"] = [s.layer for s in stages], [s.keep for s in stages]
     if method == "debiased":
-        options["schedule"] = load_schedule(options["schedule"], model, method, options["base"], stages[0][2])
+        options["schedule"] = load_schedule(options["schedule"], model, method, options["base"],
+                                            stages[0].score_layer)
     return options
 
 

@@ -37,7 +37,8 @@ import time
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..flops import kv_cache_bytes, llm_prefill_flops, staged_kv_cache_bytes, staged_prefill_flops
+from ..flops import (kv_cache_bytes, layer_segments, llm_prefill_flops, stage_drops, staged_kv_cache_bytes,
+                     staged_prefill_flops)
 
 COUNTS = ("visual_tokens", "visual_tokens_unpatched", "prompt_tokens", "prompt_tokens_unpatched",
           "prefill_flops", "prefill_flops_unpatched", "kv_cache_bytes", "kv_cache_bytes_unpatched")
@@ -118,10 +119,7 @@ def example_counts(inputs, images_per_example, image_token_id, stats, text_confi
     counts = []
     for b, (seen, seen_unpatched, length_unpatched) in enumerate(zip(visual, visual_unpatched, prompt_unpatched)):
         length = length_unpatched - seen_unpatched + seen
-        drops, previous = [], seen
-        for layer, kept in stages:
-            drops.append((layer, previous - kept[b]))
-            previous = kept[b]
+        drops = stage_drops(seen, [(layer, kept[b]) for layer, kept in stages])
         counts.append({
             "visual_tokens": mean_over_layers(seen, drops, depth), "visual_tokens_unpatched": seen_unpatched,
             "prompt_tokens": length, "prompt_tokens_unpatched": length_unpatched,
@@ -136,12 +134,9 @@ def example_counts(inputs, images_per_example, image_token_id, stats, text_confi
 def mean_over_layers(visual, drops, depth):
     """The visual tokens the decoder layers see, averaged over the `depth` layers: `visual` at the LLM's input,
     fewer from each (layer, removed) of `drops` on (PyramidDrop's "average token budget"); `visual` without drops."""
-    total, start = 0, 0
-    for layer, removed in drops:
-        total += (layer - start) * visual
-        visual, start = visual - removed, layer
-    total += (depth - start) * visual
-    return total / depth if drops else visual
+    if not drops:
+        return visual
+    return sum(count * tokens for count, tokens in layer_segments(visual, drops, depth)) / depth
 
 
 def per_example(per_image, images_per_example):

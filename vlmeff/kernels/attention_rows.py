@@ -10,9 +10,9 @@ def attention_rows(q_rows, k, scale, mean_rows=False, chunk=None, key_mask=None)
     attention: query head h reads key head h // (H / Hk), as `repeat_interleave` would give). Returns [B, Q, N]
     float32 probabilities averaged over the H heads, or with `mean_rows` [B, N] averaged over the Q rows too
     (queries then processed `chunk` at a time, so memory stays O(chunk x N)). key_mask [B, N] bool (one query row
-    only): the keys the row may attend to (padding and later tokens False), the others get probability 0. Computed in float32: scores feed
-    rankings, where bf16 logits would reorder near-ties. Costs B*H*Q*N*d multiply-adds: Q/N of the attention's
-    own Q @ K^T (one row: Hk times that, see `_one_row`).
+    only): the keys the row may attend to (padding and later tokens False), the others get probability 0.
+    Computed in float32: scores feed rankings, where bf16 logits would reorder near-ties. Costs B*H*Q*N*d
+    multiply-adds: Q/N of the attention's own Q @ K^T (one row: Hk times that, see `_one_row`).
     Launches (float32 inputs): one row 4 (diag_embed, baddbmm, softmax, mean); Q rows in one chunk 5 (two copies
     into the batched-matmul layout, baddbmm, softmax, mean).
     """

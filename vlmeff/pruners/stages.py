@@ -1,11 +1,23 @@
 """Where the methods that act inside the LLM prune: their papers' layers at their papers' depth, scaled to the
 model's depth by one rule (`scale_layer`), explicit settings as given. Pure arithmetic: knows no model."""
 import math
+from dataclasses import dataclass
 
 PAPER_DEPTH = 32                  # LLaVA-1.5-7B's 32 decoder layers, where FastV and PyramidDrop set their layers
 FASTV_LAYER = 2                   # FastV: K = 2, the attention of layer K - 1 ranks the visual tokens
 PDROP_LAYERS = (8, 16, 24)        # PyramidDrop on LLaVA-1.5 (its README): stages end after layers 8, 16, 24 ...
 PDROP_RATIOS = (0.5, 0.25, 0.125)   # ... keeping lambda = 0.5 of the previous stage's visual tokens each time
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Prune the input of decoder layer `layer` to `keep` visual tokens per sample (an int count, or a float ratio of
+    the sample's visual tokens at the LLM's input), ranked by the attention row of layer `score_layer` (`layer` - 1:
+    the previous layer's attention, FastV; `layer`: the layer's own q / k on its unpruned input, PyramidDrop)."""
+
+    layer: int
+    keep: object
+    score_layer: int
 
 
 def scale_layer(layer, depth, first=1):
@@ -54,14 +66,14 @@ def average_budget_ratios(share, layers, depth):
 
 
 def plan_stages(method, keep, options, depth, first=1):
-    """[(layer, keep, score layer)] of an in-LLM method with checked options: keep after each stage layer (an int
+    """The `Stage`s of an in-LLM method with checked options, layers increasing: keep after each stage layer (an int
     count per sample or a ratio of the sample's visual tokens at the LLM's input), scored at the previous layer's
     attention (FastV) or at the stage layer's own q / k (PyramidDrop)."""
     base = options.get("base", method)
     if base == "fastv":
         layer = options.get("layer")
         layer = scale_layer(FASTV_LAYER, depth, first) if layer is None else layer % depth
-        return [(layer, keep, layer - 1)]
+        return [Stage(layer, keep, layer - 1)]
     layers, ratios = options.get("layers"), options.get("ratios")
     if layers is None:
         layers, scaled_ratios = scaled_pdrop(depth, first)
@@ -70,4 +82,4 @@ def plan_stages(method, keep, options, depth, first=1):
         ratios = default_ratios(len(layers))
     if keep is not None:                 # an average budget: the geometric ratios lambda ** s that meet it
         ratios = average_budget_ratios(keep, [layer % depth for layer in layers], depth)
-    return [(layer % depth, ratio, layer % depth) for layer, ratio in zip(layers, ratios)]
+    return [Stage(layer % depth, ratio, layer % depth) for layer, ratio in zip(layers, ratios)]
