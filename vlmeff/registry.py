@@ -239,7 +239,7 @@ def _fastv_layer_accepted(ctx):
             f"one of the {_llm_range(ctx)}")
 
 
-def _pdrop_layers_valid(value, ctx):
+def _stage_layers_valid(value, ctx):
     if value is None:
         return True
     if not _base_is(value, ctx, "pdrop") or not isinstance(value, (list, tuple)) or not value:
@@ -250,36 +250,56 @@ def _pdrop_layers_valid(value, ctx):
     return all(a < b for a, b in zip(wrapped, wrapped[1:]))
 
 
-def _pdrop_layers_accepted(ctx):
-    if not _base_is(None, ctx, "pdrop"):
-        return "None only: with base='fastv' the stage is set by layer"
-    from .pruners.stages import PDROP_LAYERS, scaled_pdrop
-    scaled = list(scaled_pdrop(ctx.depth, ctx.first_layer)[0])
-    return (f"None (PyramidDrop's layers {list(PDROP_LAYERS)} of 32, scaled: {scaled} on this model) or a non-empty "
-            f"list of increasing {_llm_range(ctx)}")
+def _stage_layers_accepted(method, paper):
+    def accepted(ctx):
+        if not _base_is(None, ctx, "pdrop"):
+            return "None only: with base='fastv' the stage is set by layer"
+        from .pruners.stages import PAPER_SCHEDULES, default_schedule
+        scaled = list(default_schedule(method, ctx.depth, ctx.first_layer)[0])
+        return (f"None ({paper}'s layers {list(PAPER_SCHEDULES[method][0])} of 32, scaled: {scaled} on this model) "
+                f"or a non-empty list of increasing {_llm_range(ctx)}")
+    return accepted
 
 
-def _stage_count(ctx):
-    from .pruners.stages import scaled_pdrop
+def _stage_count(ctx, method):
+    from .pruners.stages import default_schedule
     layers = ctx.options.get("layers")
-    return len(scaled_pdrop(ctx.depth, ctx.first_layer)[0]) if layers is None else len(layers)
+    return len(default_schedule(method, ctx.depth, ctx.first_layer)[0]) if layers is None else len(layers)
 
 
-def _pdrop_ratios_valid(value, ctx):
-    if value is None:
-        return True
-    if not _base_is(value, ctx, "pdrop") or not isinstance(value, (list, tuple)) or len(value) != _stage_count(ctx):
-        return False
-    if not all(isinstance(v, float) and 0.0 < v <= 1.0 for v in value):
-        return False
-    return all(a >= b for a, b in zip(value, value[1:]))
+def _stage_ratios_valid(method):
+    def valid(value, ctx):
+        if value is None:
+            return True
+        if not _base_is(value, ctx, "pdrop") or not isinstance(value, (list, tuple)) \
+                or len(value) != _stage_count(ctx, method):
+            return False
+        if not all(isinstance(v, float) and 0.0 < v <= 1.0 for v in value):
+            return False
+        return all(a >= b for a, b in zip(value, value[1:]))
+    return valid
 
 
-def _pdrop_ratios_accepted(ctx):
-    if not _base_is(None, ctx, "pdrop"):
-        return "None only: with base='fastv' the budget is keep"
-    return (f"None (0.5, 0.25, 0.125 ...: lambda = 0.5 per stage) or a list of {_stage_count(ctx)} non-increasing "
-            "floats in (0, 1], one per stage: the share of the sample's visual tokens kept after it")
+def _stage_ratios_accepted(method, defaults):
+    def accepted(ctx):
+        if not _base_is(None, ctx, "pdrop"):
+            return "None only: with base='fastv' the budget is keep"
+        return (f"None ({defaults}) or a list of {_stage_count(ctx, method)} non-increasing floats in (0, 1], one per "
+                "stage: the share of the sample's visual tokens kept after it")
+    return accepted
+
+
+def stage_options(method, paper, ratio_defaults):
+    """The `layers` and `ratios` options of a staged in-LLM method (PyramidDrop's form), its paper's defaults
+    scaled to the model's depth."""
+    from .pruners.stages import PAPER_SCHEDULES
+    layers = Option("layers", None, (type(None), list, tuple), _stage_layers_valid,
+                    f"None ({paper}'s {', '.join(map(str, PAPER_SCHEDULES[method][0]))} of 32 layers, scaled) or a "
+                    "list of increasing decoder layer indices >= 1", _stage_layers_accepted(method, paper))
+    ratios = Option("ratios", None, (type(None), list, tuple), _stage_ratios_valid(method),
+                    f"None ({ratio_defaults}) or one non-increasing float in (0, 1] per stage",
+                    _stage_ratios_accepted(method, ratio_defaults))
+    return layers, ratios
 
 
 def _schedule_valid(value, ctx):
@@ -289,12 +309,46 @@ def _schedule_valid(value, ctx):
 LLM_LAYER = Option("layer", None, (type(None), int), _fastv_layer_valid,
                    "None (FastV's K = 2 of 32 layers, scaled to the model's depth) or a decoder layer index >= 1",
                    _fastv_layer_accepted)
-PDROP_LAYERS = Option("layers", None, (type(None), list, tuple), _pdrop_layers_valid,
-                      "None (PyramidDrop's 8, 16, 24 of 32 layers, scaled) or a list of increasing decoder layer "
-                      "indices >= 1", _pdrop_layers_accepted)
-PDROP_RATIOS = Option("ratios", None, (type(None), list, tuple), _pdrop_ratios_valid,
-                      "None (0.5, 0.25, 0.125) or one non-increasing float in (0, 1] per stage",
-                      _pdrop_ratios_accepted)
+PDROP_LAYERS, PDROP_RATIOS = stage_options("pdrop", "PyramidDrop", "0.5, 0.25, 0.125 ...: lambda = 0.5 per stage")
+TRANSITION_LAYERS, TRANSITION_RATIOS = stage_options(
+    "transition", "TransPrune", "0.875, 0.625, 0.125 for three stages, lambda = 0.5 per stage otherwise")
+
+
+def _accumulate_valid(value, ctx):
+    if value is None:
+        return True
+    if not isinstance(value, (list, tuple)) or not all(_is_int(v) and _index(v, ctx) for v in value):
+        return False
+    wrapped = [v % ctx.depth for v in value]
+    return all(a < b for a, b in zip(wrapped, wrapped[1:]))
+
+
+def _accumulate_accepted(ctx):
+    from .pruners.stages import default_accumulation, default_schedule
+    layers = ctx.options.get("layers") or default_schedule("transition", ctx.depth, ctx.first_layer)[0]
+    scaled = list(default_accumulation([v % ctx.depth for v in layers]))
+    return (f"None (TransPrune's layers 7..12 of 32, 1-indexed: from the layer before the first stage to the one "
+            f"before the last, {scaled} here) or a list of increasing decoder layer indices in [0, {ctx.last}] (or "
+            f"counted from the end; layers at or after the last stage add nothing)")
+
+
+def _renumber_valid(value, ctx):
+    return value != "renumber" or not ctx.mrope
+
+
+# TransPrune's TTV layers, its score terms, and the positions of the kept tokens: the reference renumbers them
+# (0, 1, ... over the kept sequence, shifted likewise while decoding); "original" keeps the rotary angles each token
+# had, as FastV / PyramidDrop here. M-RoPE models keep them (the reference has no M-RoPE path to follow)
+ACCUMULATE = Option("accumulate", None, (type(None), list, tuple), _accumulate_valid,
+                    "None (TransPrune's 7..12 of 32, scaled) or a list of increasing decoder layer indices",
+                    _accumulate_accepted)
+TTV_SCORE = Option("score", "both", *choice("both", "ttv", "iga"))
+RENUMBER = Option("positions", None, (type(None), str), lambda v, c: v in (None, "original") or
+                  (v == "renumber" and _renumber_valid(v, c)),
+                  "None (renumber, as the reference, on 1-D RoPE models; original on M-RoPE ones), 'renumber' "
+                  "(1-D RoPE models) or 'original'",
+                  lambda c: ("None (original on this M-RoPE model) or 'original'" if c.mrope else
+                             "None (renumber on this model), 'renumber' or 'original'"))
 DEBIAS_BASE = Option("base", "fastv", *choice("fastv", "pdrop"))
 SCHEDULE = Option("schedule", None, (type(None), str, dict, os.PathLike), _schedule_valid,
                   "a calibration file written by vlmeff.calibrate(model, data, method='debiased') (path or its "
@@ -364,6 +418,9 @@ register("pdrop", "Drop visual tokens in stages inside the LLM, ranked by the la
 register("debiased", "FastV or PyramidDrop with the positional (recency) trend removed from their scores "
          "(Attention Debiasing)", "Attention Debiasing arXiv 2508.17807", ("inside LLM",), ("lvlm",),
          (DEBIAS_BASE, LLM_LAYER, PDROP_LAYERS, PDROP_RATIOS, SCHEDULE))
+register("transition", "Drop visual tokens in stages inside the LLM, ranked by how much the layers transform them "
+         "(token transition variation) plus the instruction's attention (TransPrune)", "TransPrune arXiv 2507.20630",
+         ("inside LLM",), ("lvlm",), (TRANSITION_LAYERS, TRANSITION_RATIOS, ACCUMULATE, TTV_SCORE, RENUMBER))
 
 
 def methods():

@@ -1,5 +1,5 @@
-"""Visual-token pruning inside the LLM (FastV, PyramidDrop, Attention Debiasing): the decoder runs on every token up
-to a stage layer K, then only on the tokens kept, with the model's own attention kernel.
+"""Visual-token pruning inside the LLM (FastV, PyramidDrop, Attention Debiasing, TransPrune): the decoder runs on every
+token up to a stage layer K, then only on the tokens kept, with the model's own attention kernel.
 
 Hooks on this instance only:
 - the VLM's base model (pre-hook): which prompt columns hold visual tokens (`input_ids` == the image / video token);
@@ -8,10 +8,15 @@ Hooks on this instance only:
   stage masks of that cache, grown by the new columns; any other call runs as unpatched;
 - the q / k projections of each scoring layer (hooks): what the layer computes anyway, turned into the one
   attention row a scorer needs (`DecoderAdapter.query_key`, `attention_rows`): never an N x N matrix;
+- TransPrune: the attention and MLP of each accumulating layer (hooks): their input and output, turned into token
+  transition variation (`vlmeff.pruners.transition`) and summed per column; its instruction-guided attention takes
+  the rows of the instruction tokens after the image from the stage layer's own q / k (`causal_rows_mean`);
 - every decoder layer from the first stage on (pre-hook): at a stage layer, hidden states and (cos, sin) are
   gathered to the kept columns; every layer of a stage gets that stage's causal mask, built by the model's own
   `create_causal_mask` for the stage's (shorter) cache layers with `layer_idx`, so the cache of layer i holds the
-  tokens layer i saw. Positions are the original ones: kept tokens keep their rotary angles;
+  tokens layer i saw. Positions are the original ones (kept tokens keep their rotary angles), or with TransPrune's
+  `positions="renumber"` (its reference) each kept token's original position less the visual tokens dropped before
+  it, new tokens' positions less all dropped ones: (cos, sin) from the model's rotary embedding at those positions;
 - the final norm (hook): the kept columns are spread back over the prompt, each position carrying the state of the
   last kept position at or before it (the prediction of the next kept token, exactly as in the reduced sequence), so
   logits keep the caller's shape and `generate`'s last-column logits are unchanged in meaning;
@@ -41,7 +46,9 @@ from ..flops import kv_cache_bytes, llm_prefill_flops, stage_drops, staged_kv_ca
 from ..kernels.attention_rows import attention_rows
 from ..pruners.debias import recency_reweighter
 from ..pruners.select import resolve_keep
-from ..pruners.stages import plan_stages
+from ..kernels.attention_rows import causal_rows_mean
+from ..pruners.stages import default_accumulation, plan_stages
+from ..pruners.transition import transition_scores, transition_variation
 from .prompt import IGNORE_INDEX, compaction
 
 CACHE_KWARGS = ("cache", "past_key_values")
@@ -49,8 +56,8 @@ CACHE_KWARGS = ("cache", "past_key_values")
 
 class InLLMReduction:
     """The engine of methods that act inside the LLM: the method's stages (`vlmeff.pruners.stages.plan_stages`,
-    layers increasing) and, for `debiased`, `reweight(scores, ordinals, stage_index)`, which adjusts the raw scores
-    before ranking (`vlmeff.pruners.debias`)."""
+    layers increasing); for `debiased`, `reweight(scores, ordinals, stage_index)`, which adjusts the raw scores
+    before ranking (`vlmeff.pruners.debias`); for `transition`, TransPrune's score (`vlmeff.pruners.transition`)."""
 
     def __init__(self, patch, adapter, method, keep, options):
         self.patch, self.adapter = patch, adapter
@@ -58,6 +65,12 @@ class InLLMReduction:
         # option types and ranges, the layers included, were checked by the registry on this model
         self.stages = plan_stages(method, keep, options, self.decoder.depth, first_prunable_layer(adapter))
         self.reweight = recency_reweighter(options) if method == "debiased" else None
+        self.transition = method == "transition"
+        self.score = options.get("score", "both")
+        self.renumber = options.get("positions") == "renumber"
+        # TTV from the accumulating layers before the last stage (later ones would rank nothing)
+        self.accumulate = [] if not self.transition or self.score == "iga" else [
+            i for i in options["accumulate"] if i < self.stages[-1].layer]
         config = adapter.model.config
         self.visual_ids = [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
                            if i is not None]
@@ -81,6 +94,10 @@ class InLLMReduction:
             attn = dec.attention(i)
             patch.hook(attn.q_proj.register_forward_hook(self._keeper(i, "q")))
             patch.hook(attn.k_proj.register_forward_hook(self._keeper(i, "k")))
+        for i in self.accumulate:
+            layer = dec.layers[i]
+            patch.hook(layer.self_attn.register_forward_hook(self._sublayer_done, with_kwargs=True))
+            patch.hook(layer.mlp.register_forward_hook(self._sublayer_done, with_kwargs=True))
         for i in sorted(previous_scorers | set(range(self.first, dec.depth))):
             patch.hook(dec.layers[i].register_forward_pre_hook(functools.partial(self._layer_call, i),
                                                                with_kwargs=True))
@@ -152,13 +169,18 @@ class InLLMReduction:
         state = self.pruned_caches.get(cache) if cache is not None else None
         if state is not None:
             # layer 0 keeps the caller's full history: the stage masks grow by the columns it has after this call
-            total = cache.get_seq_length() + _embeds(args, kwargs).shape[1]
+            past = cache.get_seq_length()
+            total = past + _embeds(args, kwargs).shape[1]
             self.call = _Call(cache=cache, state=state, mask=mask, length=total)
+            if self.renumber:
+                self.call.positions = _positions(args, kwargs, past)
             return
         past = 0 if cache is None else cache.get_seq_length()
         if past or visual is None or visual.shape != _embeds(args, kwargs).shape[:2]:
             return
         self.call = self._plan(visual, mask, cache)
+        if self.call is not None and self.renumber:
+            self.call.positions = _positions(args, kwargs, 0).expand(visual.shape)
 
     def _language_model_done(self, module, args, out):
         call, self.call = self.call, None
@@ -167,7 +189,7 @@ class InLLMReduction:
             return
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if cache is not None and call.masks2d:
-            self.pruned_caches[cache] = _CacheState(length=call.length, masks2d=call.masks2d)
+            self.pruned_caches[cache] = _CacheState(length=call.length, masks2d=call.masks2d, shifts=call.shifts)
 
     def _keeper(self, layer, name):
         def hook(module, args, out):
@@ -175,6 +197,17 @@ class InLLMReduction:
             if call is not None and call.state is None and call.stage < len(self.stages):
                 self.captured[layer][name] = out        # the layer's pre-hook opened its entry
         return hook
+
+    def _sublayer_done(self, module, args, kwargs, out):
+        """TransPrune: add the token transition variation of an accumulating layer's attention or MLP (input: the
+        normed hidden states; output before the residual add) to the call's running sum, in the current layout."""
+        call = self.call
+        if call is None or call.state is not None or call.stage >= len(self.stages):
+            return
+        x = args[0] if args else kwargs["hidden_states"]
+        y = out[0] if isinstance(out, tuple) else out
+        variation = transition_variation(x, y, call.valid_now)
+        call.ttv = variation if call.ttv is None else call.ttv + variation
 
     def _layer_call(self, i, module, args, kwargs):
         call = self.call
@@ -205,8 +238,16 @@ class InLLMReduction:
         kept counts and stage lengths."""
         B, L = visual.shape
         valid = torch.ones_like(visual) if mask is None else mask.bool()
-        values = torch.cat([visual.sum(1), valid.sum(1)]).tolist()
-        n_visual, n_valid = values[:B], values[B:]
+        # where the scoring query sits: the last attended column of the caller's prompt
+        columns = torch.arange(L, device=visual.device)
+        in_prompt = valid if self.prompt_columns is None else valid & (columns < self.prompt_columns)
+        query = torch.where(in_prompt, columns, -1).amax(1).clamp(min=0)     # an all-padding row: column 0
+        counted = [visual.sum(1), valid.sum(1)]
+        if self.transition and self.score != "ttv":
+            start, rows = _instruction_span(visual, query)
+            counted.append(rows.amax()[None])              # the instruction rows' count is a shape: read with these
+        values = torch.cat(counted).tolist()
+        n_visual, n_valid = values[:B], values[B:2 * B]
         if not any(n_visual):
             self._record_unpruned(n_valid)
             return None
@@ -214,15 +255,16 @@ class InLLMReduction:
         for stage in self.stages:
             previous = kept[-1] if kept else n_visual
             kept.append([min(p, _resolve(stage.keep, n)) for p, n in zip(previous, n_visual)])
-        # where the scoring query sits: the last attended column of the caller's prompt
-        columns = torch.arange(L, device=visual.device)
-        in_prompt = valid if self.prompt_columns is None else valid & (columns < self.prompt_columns)
-        query = torch.where(in_prompt, columns, -1).amax(1).clamp(min=0)     # an all-padding row: column 0
         # the kept counts go to the device now, while the read above has emptied its queue: a host-to-device copy
         # inside the decoder loop would wait for the layers queued before it
         counts = torch.tensor(kept, device=visual.device)
-        return _Call(counts=counts, cache=cache, mask=mask, visual=visual, valid=valid, query=query, n_visual=n_visual,
+        call = _Call(counts=counts, cache=cache, mask=mask, visual=visual, valid=valid, query=query, n_visual=n_visual,
                      n_valid=n_valid, kept=kept, length=L, labels=self.labels)
+        if self.renumber:            # per stage, the visual tokens dropped so far: new tokens' position shift
+            call.shifts = torch.tensor(n_visual, device=visual.device) - counts
+        if self.transition and self.score != "ttv":
+            call.instruction = _instruction_rows(start, rows, query, values[-1])
+        return call
 
     def _prune(self, call, hidden, kwargs):
         """Score, select and gather the input of the current stage's layer; returns the pruned hidden states."""
@@ -255,11 +297,19 @@ class InLLMReduction:
             # dropped tokens are no targets, nor is each row's first column left: nothing precedes it
             first = call.alive & (call.alive.long().cumsum(1) == 1)
             call.labels.masked_fill_(~call.alive | first, IGNORE_INDEX)
-        cos, sin = rope
-        call.rope = tuple(_gather_rows(t.expand(B, -1, -1), source) for t in (cos, sin))
+        pruned = _gather_rows(hidden, source)
+        if call.ttv is not None:
+            call.ttv = _gather_rows(call.ttv, source)
+        if self.renumber:
+            # the original position less the visual tokens dropped before it (pad slots: whatever they gather)
+            dropped = (call.visual & ~call.alive).long().cumsum(1)
+            positions = (call.positions - dropped).gather(1, call.origin)
+            call.rope = self.decoder.model.rotary_emb(pruned, positions)
+        else:
+            cos, sin = rope
+            call.rope = tuple(_gather_rows(t.expand(B, -1, -1), source) for t in (cos, sin))
         call.mask2d = call.valid_now.long()
         no_padding = call.mask is None and min(call.columns) == new_length
-        pruned = _gather_rows(hidden, source)
         # with a padding mask, materialise it: skipping it (sdpa's is_causal) would first read the host (mask.all())
         call.mask4d = create_causal_mask(config=self.decoder.config, inputs_embeds=pruned,
                                          attention_mask=None if no_padding else call.mask2d, cache=call.cache,
@@ -274,7 +324,10 @@ class InLLMReduction:
         return hidden
 
     def _scores(self, call, stage, hidden, rope):
-        """[B, L_now] attention of the query row to every column of the current layout (visual columns ranked)."""
+        """[B, L_now] attention of the query row to every column of the current layout (visual columns ranked);
+        TransPrune's score for `transition`."""
+        if self.transition:
+            return self._transition_scores(call, stage, hidden, rope)
         dec = self.decoder
         query = call.query_now
         if stage.score_layer < stage.layer:
@@ -294,6 +347,23 @@ class InLLMReduction:
         key_mask = call.valid_now & (columns <= query[:, None])
         return attention_rows(q, k, dec.attention(stage.score_layer).scaling, mean_rows=True, key_mask=key_mask)
 
+    def _transition_scores(self, call, stage, hidden, rope):
+        """TransPrune: the summed TTV so far plus the stage layer's instruction-guided attention [B, L_now]: the
+        head-mean, row-mean causal attention of the instruction tokens after the image (their rows only)."""
+        iga = None
+        if call.instruction is not None:
+            dec = self.decoder
+            rows, weight = call.instruction
+            rows = rows if call.origin is None else call.back.gather(1, rows)
+            normed = dec.layers[stage.layer].input_layernorm(hidden)
+            attn = dec.attention(stage.layer)
+            B = hidden.shape[0]
+            cos, sin = (t.expand(B, -1, -1) for t in rope)
+            q, k = dec.query_key(stage.layer, attn.q_proj(_gather_rows(normed, rows)), attn.k_proj(normed),
+                                 (_gather_rows(cos, rows), _gather_rows(sin, rows)), (cos, sin))
+            iga = causal_rows_mean(q, k, attn.scaling, rows, weight, call.valid_now)
+        return transition_scores(call.ttv, iga, call.visual_now, self.score)
+
     # -- decoding on a pruned cache --------------------------------------------------------------------------------
     def _continue(self, i, call, args, kwargs):
         stage = _stage_of(i, call.state.masks2d)
@@ -308,6 +378,12 @@ class InLLMReduction:
                                                      attention_mask=torch.cat([head, tail], dim=1), cache=call.cache,
                                                      layer_idx=layer, allow_is_causal_skip=False)
         kwargs["attention_mask"] = call.masks4d[stage]
+        if self.renumber:
+            if stage not in call.ropes:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                shift = call.state.shifts[stage]
+                call.ropes[stage] = self.decoder.model.rotary_emb(hidden, call.positions - shift[:, None])
+            kwargs.update(position_embeddings=call.ropes[stage], position_ids=None)
         return args, kwargs
 
     # -- stats ------------------------------------------------------------------------------------------------------
@@ -376,10 +452,11 @@ class StageScores:
 @dataclass
 class _CacheState:
     """What a pruned cache needs on later calls: the prompt's column count and, per stage, (first layer, the 2-D
-    mask of the stage layout [B, L_s])."""
+    mask of the stage layout [B, L_s]); with renumbered positions, [stages, B] the visual tokens dropped so far."""
 
     length: int
     masks2d: list
+    shifts: object = None
 
 
 class _Call:
@@ -391,7 +468,8 @@ class _Call:
     def __init__(self, cache, mask, state=None, visual=None, valid=None, query=None, n_visual=None, n_valid=None,
                  kept=None, length=None, labels=None, counts=None):
         self.cache, self.mask, self.state, self.length = cache, mask, state, length
-        self.masks4d = {}
+        self.masks4d, self.ropes = {}, {}
+        self.positions = self.shifts = None        # renumbered positions: the call's position ids, the shifts
         if state is not None:
             return
         self.visual, self.valid, self.query, self.labels = visual, valid, query, labels
@@ -405,6 +483,7 @@ class _Call:
         self.visual_now, self.valid_now, self.query_now = visual, valid, query
         self.alive = torch.ones_like(visual)
         self.rope = self.mask4d = self.mask2d = None
+        self.ttv = self.instruction = None      # TransPrune: summed TTV [B, L_now]; the instruction rows, weights
 
     def advance(self, source, filled, new_length):
         """Move to the layout whose column j takes current column source[:, j] (a pad slot where not filled)."""
@@ -441,6 +520,33 @@ def _gather_rows(x, index):
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
 
 
+def _instruction_span(visual, query):
+    """TransPrune's instruction tokens: from the column after each sample's last visual column to its query column
+    (the last prompt token). Returns (start [B], rows [B]: their count); a sample whose prompt ends with its image,
+    or that has none, takes the query row alone."""
+    columns = torch.arange(visual.shape[1], device=visual.device)
+    after = torch.where(visual, columns, -1).amax(1) + 1                  # first column after the last image
+    start = torch.minimum(after, query)
+    return start, query - start + 1
+
+
+def _instruction_rows(start, rows, query, longest):
+    """The instruction rows [B, Q] (Q = longest, a host int) as columns, and their weights [B, Q]: 1 / rows, 0 for
+    filler rows, which repeat the query column."""
+    columns = start[:, None] + torch.arange(longest, device=start.device)
+    real = columns <= query[:, None]
+    return torch.where(real, columns, query[:, None]), real / rows[:, None]
+
+
+def _positions(args, kwargs, past):
+    """The language-model call's 1-D position ids [B | 1, L], as the model numbers them when none are passed."""
+    positions = kwargs.get("position_ids")
+    if positions is not None:
+        return positions
+    n = _embeds(args, kwargs).shape[1]
+    return (torch.arange(n, device=_embeds(args, kwargs).device) + past)[None]
+
+
 def _embeds(args, kwargs):
     embeds = kwargs.get("inputs_embeds")
     if embeds is None:
@@ -456,7 +562,7 @@ def first_prunable_layer(adapter):
     return max(1, getattr(adapter, "deepstack", 0))
 
 
-STAGED = ("fastv", "pdrop", "debiased")       # the methods whose stages `plan_stages` lays out
+STAGED = ("fastv", "pdrop", "debiased", "transition")       # the methods whose stages `plan_stages` lays out
 
 
 def resolved_stages(model, adapter, method, keep, options):
@@ -471,6 +577,13 @@ def resolved_stages(model, adapter, method, keep, options):
         options["layer"] = stages[0].layer
     else:
         options["layers"], options["ratios"] = [s.layer for s in stages], [s.keep for s in stages]
+    if method == "transition":
+        depth = adapter.decoder.depth
+        if options["accumulate"] is None:
+            options["accumulate"] = list(default_accumulation(options["layers"]))
+        options["accumulate"] = [i % depth for i in options["accumulate"]]
+        if options["positions"] is None:
+            options["positions"] = "original" if adapter.mrope else "renumber"
     if method == "debiased":
         options["schedule"] = load_schedule(options["schedule"], model, method, options["base"],
                                             stages[0].score_layer)
@@ -485,7 +598,8 @@ def check_llm_budget(method, keep, options):
     if base == "fastv" and keep is None:
         raise ValueError(f"method {method!r} needs keep (visual tokens kept per sample after layer K: an int count "
                          "or a ratio in (0, 1])")
-    if base == "pdrop" and keep is not None and (not isinstance(keep, float) or options.get("ratios") is not None):
+    if base in ("pdrop", "transition") and keep is not None and (not isinstance(keep, float)
+                                                                 or options.get("ratios") is not None):
         raise ValueError(f"method {method!r}: keep={keep!r} with PyramidDrop stages is the average share of the "
                          "visual tokens the decoder layers see, a float ratio in (0, 1], which sets the ratios "
                          "lambda, lambda^2, ...; give either keep or ratios=[...], not both, and no token count")

@@ -70,3 +70,22 @@ def _one_row(q_rows, k, scale, key_mask=None):
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, :, None], float("-inf"))
     return logits.softmax(dim=1).mean(dim=2)
+
+
+def causal_rows_mean(q_rows, k, scale, query_columns, row_weight, key_valid):
+    """Head-mean, then weighted row-mean, causal softmax(q_rows @ k^T * scale) of query rows at various columns.
+
+    q_rows [B, H, Q, d] the queries of the rows, which sit at columns query_columns [B, Q] (long) of the keys
+    k [B, Hk, N, d] (grouped-query attention as in `attention_rows`); row_weight [B, Q] float (a row's share of its
+    sample's mean: 1 / rows for a real row, 0 for a filler row); key_valid [B, N] bool the keys any row may attend to
+    (padding False). Row r attends to the valid keys at columns <= query_columns[:, r]. Returns [B, N] float32.
+    Costs B*H*Q*N*d multiply-adds (the Q rows of the attention's own Q @ K^T) and a [B, H, Q, N] float32 buffer.
+    """
+    B, H, Q, d = q_rows.shape
+    Hk, N = k.shape[1], k.shape[2]
+    keys = k.to(torch.float32, memory_format=torch.contiguous_format).reshape(B * Hk, N, d).transpose(1, 2)
+    q = q_rows.to(torch.float32, memory_format=torch.contiguous_format).reshape(B * Hk, (H // Hk) * Q, d)
+    logits = torch.baddbmm(q.new_empty(()), q, keys, beta=0, alpha=scale).view(B, H, Q, N)
+    allowed = key_valid[:, None] & (torch.arange(N, device=k.device) <= query_columns[..., None])    # [B, Q, N]
+    probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)                 # [B, Q, N]
+    return torch.einsum("bqn,bq->bn", probs, row_weight.float())

@@ -7,6 +7,11 @@ PAPER_DEPTH = 32                  # LLaVA-1.5-7B's 32 decoder layers, where Fast
 FASTV_LAYER = 2                   # FastV: K = 2, the attention of layer K - 1 ranks the visual tokens
 PDROP_LAYERS = (8, 16, 24)        # PyramidDrop on LLaVA-1.5 (its README): stages end after layers 8, 16, 24 ...
 PDROP_RATIOS = (0.5, 0.25, 0.125)   # ... keeping lambda = 0.5 of the previous stage's visual tokens each time
+# TransPrune (its scripts, LLaVA-1.5 and 1.6): prune after layers 7, 9, 12 (1-indexed), i.e. the inputs of layers 7,
+# 9, 12, to 0.875 / 0.625 / 0.125 of the visual tokens, with TTV accumulated over layers 7..12 (1-indexed): the
+# layers from the one before the first stage to the one before the last
+TRANSPRUNE_LAYERS = (7, 9, 12)
+TRANSPRUNE_RATIOS = (0.875, 0.625, 0.125)
 
 
 @dataclass(frozen=True)
@@ -28,12 +33,31 @@ def scale_layer(layer, depth, first=1):
 
 
 def scaled_pdrop(depth, first=1):
-    """PyramidDrop's default (layers, ratios) on `depth` layers: its layers scaled; stages that land on one layer
-    become one, keeping the deepest stage's ratio (the smaller budget)."""
+    """PyramidDrop's default (layers, ratios) on `depth` layers (`scaled_schedule`)."""
+    return scaled_schedule(PDROP_LAYERS, PDROP_RATIOS, depth, first)
+
+
+def scaled_schedule(layers, ratios, depth, first=1):
+    """A paper's stages (layers of its 32-layer model, ratios) on `depth` layers: the layers scaled; stages that land
+    on one layer become one, keeping the deepest stage's ratio (the smaller budget)."""
     stages = {}
-    for layer, ratio in zip(PDROP_LAYERS, PDROP_RATIOS):
+    for layer, ratio in zip(layers, ratios):
         stages[scale_layer(layer, depth, first)] = ratio
     return tuple(stages), tuple(stages.values())
+
+
+PAPER_SCHEDULES = {"pdrop": (PDROP_LAYERS, PDROP_RATIOS), "transition": (TRANSPRUNE_LAYERS, TRANSPRUNE_RATIOS)}
+
+
+def default_schedule(method, depth, first=1):
+    """The (layers, ratios) of a staged method's paper on `depth` layers (`scaled_schedule`)."""
+    return scaled_schedule(*PAPER_SCHEDULES[method], depth, first)
+
+
+def default_accumulation(layers):
+    """TransPrune's accumulating layers for stage layers (increasing): from the layer before the first stage to the
+    one before the last (the reference's 7..12 of 32, 1-indexed, for stages 7, 9, 12)."""
+    return tuple(range(max(0, layers[0] - 1), layers[-1]))
 
 
 def default_ratios(n):
@@ -65,10 +89,28 @@ def average_budget_ratios(share, layers, depth):
     return tuple(high ** (s + 1) for s in range(len(layers)))
 
 
+def scaled_shape_ratios(share, shape, layers, depth):
+    """The ratios min(1, c * shape[s]) for the stages at `layers`, c such that the layers see `share` of the visual
+    tokens on average (bisection on c): a paper's schedule shape kept, its budget moved. ValueError when the
+    layers before the first stage alone see more than that."""
+    floor = layers[0] / depth
+    if share <= floor:
+        raise ValueError(f"keep={share}: an average budget below {floor:.4g} is out of reach with stages from layer "
+                         f"{layers[0]} of {depth} (the layers before it see every visual token); prune from an "
+                         "earlier layer (layers=[...]) or give a larger keep")
+    low, high = 0.0, 1.0 / min(shape)
+    for _ in range(60):
+        c = (low + high) / 2
+        low, high = (c, high) if average_share([min(1.0, c * r) for r in shape], layers, depth) < share \
+            else (low, c)
+    return tuple(min(1.0, high * r) for r in shape)
+
+
 def plan_stages(method, keep, options, depth, first=1):
     """The `Stage`s of an in-LLM method with checked options, layers increasing: keep after each stage layer (an int
     count per sample or a ratio of the sample's visual tokens at the LLM's input), scored at the previous layer's
-    attention (FastV) or at the stage layer's own q / k (PyramidDrop)."""
+    attention (FastV) or at the stage layer's own q / k (PyramidDrop, TransPrune). TransPrune given keep (an average
+share) keeps its ratios' shape, scaled to the budget (`scaled_shape_ratios`); PyramidDrop takes lambda ** s."""
     base = options.get("base", method)
     if base == "fastv":
         layer = options.get("layer")
@@ -76,10 +118,21 @@ def plan_stages(method, keep, options, depth, first=1):
         return [Stage(layer, keep, layer - 1)]
     layers, ratios = options.get("layers"), options.get("ratios")
     if layers is None:
-        layers, scaled_ratios = scaled_pdrop(depth, first)
+        layers, scaled_ratios = default_schedule(base, depth, first)
         ratios = scaled_ratios if ratios is None else ratios
     elif ratios is None:
-        ratios = default_ratios(len(layers))
-    if keep is not None:                 # an average budget: the geometric ratios lambda ** s that meet it
-        ratios = average_budget_ratios(keep, [layer % depth for layer in layers], depth)
-    return [Stage(layer % depth, ratio, layer % depth) for layer, ratio in zip(layers, ratios)]
+        ratios = stage_ratios(base, len(layers))
+    layers = [layer % depth for layer in layers]
+    if keep is not None and base == "transition":      # an average budget: the paper's shape, scaled to meet it
+        ratios = scaled_shape_ratios(keep, ratios, layers, depth)
+    elif keep is not None:               # an average budget: the geometric ratios lambda ** s that meet it
+        ratios = average_budget_ratios(keep, layers, depth)
+    return [Stage(layer, ratio, layer) for layer, ratio in zip(layers, ratios)]
+
+
+def stage_ratios(method, n):
+    """The ratios of n explicit stages of a staged method: TransPrune's 0.875 / 0.625 / 0.125 for three stages,
+    PyramidDrop's lambda ** s otherwise (`default_ratios`)."""
+    if method == "transition" and n == len(TRANSPRUNE_RATIOS):
+        return TRANSPRUNE_RATIOS
+    return default_ratios(n)
