@@ -11,6 +11,7 @@ keep=1.0 vs unpatched; target <= 2%).
     python benchmarks/lvlm_prefill.py                       # CPU: tower 4 layers, LLM 2 layers
     python benchmarks/lvlm_prefill.py --tower-layers 24 --llm-layers 32 --dtype fp16 --batch 8   # a GPU
     python benchmarks/lvlm_prefill.py --suite llm --llm-layers 4   # CPU: inside the LLM (FastV K = 1 of 4)
+    python benchmarks/lvlm_prefill.py --suite transition --llm-layers 4   # CPU: TransPrune beside PyramidDrop
 """
 import argparse
 
@@ -33,6 +34,12 @@ SUITES = {
             "fastv keep=0.5": dict(method="fastv", keep=0.5), "fastv keep=0.25": dict(method="fastv", keep=0.25),
             "pdrop (lambda 0.5)": dict(method="pdrop"),
             "cls 192 + fastv 0.5": dict(method=[("cls", {"keep": 192}), ("fastv", {"keep": 0.5})])},
+    # TransPrune: its 7 / 9 / 12 of 32 scaled (4 layers: 1, 2 keeping 0.625, 0.125), at full budget for the cost of
+    # TTV and IGA, and at a 25 % average budget over stages 1, 2, 3; PyramidDrop beside it
+    "transition": {"unpatched": None, "pdrop (lambda 0.5)": dict(method="pdrop"),
+                   "transition 1.0 (overhead)": dict(method="transition", ratios=[1.0, 1.0]),
+                   "transition (paper's schedule)": dict(method="transition"),
+                   "transition keep=0.25 (1,2,3)": dict(method="transition", keep=0.25, layers=[1, 2, 3])},
 }
 
 
@@ -56,7 +63,8 @@ def main():
     parser.add_argument("--text-tokens", type=int, default=64, help="prompt text tokens around the image (LLaVA ~64)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--suite", choices=SUITES, default="pre",
-                        help="pre: cls before the LLM; llm: FastV, PyramidDrop inside it and cls + FastV")
+                        help="pre: cls before the LLM; llm: FastV, PyramidDrop inside it and cls + FastV; "
+                             "transition: TransPrune beside PyramidDrop")
     args = parser.parse_args()
     device, dtype = device_and_dtype(args)
 

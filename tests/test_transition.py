@@ -508,3 +508,16 @@ def test_transition_functions_by_hand():
     torch.testing.assert_close(transition.transition_scores(ttv, iga, visual), torch.tensor([[0, 0.75, 1.25, 0]]))
     torch.testing.assert_close(transition.transition_scores(ttv, iga, visual, "ttv"), torch.tensor([[0, .25, .75, 0]]))
     torch.testing.assert_close(transition.transition_scores(None, iga, visual), torch.tensor([[0, 0.5, 0.5, 0]]))
+
+
+def test_a_full_budget_first_stage_before_a_pruning_one_shifts_by_the_pruning_stage():
+    """Stage 1 keeps every token (no layout change), stage 2 drops: decoding shifts positions by stage 2's drops
+    (the cache remembers the stages that changed the layout): cached generation equals recomputation."""
+    model, inputs = setup_any("llava")
+    kw = dict(return_dict_in_generate=True, output_logits=True, max_new_tokens=3, do_sample=False)
+    with vlmeff.patch(model, "transition", layers=[1, 2], ratios=[1.0, 0.25]):
+        with torch.no_grad():
+            cached = model.generate(**inputs, **kw)
+            recomputed = model.generate(**inputs, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(recomputed.logits), atol=2e-5, rtol=1e-5)

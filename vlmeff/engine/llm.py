@@ -43,10 +43,9 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from ..flops import kv_cache_bytes, llm_prefill_flops, stage_drops, staged_kv_cache_bytes, staged_prefill_flops
-from ..kernels.attention_rows import attention_rows
+from ..kernels.attention_rows import attention_rows, causal_rows_mean
 from ..pruners.debias import recency_reweighter
 from ..pruners.select import resolve_keep
-from ..kernels.attention_rows import causal_rows_mean
 from ..pruners.stages import default_accumulation, plan_stages
 from ..pruners.transition import transition_scores, transition_variation
 from .prompt import IGNORE_INDEX, compaction
@@ -189,7 +188,8 @@ class InLLMReduction:
             return
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if cache is not None and call.masks2d:
-            self.pruned_caches[cache] = _CacheState(length=call.length, masks2d=call.masks2d, shifts=call.shifts)
+            self.pruned_caches[cache] = _CacheState(length=call.length, masks2d=call.masks2d,
+                                                    shifts=call.stage_shifts)
 
     def _keeper(self, layer, name):
         def hook(module, args, out):
@@ -315,6 +315,8 @@ class InLLMReduction:
                                          attention_mask=None if no_padding else call.mask2d, cache=call.cache,
                                          layer_idx=stage.layer, allow_is_causal_skip=no_padding)
         call.masks2d.append((stage.layer, call.mask2d))
+        if self.renumber:
+            call.stage_shifts.append(call.shifts[s])
         return self._next_stage(call, pruned)
 
     def _next_stage(self, call, hidden):
@@ -452,7 +454,8 @@ class StageScores:
 @dataclass
 class _CacheState:
     """What a pruned cache needs on later calls: the prompt's column count and, per stage, (first layer, the 2-D
-    mask of the stage layout [B, L_s]); with renumbered positions, [stages, B] the visual tokens dropped so far."""
+    mask of the stage layout [B, L_s]); with renumbered positions, per entry of masks2d [B] the visual tokens dropped
+    up to that stage."""
 
     length: int
     masks2d: list
@@ -469,7 +472,10 @@ class _Call:
                  kept=None, length=None, labels=None, counts=None):
         self.cache, self.mask, self.state, self.length = cache, mask, state, length
         self.masks4d, self.ropes = {}, {}
-        self.positions = self.shifts = None        # renumbered positions: the call's position ids, the shifts
+        # renumbered positions: the call's position ids; per stage [S, B] the visual tokens dropped so far, and
+        # those of the stages that changed the layout (one per masks2d entry), which later calls shift by
+        self.positions = self.shifts = None
+        self.stage_shifts = []
         if state is not None:
             return
         self.visual, self.valid, self.query, self.labels = visual, valid, query, labels
