@@ -35,11 +35,11 @@ SUITES = {
             "pdrop (lambda 0.5)": dict(method="pdrop"),
             "cls 192 + fastv 0.5": dict(method=[("cls", {"keep": 192}), ("fastv", {"keep": 0.5})])},
     # TransPrune: its 7 / 9 / 12 of 32 scaled (4 layers: 1, 2 keeping 0.625, 0.125), at full budget for the cost of
-    # TTV and IGA, and at a 25 % average budget over stages 1, 2, 3; PyramidDrop beside it
+    # TTV and IGA, and at a 50 % average budget over stages 1, 2, 3; PyramidDrop beside it
     "transition": {"unpatched": None, "pdrop (lambda 0.5)": dict(method="pdrop"),
                    "transition 1.0 (overhead)": dict(method="transition", ratios=[1.0, 1.0]),
                    "transition (paper's schedule)": dict(method="transition"),
-                   "transition keep=0.25 (1,2,3)": dict(method="transition", keep=0.25, layers=[1, 2, 3])},
+                   "transition keep=0.5 (1,2,3)": dict(method="transition", keep=0.5, layers=[1, 2, 3])},
 }
 
 

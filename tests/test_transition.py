@@ -521,3 +521,29 @@ def test_a_full_budget_first_stage_before_a_pruning_one_shifts_by_the_pruning_st
             recomputed = model.generate(**inputs, use_cache=False, **kw)
     assert torch.equal(cached.sequences, recomputed.sequences)
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(recomputed.logits), atol=2e-5, rtol=1e-5)
+
+
+def test_stage_ratio_defaults_and_the_budget_floor():
+    """Explicit layers without ratios: TransPrune's three for three stages, lambda ** s otherwise; PyramidDrop
+    keeps lambda ** s for three. A budget at the floor (the layers before the first stage alone) is refused, naming
+    the first stage's layer."""
+    assert stages.stage_ratios("transition", 3) == (0.875, 0.625, 0.125)
+    assert stages.stage_ratios("transition", 2) == (0.5, 0.25)
+    assert stages.stage_ratios("pdrop", 3) == (0.5, 0.25, 0.125)
+    with pytest.raises(ValueError, match="below 0.125 is out of reach with stages from layer 2 of 16"):
+        stages.scaled_shape_ratios(0.125, (0.875, 0.625, 0.125), (2, 3, 5), 16)
+
+
+def test_ttv_of_half_precision_states_is_computed_in_float32():
+    """bf16 sublayer states: norms and dot products accumulate in float32 (a bf16 reduction over 4,096 channels
+    would be off by far more than the tolerance)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 6, 4096) * 3, torch.randn(2, 6, 4096)
+    y[:, :3] += 4 * x[:, :3]
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    out = transition.transition_variation(x.bfloat16(), y.bfloat16(), valid)
+    assert out.dtype == torch.float32
+    xd, yd = x.bfloat16().double(), y.bfloat16().double()
+    change = (1 - F.cosine_similarity(xd, yd, dim=-1)).exp()
+    expected = yd.norm(dim=-1) / xd.norm(dim=-1) * change / change.sum(1, keepdim=True)
+    torch.testing.assert_close(out.double(), expected, atol=0, rtol=5e-4)      # the bf16 products x * y: ~1e-4
