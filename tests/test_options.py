@@ -130,8 +130,8 @@ def test_mrope_model_refuses_compact_positions():
 @pytest.mark.parametrize("method", [{"cls"}, None, 1])
 def test_method_that_is_not_a_string_is_a_type_error(method):
     with pytest.raises(TypeError, match=r"method must be a str, one of cls, debiased, fastv, pdrop, pool, random, "
-                                        r"received, tome, transition, visionzip \(or a list of \(method, options\) pairs\); "
-                                        r"got " + re.escape(repr(method))):
+                                        r"received, tome, transition, visionzip \(or a list of \(method, options\) "
+                                        r"pairs\); got " + re.escape(repr(method))):
         vlmeff.patch(tiny_timm_vit(), method=method, keep=8)
 
 
