@@ -34,13 +34,22 @@ SUITES = {
             "fastv keep=0.5": dict(method="fastv", keep=0.5), "fastv keep=0.25": dict(method="fastv", keep=0.25),
             "pdrop (lambda 0.5)": dict(method="pdrop"),
             "cls 192 + fastv 0.5": dict(method=[("cls", {"keep": 192}), ("fastv", {"keep": 0.5})])},
-    # TransPrune: its 7 / 9 / 12 of 32 scaled (4 layers: 1, 2 keeping 0.625, 0.125), at full budget for the cost of
-    # TTV and IGA, and at a 50 % average budget over stages 1, 2, 3; PyramidDrop beside it
-    "transition": {"unpatched": None, "pdrop (lambda 0.5)": dict(method="pdrop"),
-                   "transition 1.0 (overhead)": dict(method="transition", ratios=[1.0, 1.0]),
-                   "transition (paper's schedule)": dict(method="transition"),
-                   "transition keep=0.5 (1,2,3)": dict(method="transition", keep=0.5, layers=[1, 2, 3])},
+    "transition": None,         # transition_suite(depth): its full budget has one ratio per stage of the depth
 }
+
+
+def transition_suite(depth):
+    """TransPrune: its 7 / 9 / 12 of 32 scaled to `depth` (4 layers: 1, 2 keeping 0.625, 0.125), at full budget for
+    the cost of TTV and IGA, and at a 50 % average budget over stages 1, 2, 3 (fewer on shallower models; 75 % on
+    2 layers, whose layer 0 alone is half); PyramidDrop beside it."""
+    stages = len(vlmeff.pruners.stages.default_schedule("transition", depth)[0])
+    layers = list(range(1, min(4, depth)))
+    keep = 0.5 if depth > 2 else 0.75
+    return {"unpatched": None, "pdrop (lambda 0.5)": dict(method="pdrop"),
+            "transition 1.0 (overhead)": dict(method="transition", ratios=[1.0] * stages),
+            "transition (paper's schedule)": dict(method="transition"),
+            f"transition keep={keep} ({','.join(map(str, layers))})": dict(method="transition", keep=keep,
+                                                                            layers=layers)}
 
 
 def build(tower_layers, llm_layers, device, dtype):
@@ -79,7 +88,7 @@ def main():
         with torch.inference_mode():
             model(**inputs, logits_to_keep=1)
 
-    variants = SUITES[args.suite]
+    variants = transition_suite(args.llm_layers) if args.suite == "transition" else SUITES[args.suite]
     stats = {}
 
     def runner(name, patch):

@@ -308,9 +308,8 @@ def test_loss_with_labels_is_the_cross_entropy_of_the_reduced_sequence():
 
 def test_follow_up_turn_on_the_pruned_cache_shifts_new_positions():
     """Turn 2 continues on turn 1's pruned cache: each new token's renumbered position is its position less the
-    visual tokens dropped, so the logits equal a prefill of the whole conversation whose stages keep exactly turn 1's
-    tokens (the conversation's own ranking pinned to them through `score='iga'`-free means: here, the turn-1 kept
-    mask replayed by the oracle)."""
+    visual tokens dropped, so turn 2's first logits equal an oracle that runs the whole conversation with turn 1's
+    kept tokens from layer 1 on, numbered 0, 1, ... (the reference's renumbering)."""
     from lvlm_models import batch, pixels, prompt
     model = tiny_llava()
     ids, mask = batch([prompt([1, 5, 6], 1, [7, 8, 9])])
@@ -547,3 +546,37 @@ def test_ttv_of_half_precision_states_is_computed_in_float32():
     change = (1 - F.cosine_similarity(xd, yd, dim=-1)).exp()
     expected = yd.norm(dim=-1) / xd.norm(dim=-1) * change / change.sum(1, keepdim=True)
     torch.testing.assert_close(out.double(), expected, atol=0, rtol=5e-4)      # the bf16 products x * y: ~1e-4
+
+
+def test_a_sample_without_an_image_adds_one_instruction_row(monkeypatch):
+    """A text-only sample beside one with an image: its IGA takes its query row alone, not its whole prompt (the
+    rows' buffer stays the image sample's instruction length), and its output is the unpatched model's."""
+    import vlmeff.engine.llm as engine
+    from lvlm_models import A, C, qwen_inputs, tiny_qwen
+    model = tiny_qwen("qwen2")
+    inputs = qwen_inputs([A, C])
+    shapes = []
+
+    def recorded(q, *args):
+        shapes.append(q.shape[2])
+        return causal_rows_mean(q, *args)
+
+    causal_rows_mean = engine.causal_rows_mean
+    monkeypatch.setattr(engine, "causal_rows_mean", recorded)
+    ref = logits(model, qwen_inputs([C]))[0, -1]
+    with vlmeff.patch(model, "transition") as patch:
+        out = logits(model, inputs)
+        assert patch.stats["visual_tokens"]["LLM input"] == [16, 0]
+    # sample A: [1, 5, 6] <start> 16 image tokens <end> [7, 8, 9]: the rows after the image are <end>, 7, 8, 9
+    assert shapes == [4]
+    torch.testing.assert_close(out[1, -1], ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(accumulate=[]), dict(accumulate=[3]), dict(layers=[1, 2], accumulate=[2]),
+                                    dict(score="ttv", accumulate=[1, 2])])
+def test_ttv_without_an_accumulating_layer_before_the_first_stage_is_refused(kwargs):
+    model, _ = setup_any("llava")
+    with pytest.raises(ValueError, match=r"accumulate=.* is not accepted; .*at least one before the first stage, "
+                                         r"layer 1 \(unless score='iga'\)"):
+        vlmeff.patch(model, "transition", **kwargs)
+    vlmeff.patch(model, "transition", score="iga", **{k: v for k, v in kwargs.items() if k != "score"}).unpatch()

@@ -314,13 +314,22 @@ TRANSITION_LAYERS, TRANSITION_RATIOS = stage_options(
     "transition", "TransPrune", "0.875, 0.625, 0.125 for three stages, lambda = 0.5 per stage otherwise")
 
 
+def _first_transition_stage(ctx):
+    from .pruners.stages import default_schedule
+    layers = ctx.options.get("layers") or default_schedule("transition", ctx.depth, ctx.first_layer)[0]
+    return layers[0] % ctx.depth
+
+
 def _accumulate_valid(value, ctx):
     if value is None:
         return True
     if not isinstance(value, (list, tuple)) or not all(_is_int(v) and _index(v, ctx) for v in value):
         return False
     wrapped = [v % ctx.depth for v in value]
-    return all(a < b for a, b in zip(wrapped, wrapped[1:]))
+    if not all(a < b for a, b in zip(wrapped, wrapped[1:])):
+        return False
+    # TTV ranks from the first stage on: some accumulating layer must run before it (score="iga" needs none)
+    return ctx.options.get("score") == "iga" or any(v < _first_transition_stage(ctx) for v in wrapped)
 
 
 def _accumulate_accepted(ctx):
@@ -329,7 +338,8 @@ def _accumulate_accepted(ctx):
     scaled = list(default_accumulation([v % ctx.depth for v in layers]))
     return (f"None (TransPrune's layers 7..12 of 32, 1-indexed: from the layer before the first stage to the one "
             f"before the last, {scaled} here) or a list of increasing decoder layer indices in [0, {ctx.last}] (or "
-            f"counted from the end; layers at or after the last stage add nothing)")
+            f"counted from the end) with at least one before the first stage, layer {_first_transition_stage(ctx)} "
+            "(unless score='iga'); layers at or after the last stage add nothing")
 
 
 def _renumber_valid(value, ctx):
@@ -420,7 +430,7 @@ register("debiased", "FastV or PyramidDrop with the positional (recency) trend r
          (DEBIAS_BASE, LLM_LAYER, PDROP_LAYERS, PDROP_RATIOS, SCHEDULE))
 register("transition", "Drop visual tokens in stages inside the LLM, ranked by how much the layers transform them "
          "(token transition variation) plus the instruction's attention (TransPrune)", "TransPrune arXiv 2507.20630",
-         ("inside LLM",), ("lvlm",), (TRANSITION_LAYERS, TRANSITION_RATIOS, ACCUMULATE, TTV_SCORE, RENUMBER))
+         ("inside LLM",), ("lvlm",), (TRANSITION_LAYERS, TRANSITION_RATIOS, TTV_SCORE, ACCUMULATE, RENUMBER))
 
 
 def methods():

@@ -532,6 +532,7 @@ def _instruction_span(visual, query):
     or that has none, takes the query row alone."""
     columns = torch.arange(visual.shape[1], device=visual.device)
     after = torch.where(visual, columns, -1).amax(1) + 1                  # first column after the last image
+    after = torch.where(visual.any(1), after, query)                     # no image: the query row (not the prompt)
     start = torch.minimum(after, query)
     return start, query - start + 1
 
