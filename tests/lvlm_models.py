@@ -103,6 +103,20 @@ class Recorder:
         self.handle.remove()
 
 
+def language_model_inputs(model, inputs):
+    """(inputs_embeds [B, L, D], position ids [B, L] or M-RoPE's [3, B, L]) that the unpatched `model` hands its
+    language model for `inputs`, recorded by a pre-hook; positions arange(L) when the model passes none."""
+    with Recorder(model.model.language_model) as rec, torch.no_grad():
+        model(**inputs)
+    embeds, positions = rec.kwargs["inputs_embeds"], rec.kwargs.get("position_ids")
+    B, L = embeds.shape[:2]
+    if positions is None:
+        positions = torch.arange(L).expand(B, L)
+    if positions.dim() == 3 and positions.shape[0] == 4:          # Qwen-VL: a text row ahead of (t, h, w)
+        positions = positions[1:]
+    return embeds, positions
+
+
 # -- LLaVA-NeXT, LLaVA-OneVision, InternVL, Gemma 3 ------------------------------------------------------------
 TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,

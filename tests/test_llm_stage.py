@@ -9,8 +9,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import vlmeff
-from lvlm_models import (EVERY_FAMILY, GENERATE_MODES, IMAGE, Recorder, generate, labelled, logits, run_generate,
-                         setup_any, single, tiny_llava)
+from lvlm_models import (EVERY_FAMILY, GENERATE_MODES, IMAGE, Recorder, generate, labelled, language_model_inputs,
+                         logits, run_generate, setup_any, single, tiny_llava)
 from opcount import OpCounter
 from vlmeff.errors import UnsupportedModelError
 from vlmeff.flops import staged_prefill_flops
@@ -29,6 +29,9 @@ def pdrop_full(model):
 
 def full_budget(method, model):
     return dict(keep=1.0) if method == "fastv" else pdrop_full(model)
+
+
+PRUNED = {"fastv": dict(keep=0.5), "transition": {}}      # a pruning call of each scorer of the engine
 
 
 # -- full budget: the unpatched model ------------------------------------------------------------------------------
@@ -54,11 +57,13 @@ def test_full_budget_is_identical_and_unpatch_restores(family, method):
 
 @pytest.mark.parametrize("mode", [m for m in GENERATE_MODES if m not in ("prompt_lookup", "assistant")])
 @pytest.mark.parametrize("family", ["llava", "qwen2", "qwen3"])
-def test_every_generate_mode_on_the_pruned_cache_equals_recomputation(family, mode):
-    """keep=0.5: beams reorder the pruned cache, returned sequences expand it, sampling draws from its logits;
+@pytest.mark.parametrize("method", PRUNED)
+def test_every_generate_mode_on_the_pruned_cache_equals_recomputation(family, mode, method):
+    """FastV keep=0.5, TransPrune at its default stages (renumbered positions on LLaVA: new tokens' positions shift
+    while decoding): beams reorder the pruned cache, returned sequences expand it, sampling draws from its logits;
     every mode equals generate without a cache (each step recomputed on the whole sequence, pruned again)."""
     model, inputs = setup_any(family)
-    with vlmeff.patch(model, "fastv", keep=0.5):
+    with vlmeff.patch(model, method, **PRUNED[method]):
         cached = run_generate(model, inputs, mode, None)
         recomputed = run_generate(model, inputs, mode, None, use_cache=False)
     if torch.is_tensor(cached):
@@ -109,14 +114,8 @@ def oracle_logits(model, inputs, kept, K):
     sample alone (no padding, causal attention), on every token before layer K and on the columns `kept` [B, L]
     from layer K on, each with its original position (the position ids the model gave it)."""
     lm = model.model.language_model
-    with Recorder(lm) as rec, torch.no_grad():
-        model(**inputs)
-    embeds, positions = rec.kwargs["inputs_embeds"], rec.kwargs.get("position_ids")
+    embeds, positions = language_model_inputs(model, inputs)
     B, L = embeds.shape[:2]
-    if positions is None:
-        positions = torch.arange(L).expand(B, L)
-    if positions.dim() == 3 and positions.shape[0] == 4:          # Qwen-VL: a text row ahead of (t, h, w)
-        positions = positions[1:]
     out = []
     with torch.no_grad():
         for b in range(B):
@@ -186,12 +185,14 @@ def test_cached_generation_equals_recomputation_without_cache(family, method):
 
 
 @pytest.mark.parametrize("family", LLM_FAMILIES)
-def test_batch_equals_samples_one_by_one(family):
+@pytest.mark.parametrize("method", PRUNED)
+def test_batch_equals_samples_one_by_one(family, method):
     """The samples of the batch keep different column counts (different padding, or images), so the stage layout
-    has new pad slots; each sample's logits and tokens equal its own run alone."""
+    has new pad slots; each sample's logits and tokens equal its own run alone (TransPrune: renumbered positions on
+    the LLaVA line)."""
     model, inputs = setup_any(family)
     alone_inputs = single(inputs)
-    with vlmeff.patch(model, "fastv", keep=0.5):
+    with vlmeff.patch(model, method, **PRUNED[method]):
         batched = logits(model, inputs)[0, -1]
         tokens = generate(model, inputs)
         alone = logits(model, alone_inputs)[0, -1]
@@ -214,7 +215,8 @@ def test_samples_without_images_and_with_two_images_in_one_batch():
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2", "qwen3"])
-def test_loss_with_labels_is_the_cross_entropy_of_the_reduced_sequence(family):
+@pytest.mark.parametrize("method", PRUNED)
+def test_loss_with_labels_is_the_cross_entropy_of_the_reduced_sequence(family, method):
     """Labels on every text token and on the placeholders too (the hardest case: dropped tokens have labels).
     Oracle: the reduced sequence is the kept columns; each kept token predicts the next kept one."""
     model, inputs = setup_any(family)
@@ -222,7 +224,7 @@ def test_loss_with_labels_is_the_cross_entropy_of_the_reduced_sequence(family):
     ids = inputs["input_ids"]
     inputs["labels"] = ids.masked_fill(inputs["attention_mask"] == 0, -100)
     caller_labels = inputs["labels"].clone()
-    with vlmeff.patch(model, "fastv", keep=0.5) as patch, torch.no_grad():
+    with vlmeff.patch(model, method, **PRUNED[method]) as patch, torch.no_grad():
         out = model(**inputs)
         kept = patch.stats["llm_kept"]
     assert torch.equal(inputs["labels"], caller_labels)                  # the caller's tensor is untouched
@@ -592,9 +594,13 @@ def test_prefill_launch_counts_are_pinned(method, kwargs, launches):
 
 
 @pytest.mark.parametrize("name", ["tiny-llava-evqa", "tiny-llava-moe-evqa"])
-def test_bundled_models_full_budget_and_pruned(name):
-    """The embedded models (Llama and Qwen3-MoE LMs, 2 layers: K = 1): full budget is the unpatched model,
-    keep=0.25 keeps 64 of their 256 visual tokens from layer 1 on."""
+@pytest.mark.parametrize("method, full, pruned, kept", [
+    ("fastv", dict(keep=1.0), dict(keep=0.25), 64),
+    ("transition", dict(ratios=[1.0]), dict(keep=0.75), 128),     # one stage keeping 0.5: the layers see 0.75
+])
+def test_bundled_models_full_budget_and_pruned(name, method, full, pruned, kept):
+    """The embedded models (Llama and Qwen3-MoE LMs, 2 layers: K = 1): full budget is the unpatched model, a
+    pruned call keeps `kept` of their 256 visual tokens from layer 1 on, and the undo is exact."""
     from vlmeff.data import easyvqa
     model, processor = vlmeff.zoo.load(name)
     questions, _, image_ids = easyvqa.questions("train")
@@ -603,11 +609,12 @@ def test_bundled_models_full_budget_and_pruned(name):
     inputs = processor(images=[image], text=processor.apply_chat_template(messages, add_generation_prompt=True),
                        return_tensors="pt")
     ref = generate(model, inputs)
-    with vlmeff.patch(model, "fastv", keep=1.0):
+    with vlmeff.patch(model, method, **full):
         assert torch.equal(generate(model, inputs), ref)
-    with vlmeff.patch(model, "fastv", keep=0.25) as patch:
+    with vlmeff.patch(model, method, **pruned) as patch:
         generate(model, inputs)
-        assert patch.stats["visual_tokens"] == {"LLM input": [256], "after LLM layer 1": [64]}
+        assert patch.stats["visual_tokens"] == {"LLM input": [256], "after LLM layer 1": [kept]}
+    assert torch.equal(generate(model, inputs), ref)
 
 
 def test_qwen3_vl_moe():
@@ -628,11 +635,12 @@ def test_qwen3_vl_moe():
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(recomputed.logits), atol=2e-5, rtol=1e-5)
 
 
-def test_torch_compile_of_a_patched_model_equals_eager():
+@pytest.mark.parametrize("method, options", [("fastv", dict(keep=0.25)), ("transition", {})])
+def test_torch_compile_of_a_patched_model_equals_eager(method, options):
     """Patch, then compile: the compiled forward prunes like eager; the patch adds one graph break to the
     model's own (the prefill's host read), none while decoding."""
     model, inputs = setup_any("llava")
-    with vlmeff.patch(model, "fastv", keep=0.25):
+    with vlmeff.patch(model, method, **options):
         eager = logits(model, inputs)
         torch._dynamo.reset()
         compiled = logits(torch.compile(model), inputs)

@@ -72,15 +72,21 @@ def average_share(ratios, layers, depth):
     return (bounds[0] + sum(r * (b - a) for r, a, b in zip(ratios, bounds, bounds[1:]))) / depth
 
 
-def average_budget_ratios(share, layers, depth):
-    """PyramidDrop's ratios lambda, lambda^2, ... for the stages at `layers` such that the layers see `share` of
-    the visual tokens on average (bisection on lambda in (0, 1]). ValueError when the layers before the first stage
-    alone see more than that."""
+def check_reachable(share, layers, depth):
+    """ValueError unless an average share `share` is reachable with stages from layers[0] on: the layers before it
+    see every visual token, so the average is above layers[0] / depth."""
     floor = layers[0] / depth
     if share <= floor:
         raise ValueError(f"keep={share}: an average budget below {floor:.4g} is out of reach with stages from layer "
                          f"{layers[0]} of {depth} (the layers before it see every visual token); prune from an "
                          "earlier layer (layers=[...]) or give a larger keep")
+
+
+def average_budget_ratios(share, layers, depth):
+    """PyramidDrop's ratios lambda, lambda^2, ... for the stages at `layers` such that the layers see `share` of
+    the visual tokens on average (bisection on lambda in (0, 1]). ValueError when the layers before the first stage
+    alone see more than that."""
+    check_reachable(share, layers, depth)
     low, high = 0.0, 1.0
     for _ in range(60):
         lam = (low + high) / 2
@@ -93,11 +99,7 @@ def scaled_shape_ratios(share, shape, layers, depth):
     """The ratios min(1, c * shape[s]) for the stages at `layers`, c such that the layers see `share` of the visual
     tokens on average (bisection on c): a paper's schedule shape kept, its budget moved. ValueError when the
     layers before the first stage alone see more than that."""
-    floor = layers[0] / depth
-    if share <= floor:
-        raise ValueError(f"keep={share}: an average budget below {floor:.4g} is out of reach with stages from layer "
-                         f"{layers[0]} of {depth} (the layers before it see every visual token); prune from an "
-                         "earlier layer (layers=[...]) or give a larger keep")
+    check_reachable(share, layers, depth)
     low, high = 0.0, 1.0 / min(shape)
     for _ in range(60):
         c = (low + high) / 2
