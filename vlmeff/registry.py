@@ -314,10 +314,15 @@ TRANSITION_LAYERS, TRANSITION_RATIOS = stage_options(
     "transition", "TransPrune", "0.875, 0.625, 0.125 for three stages, lambda = 0.5 per stage otherwise")
 
 
-def _first_transition_stage(ctx):
+def _transition_layers(ctx):
+    """TransPrune's stage layers on the model of `ctx` (the call's, checked before, or the paper's scaled)."""
     from .pruners.stages import default_schedule
     layers = ctx.options.get("layers") or default_schedule("transition", ctx.depth, ctx.first_layer)[0]
-    return layers[0] % ctx.depth
+    return [v % ctx.depth for v in layers]
+
+
+def _first_transition_stage(ctx):
+    return _transition_layers(ctx)[0]
 
 
 def _accumulate_valid(value, ctx):
@@ -333,17 +338,16 @@ def _accumulate_valid(value, ctx):
 
 
 def _accumulate_accepted(ctx):
-    from .pruners.stages import default_accumulation, default_schedule
-    layers = ctx.options.get("layers") or default_schedule("transition", ctx.depth, ctx.first_layer)[0]
-    scaled = list(default_accumulation([v % ctx.depth for v in layers]))
+    from .pruners.stages import default_accumulation
+    scaled = list(default_accumulation(_transition_layers(ctx)))
     return (f"None (TransPrune's layers 7..12 of 32, 1-indexed: from the layer before the first stage to the one "
             f"before the last, {scaled} here) or a list of increasing decoder layer indices in [0, {ctx.last}] (or "
             f"counted from the end) with at least one before the first stage, layer {_first_transition_stage(ctx)} "
             "(unless score='iga'); layers at or after the last stage add nothing")
 
 
-def _renumber_valid(value, ctx):
-    return value != "renumber" or not ctx.mrope
+def _llm_positions_valid(value, ctx):
+    return value in (None, "original") or (value == "renumber" and not ctx.mrope)
 
 
 # TransPrune's TTV layers, its score terms, and the positions of the kept tokens: the reference renumbers them
@@ -353,8 +357,7 @@ ACCUMULATE = Option("accumulate", None, (type(None), list, tuple), _accumulate_v
                     "None (TransPrune's 7..12 of 32, scaled) or a list of increasing decoder layer indices",
                     _accumulate_accepted)
 TTV_SCORE = Option("score", "both", *choice("both", "ttv", "iga"))
-RENUMBER = Option("positions", None, (type(None), str), lambda v, c: v in (None, "original") or
-                  (v == "renumber" and _renumber_valid(v, c)),
+RENUMBER = Option("positions", None, (type(None), str), _llm_positions_valid,
                   "None (renumber, as the reference, on 1-D RoPE models; original on M-RoPE ones), 'renumber' "
                   "(1-D RoPE models) or 'original'",
                   lambda c: ("None (original on this M-RoPE model) or 'original'" if c.mrope else

@@ -111,8 +111,9 @@ def scaled_shape_ratios(share, shape, layers, depth):
 def plan_stages(method, keep, options, depth, first=1):
     """The `Stage`s of an in-LLM method with checked options, layers increasing: keep after each stage layer (an int
     count per sample or a ratio of the sample's visual tokens at the LLM's input), scored at the previous layer's
-    attention (FastV) or at the stage layer's own q / k (PyramidDrop, TransPrune). TransPrune given keep (an average
-share) keeps its ratios' shape, scaled to the budget (`scaled_shape_ratios`); PyramidDrop takes lambda ** s."""
+    attention (FastV) or at the stage layer's own q / k (PyramidDrop, TransPrune). TransPrune given keep (an
+    average share) keeps its ratios' shape, scaled to the budget (`scaled_shape_ratios`); PyramidDrop takes
+    lambda ** s."""
     base = options.get("base", method)
     if base == "fastv":
         layer = options.get("layer")
