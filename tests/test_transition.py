@@ -504,3 +504,17 @@ def test_ttv_without_an_accumulating_layer_before_the_first_stage_is_refused(kwa
                                          r"layer 1 \(unless score='iga'\)"):
         vlmeff.patch(model, "transition", **kwargs)
     vlmeff.patch(model, "transition", score="iga", **{k: v for k, v in kwargs.items() if k != "score"}).unpatch()
+
+
+def test_a_direct_decoding_call_numbers_new_tokens_like_generate():
+    """model(...) on the returned cache without position ids (the model numbers the new token past + 0) gives the
+    logits generate's second step gave with its own position ids (renumbered: both shifted by the dropped tokens)."""
+    model, inputs = setup_any("llava")
+    with vlmeff.patch(model, "transition"), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        prefill = model(**inputs, use_cache=True)
+        first = out.sequences[:, -2:-1]
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(first)], 1)
+        step = model(input_ids=first, attention_mask=mask, cache=prefill.past_key_values)
+    torch.testing.assert_close(step.logits[:, -1], out.logits[1], atol=2e-5, rtol=1e-5)
