@@ -430,6 +430,7 @@ def test_transition_functions_by_hand():
     torch.testing.assert_close(transition.transition_scores(ttv, iga, visual), torch.tensor([[0, 0.75, 1.25, 0]]))
     torch.testing.assert_close(transition.transition_scores(ttv, iga, visual, "ttv"), torch.tensor([[0, .25, .75, 0]]))
     torch.testing.assert_close(transition.transition_scores(None, iga, visual), torch.tensor([[0, 0.5, 0.5, 0]]))
+    torch.testing.assert_close(transition.transition_scores(ttv, iga, visual, "iga"), torch.tensor([[0, .5, .5, 0]]))
 
 
 def test_a_full_budget_first_stage_before_a_pruning_one_shifts_by_the_pruning_stage():
