@@ -550,8 +550,8 @@ def _positions(args, kwargs, past):
     positions = kwargs.get("position_ids")
     if positions is not None:
         return positions
-    n = _embeds(args, kwargs).shape[1]
-    return (torch.arange(n, device=_embeds(args, kwargs).device) + past)[None]
+    embeds = _embeds(args, kwargs)
+    return (torch.arange(embeds.shape[1], device=embeds.device) + past)[None]
 
 
 def _embeds(args, kwargs):
@@ -607,6 +607,8 @@ def check_llm_budget(method, keep, options):
                          "or a ratio in (0, 1])")
     if base in ("pdrop", "transition") and keep is not None and (not isinstance(keep, float)
                                                                  or options.get("ratios") is not None):
-        raise ValueError(f"method {method!r}: keep={keep!r} with PyramidDrop stages is the average share of the "
-                         "visual tokens the decoder layers see, a float ratio in (0, 1], which sets the ratios "
-                         "lambda, lambda^2, ...; give either keep or ratios=[...], not both, and no token count")
+        ratios = ("TransPrune's ratios 0.875 : 0.625 : 0.125 scaled by one factor" if base == "transition"
+                  else "the ratios lambda, lambda^2, ...")
+        raise ValueError(f"method {method!r}: keep={keep!r} with staged pruning is the average share of the "
+                         f"visual tokens the decoder layers see, a float ratio in (0, 1], which sets {ratios}; give "
+                         "either keep or ratios=[...], not both, and no token count")

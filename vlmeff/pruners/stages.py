@@ -87,12 +87,7 @@ def average_budget_ratios(share, layers, depth):
     the visual tokens on average (bisection on lambda in (0, 1]). ValueError when the layers before the first stage
     alone see more than that."""
     check_reachable(share, layers, depth)
-    low, high = 0.0, 1.0
-    for _ in range(60):
-        lam = (low + high) / 2
-        low, high = (lam, high) if average_share([lam ** (s + 1) for s in range(len(layers))], layers, depth) < share \
-            else (low, lam)
-    return tuple(high ** (s + 1) for s in range(len(layers)))
+    return _meeting_share(share, lambda lam: [lam ** (s + 1) for s in range(len(layers))], 1.0, layers, depth)
 
 
 def scaled_shape_ratios(share, shape, layers, depth):
@@ -100,12 +95,17 @@ def scaled_shape_ratios(share, shape, layers, depth):
     tokens on average (bisection on c): a paper's schedule shape kept, its budget moved. ValueError when the
     layers before the first stage alone see more than that."""
     check_reachable(share, layers, depth)
-    low, high = 0.0, 1.0 / min(shape)
+    return _meeting_share(share, lambda c: [min(1.0, c * r) for r in shape], 1.0 / min(shape), layers, depth)
+
+
+def _meeting_share(share, ratios_at, high, layers, depth):
+    """ratios_at(x) (a tuple) for the x in (0, high] at which the layers see `share` of the visual tokens on
+    average: bisection, the average share increasing in x; 60 halvings reach float precision."""
+    low = 0.0
     for _ in range(60):
-        c = (low + high) / 2
-        low, high = (c, high) if average_share([min(1.0, c * r) for r in shape], layers, depth) < share \
-            else (low, c)
-    return tuple(min(1.0, high * r) for r in shape)
+        x = (low + high) / 2
+        low, high = (x, high) if average_share(ratios_at(x), layers, depth) < share else (low, x)
+    return tuple(ratios_at(high))
 
 
 def plan_stages(method, keep, options, depth, first=1):

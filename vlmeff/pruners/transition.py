@@ -11,7 +11,6 @@ visual token is TTV / sum TTV + IGA / sum IGA over the sample's visual tokens.
 """
 import torch
 
-SCORES = ("both", "ttv", "iga")          # TransPrune's sum, or one of its two terms alone (the paper's ablations)
 EPS = 1e-8                               # the reference's guard of the sum normalisations
 
 
