@@ -12,6 +12,7 @@ keep=1.0 vs unpatched; target <= 2%).
     python benchmarks/lvlm_prefill.py --tower-layers 24 --llm-layers 32 --dtype fp16 --batch 8   # a GPU
     python benchmarks/lvlm_prefill.py --suite llm --llm-layers 4   # CPU: inside the LLM (FastV K = 1 of 4)
     python benchmarks/lvlm_prefill.py --suite transition --llm-layers 4   # CPU: TransPrune beside PyramidDrop
+    python benchmarks/lvlm_prefill.py --suite infoflow --llm-layers 4     # CPU: VFlowOpt beside received
 """
 import argparse
 
@@ -35,6 +36,7 @@ SUITES = {
             "pdrop (lambda 0.5)": dict(method="pdrop"),
             "cls 192 + fastv 0.5": dict(method=[("cls", {"keep": 192}), ("fastv", {"keep": 0.5})])},
     "transition": None,         # transition_suite(depth): its full budget has one ratio per stage of the depth
+    "infoflow": None,           # infoflow_suite(depth): likewise
 }
 
 
@@ -50,6 +52,18 @@ def transition_suite(depth):
             "transition (paper's schedule)": dict(method="transition"),
             f"transition keep={keep} ({','.join(map(str, layers))})": dict(method="transition", keep=keep,
                                                                             layers=layers)}
+
+
+def infoflow_suite(depth):
+    """VFlowOpt: its released 25 % setting (the tower keeps 26.5 %, the LLM stages at 9 / 18 of 28, scaled, 98.3 %
+    and 86.3 % of that), at full budget for the cost of the context map (two passes over the tower layer's rows)
+    and at a 12.5 % tower keep; `received` (one pass) at the released setting's tower keep beside it."""
+    stages = len(vlmeff.pruners.stages.default_schedule("infoflow", depth)[0])
+    released = vlmeff.pruners.stages.VFLOWOPT_25["vit_keep"]
+    return {"unpatched": None, "infoflow 1.0 (overhead)": dict(method="infoflow", keep=1.0, ratios=[1.0] * stages),
+            f"received keep={released:.3f}": dict(method="received", keep=released),
+            "infoflow (released 25 %)": dict(method="infoflow"),
+            "infoflow keep=0.125": dict(method="infoflow", keep=0.125)}
 
 
 def build(tower_layers, llm_layers, device, dtype):
@@ -73,7 +87,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--suite", choices=SUITES, default="pre",
                         help="pre: cls before the LLM; llm: FastV, PyramidDrop inside it and cls + FastV; "
-                             "transition: TransPrune beside PyramidDrop")
+                             "transition: TransPrune beside PyramidDrop; infoflow: VFlowOpt beside received")
     args = parser.parse_args()
     device, dtype = device_and_dtype(args)
 
@@ -88,7 +102,8 @@ def main():
         with torch.inference_mode():
             model(**inputs, logits_to_keep=1)
 
-    variants = transition_suite(args.llm_layers) if args.suite == "transition" else SUITES[args.suite]
+    suites = {"transition": transition_suite, "infoflow": infoflow_suite}
+    variants = suites[args.suite](args.llm_layers) if args.suite in suites else SUITES[args.suite]
     stats = {}
 
     def runner(name, patch):

@@ -132,7 +132,7 @@ def usable_methods(kind, has_cls):
     """Methods vlmeff offers for this model kind ("vit" / "lvlm") in the vision encoder or before the LLM, [CLS]
     methods only where there is a [CLS]."""
     return [m.name for m in vlmeff.methods() if kind in m.model_kinds and (has_cls or not m.needs_cls)
-            and m.acts_in != ("inside LLM",)]            # the in-LLM engine has its own tests (test_llm_stage)
+            and "inside LLM" not in m.acts_in]     # the in-LLM engine: its own tests (test_llm_stage, test_infoflow)
 
 
 @st.composite

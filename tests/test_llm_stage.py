@@ -31,7 +31,9 @@ def full_budget(method, model):
     return dict(keep=1.0) if method == "fastv" else pdrop_full(model)
 
 
-PRUNED = {"fastv": dict(keep=0.5), "transition": {}}      # a pruning call of each scorer of the engine
+# a pruning call of each scorer of the engine (VFlowOpt's with its tower stage: the prompt the LLM gets is shorter)
+PRUNED = {"fastv": dict(keep=0.5), "transition": {}, "infoflow": dict(keep=0.5)}
+ON_THE_CALLERS_PROMPT = {m: o for m, o in PRUNED.items() if m != "infoflow"}
 
 
 # -- full budget: the unpatched model ------------------------------------------------------------------------------
@@ -53,6 +55,29 @@ def test_full_budget_is_identical_and_unpatch_restores(family, method):
     assert torch.equal(logits(model, inputs), ref_logits)
     assert torch.equal(generate(model, inputs), ref_tokens)
     assert "forward" not in vars(model) and "generate" not in vars(model)
+
+
+def scored_full_budget(method, model):
+    """TransPrune / VFlowOpt with every stage (and VFlowOpt's tower) at ratio 1.0: nothing dropped, all scored."""
+    with vlmeff.patch(model, method) as patch:
+        stages = len(patch.config["layers"])
+    return dict(ratios=[1.0] * stages, **({"keep": 1.0} if method == "infoflow" else {}))
+
+
+@pytest.mark.parametrize("mode", [m for m in GENERATE_MODES if m not in ("prompt_lookup", "assistant")])
+@pytest.mark.parametrize("family", ["llava", "qwen2", "qwen3"])
+@pytest.mark.parametrize("method", ["transition", "infoflow"])
+def test_every_generate_mode_at_a_scored_full_budget(family, mode, method):
+    """Every mode at full budget, with the scores computed, is the unpatched model's."""
+    model, inputs = setup_any(family)
+    ref = run_generate(model, inputs, mode, None)
+    with vlmeff.patch(model, method, **scored_full_budget(method, model)):
+        out = run_generate(model, inputs, mode, None)
+    if torch.is_tensor(ref):
+        assert torch.equal(out, ref)
+    else:
+        assert torch.equal(out.sequences, ref.sequences)
+        assert torch.equal(torch.stack(out.scores), torch.stack(ref.scores))
 
 
 @pytest.mark.parametrize("mode", [m for m in GENERATE_MODES if m not in ("prompt_lookup", "assistant")])
@@ -215,7 +240,7 @@ def test_samples_without_images_and_with_two_images_in_one_batch():
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2", "qwen3"])
-@pytest.mark.parametrize("method", PRUNED)
+@pytest.mark.parametrize("method", ON_THE_CALLERS_PROMPT)
 def test_loss_with_labels_is_the_cross_entropy_of_the_reduced_sequence(family, method):
     """Labels on every text token and on the placeholders too (the hardest case: dropped tokens have labels).
     Oracle: the reduced sequence is the kept columns; each kept token predicts the next kept one."""
@@ -635,7 +660,7 @@ def test_qwen3_vl_moe():
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(recomputed.logits), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method, options", [("fastv", dict(keep=0.25)), ("transition", {})])
+@pytest.mark.parametrize("method, options", [("fastv", dict(keep=0.25)), ("transition", {}), ("infoflow", {})])
 def test_torch_compile_of_a_patched_model_equals_eager(method, options):
     """Patch, then compile: the compiled forward prunes like eager; the patch adds one graph break to the
     model's own (the prefill's host read), none while decoding."""

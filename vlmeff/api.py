@@ -1,4 +1,5 @@
 """`vlmeff.patch`: one line to make a loaded model cheaper, one line (`.unpatch()`) to undo it."""
+from .calibration import infoflow_settings
 from .engine.llm import STAGED, InLLMReduction, first_prunable_layer, resolved_stages
 from .engine.lvlm import PreLLMReduction
 from .engine.vit import ViTReduction, default_layer
@@ -6,7 +7,7 @@ from .errors import UnsupportedModelError
 from .models import find_adapter
 from .patching import Patch
 from .pruners.select import check_keep
-from .registry import ModelContext, method_info, methods, resolve_options
+from .registry import ModelContext, check_option_names, method_info, methods, part_of, resolve_options
 
 # (model kind, where the method acts) -> the engine that installs it, built as engine(patch, adapter, method, keep,
 # options) and installed by engine.install(); a method acts at the first of its `acts_in` sites listed here
@@ -39,9 +40,9 @@ def patch(model, method="cls", keep=None, **options):
         return _patch_stages(model, method)
     refuse_compiled(model)
     adapter = find_adapter(model)
-    stage = _checked_stage(model, adapter, method, keep, options)
-    handle = Patch(model, stage.config)
-    _install(handle, adapter, [stage])
+    stages = _checked_stages(model, adapter, method, keep, options)
+    handle = Patch(model, stages[0].config if len(stages) == 1 else _spanning_config(method, stages))
+    _install(handle, adapter, stages)
     return handle
 
 
@@ -53,11 +54,35 @@ class _Stage:
         self.config = {"method": method, "keep": keep, **options}
 
 
-def _checked_stage(model, adapter, method, keep, options):
+def _checked_stages(model, adapter, method, keep, options):
+    """The checked stages of one method: one, or one per site for a method that spans sites (VFlowOpt: its tower
+    half gets the budget keep, its LLM half the stage layers and ratios; a schedule file fills both)."""
     info = method_info(method)
+    if info.spans is None:
+        return [_checked_stage(model, adapter, method, keep, options)]
+    check_option_names(info, options)
+    if adapter.kind != "lvlm":
+        raise ValueError(f"method {method!r} acts on LVLMs (before and inside the LLM), not on {adapter.family}")
+    keep, options = infoflow_settings(model, keep, options)
+    return [_checked_stage(model, adapter, method, stage_keep,
+                           {name: options[name] for name in info.spans[site] if name in options},
+                           part_of(info, site), site)
+            for site, stage_keep in (("before LLM", keep), ("inside LLM", None))]
+
+
+def _spanning_config(method, stages):
+    """`Patch.config` of a method acting at several sites: its budget and every stage's options in one dict."""
+    config = {"method": method, "keep": stages[0].keep}
+    for stage in stages:
+        config.update(stage.options)
+    return config
+
+
+def _checked_stage(model, adapter, method, keep, options, info=None, site=None):
+    info = info or method_info(method)
     if keep is not None:
         check_keep(keep)
-    site = site_of(info, adapter.kind)
+    site = site or site_of(info, adapter.kind)
     if site is None:
         usable = [m.name for m in methods() if site_of(m, adapter.kind)]
         raise ValueError(f"method {method!r} does not act on {adapter.family}; methods that do: {', '.join(usable)}")
@@ -80,12 +105,13 @@ def _patch_stages(model, entries):
     for entry in entries:
         name, options = (entry, {}) if isinstance(entry, str) else _pair(entry)
         options = dict(options)
-        stages.append(_checked_stage(model, adapter, name, options.pop("keep", None), options))
+        stages.extend(_checked_stages(model, adapter, name, options.pop("keep", None), options))
     sites = [s.site for s in stages]
     if not stages or len(set(sites)) != len(sites):
         raise ValueError(f"a list of methods needs one method per site (vision encoder, before LLM, inside LLM); got "
                          f"{', '.join(f'{s.method} ({s.site})' for s in stages) or 'none'}")
-    config = {"method": "+".join(s.method for s in stages), "keep": None, "stages": [s.config for s in stages]}
+    config = {"method": "+".join(dict.fromkeys(s.method for s in stages)), "keep": None,
+              "stages": [s.config for s in stages]}
     handle = Patch(model, config)
     _install(handle, adapter, stages)
     return handle

@@ -2,20 +2,23 @@
 files it writes (model identity, method, fitted values, vlmeff version), which `vlmeff.patch(..., schedule=path)`
 and `vlmeff.skip_experts(..., schedule=path)` read back and check against the model.
 
-Methods: "debiased" (Attention Debiasing: the recency trend of a host scorer's attention, fitted here) and "modes"
-(MoDES expert skipping, `vlmeff.experts.calibrate`). Calibration runs off the hot path: host reads are fine here.
+Methods: "debiased" (Attention Debiasing: the recency trend of a host scorer's attention, fitted here), "infoflow"
+(VFlowOpt's information-flow search, `calibrate_infoflow`) and "modes" (MoDES expert skipping,
+`vlmeff.experts.calibrate`). Calibration runs off the hot path: host reads are fine here.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-CALIBRATED = ("debiased", "modes")
+CALIBRATED = ("debiased", "infoflow", "modes")
 
 
 def version():
@@ -43,14 +46,17 @@ def calibrate(model, data, method: str, path: str | Path | None = None, progress
     calibration data, never the evaluation split); options base ("fastv" or "pdrop"), layer / layers (as in
     `vlmeff.patch`), trend ("cubic" or "exponential"; default the reference's form for the base). The base scorer
     runs at full budget on every batch; the mean score of visual token i over the batches is fitted by the trend.
+    method "infoflow": VFlowOpt's search (`calibrate_infoflow`: options budget, trials, initial, seed, patience,
+    layers, entropy).
     method "modes": see `vlmeff.experts.calibrate.calibrate` (options target_skip, grid_size, n, seed).
     """
     if method == "modes":
         from .experts.calibrate import calibrate as calibrate_modes
         return calibrate_modes(model, data, method="modes", path=path, progress=progress, **options)
-    if method != "debiased":
+    if method not in ("debiased", "infoflow"):
         raise ValueError(f"method={method!r}: vlmeff.calibrate fits {', '.join(CALIBRATED)}")
-    schedule = calibrate_debiasing(model, data, progress=progress, **options)
+    fit = calibrate_debiasing if method == "debiased" else calibrate_infoflow
+    schedule = fit(model, data, progress=progress, **options)
     if path is not None:
         Path(path).write_text(json.dumps(schedule, indent=1))
     return schedule
@@ -152,30 +158,16 @@ def load_schedule(schedule, model, method, base, score_layer):
         if preset["base"] != base:
             raise ValueError(f"schedule={schedule!r} is the reference's {preset['base']} trend; got base={base!r}")
         return dict(preset, method="debiased", preset=schedule)
-    if isinstance(schedule, (str, os.PathLike)):
-        path = Path(schedule)
-        if not path.is_file():
-            raise ValueError(f"schedule={str(schedule)!r} is neither a file nor a preset ({', '.join(PRESETS)}); "
-                             "write one with vlmeff.calibrate(model, data, method='debiased', path=...)")
-        try:
-            schedule = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"schedule file {str(path)!r} is not a vlmeff calibration file: {error}") from None
-    if not isinstance(schedule, dict):
-        raise ValueError(f"schedule must be a calibration file, its dict or a preset; got {type(schedule).__name__}")
-    if schedule.get("method") != method:
-        raise ValueError(f"this schedule is for method {schedule.get('method')!r}, not {method!r}")
+    if isinstance(schedule, (str, os.PathLike)) and not Path(schedule).is_file():
+        raise ValueError(f"schedule={str(schedule)!r} is neither a file nor a preset ({', '.join(PRESETS)}); "
+                         "write one with vlmeff.calibrate(model, data, method='debiased', path=...)")
+    schedule = _read_schedule(schedule, method)
     if schedule.get("base") != base:
         raise ValueError(f"this schedule was fitted on base {schedule.get('base')!r}; got base={base!r}")
     if schedule.get("score_layer") != score_layer:
         raise ValueError(f"this schedule was fitted on the attention of decoder layer {schedule.get('score_layer')}; "
                          f"this patch scores at layer {score_layer} (calibrate with the same layer / layers)")
-    identity = model_identity(model)
-    mismatched = {k: (v, identity.get(k)) for k, v in (schedule.get("model") or {}).items() if identity.get(k) != v}
-    if "model" not in schedule or mismatched:
-        found = ", ".join(f"{k}: file {a!r}, model {b!r}" for k, (a, b) in mismatched.items()) or "no model identity"
-        raise ValueError(f"this schedule was calibrated on another model ({found}); calibrate this model with "
-                         "vlmeff.calibrate(model, data, method='debiased')")
+    _check_identity(schedule, model, method)
     coefficients, kind, positions = schedule.get("coefficients"), schedule.get("trend"), schedule.get("positions")
     lengths = {"exponential": (2,), "cubic": (1, 2, 3, 4)}
     if (kind not in TRENDS or not isinstance(coefficients, list) or len(coefficients) not in lengths[kind]
@@ -186,3 +178,227 @@ def load_schedule(schedule, model, method, base, score_layer):
         raise ValueError("this schedule's trend is malformed (trend, coefficients, positions; the trend must be "
                          "positive over the positions)")
     return schedule
+
+
+# -- VFlowOpt: the information-flow search ------------------------------------------------------------------------
+def infoflow_bounds(budget, entropy=True, recycle=False):
+    """VFlowOpt's search space for an average budget T (`llava_ov_opt_all.py`, written there for T = 0.25):
+    (name, low, high) of r_v in [T, 1.5 T] (the tower's keep), r_1 in [0.8 T / 1.5 T, 1] (the first LLM stage's
+    keep of what reaches it: r_v r_1 >= 0.8 T), the context threshold t in [0, 50], with recycling the merge grid m
+    in [3, 24] and, where the model's pixels give patch entropy, its weight alpha_v in [-1, 1]. Scaled with T as the
+    reference's bounds are at 0.25; r_v's upper end at most 1. Without recycling (the reference's single-image path)
+    m has no effect and is not searched."""
+    space = [("vit_keep", budget, min(1.0, 1.5 * budget)), ("first_keep", 0.8 / 1.5, 1.0), ("threshold", 0.0, 50.0)]
+    if recycle:
+        space.append(("grid", 3.0, 24.0))
+    if entropy:
+        space.append(("entropy_weight", -1.0, 1.0))
+    return space
+
+
+def calibrate_infoflow(model, data, budget=0.25, trials=300, initial=27, seed=42, patience=None, layers=None,
+                       entropy="pixels", recycle=None, progress=True, random_only=False):
+    """VFlowOpt's search: the settings of `infoflow` that keep the last prompt token's final hidden state closest (sum
+    of cosines over the calibration samples) to the unpatched model's, under the average budget `budget`.
+
+    data: model-input batches with images (calibration data, never the evaluation split). The variables and their
+    bounds are `infoflow_bounds(budget)`; the LLM's last stage keeps r_2 = `infoflow_last_ratio(...)`, the paper's
+    constraint recomputed for this model's depth and stage layers (`layers`: two decoder layers, default VFlowOpt's
+    9 and 18 of 28 scaled), so the decoder layers see `budget` of the visual tokens on average (recycled tokens
+    add to what the tower keeps: the realised share is measured and returned). recycle: as `vlmeff.patch`'s option
+    (None: where the reference recycles). Optimiser:
+    scikit-optimize's `Optimizer` (a Gaussian process, as the reference: `initial` random points first, then the
+    acquisition's picks; `seed` its random_state), `trials` evaluations with a progress bar; it stops early after
+    `patience` trials without improvement, or on Ctrl-C, returning the best so far. random_only: every trial a
+    random point (the baseline the search is compared with). Returns the schedule: the best setting, its
+    objective (mean cosine), the average visual share the calibration samples saw with it, every trial.
+    """
+    import torch.nn.functional as F
+    try:
+        from skopt import Optimizer
+        from skopt.space import Real
+    except ImportError:
+        raise ImportError("vlmeff.calibrate(method='infoflow') searches with scikit-optimize: "
+                          "pip install 'vlmeff[search]'") from None
+
+    from . import api
+    from .pruners.stages import VFLOWOPT_25, default_schedule, infoflow_last_ratio
+    if not isinstance(budget, float) or not 0.0 < budget < 1.0:
+        raise ValueError(f"budget={budget!r}: the average share of visual tokens the decoder layers see, a float in "
+                         "(0, 1)")
+    if not (isinstance(trials, int) and trials >= 1 and isinstance(initial, int) and 1 <= initial):
+        raise ValueError(f"trials={trials!r}, initial={initial!r}: ints >= 1")
+    adapter = api.find_adapter(model)
+    depth = adapter.decoder.depth
+    if layers is None:
+        layers = list(default_schedule("infoflow", depth, api.first_prunable_layer(adapter))[0])
+    layers = list(layers) * (2 // len(layers)) if len(layers) == 1 else list(layers)      # one merged stage
+    if len(layers) != 2:
+        raise ValueError(f"layers={layers!r}: VFlowOpt's search places two LLM stages")
+    recycles = adapter.multi_view if recycle is None else recycle
+    space = infoflow_bounds(budget, entropy=adapter.pixel_patch_rows, recycle=recycles)
+    batches = list(data)
+    reference = [_last_hidden(model, batch) for batch in _progress(batches, "infoflow: unpatched", progress)]
+
+    def setting(point):
+        values = dict(zip([name for name, _, _ in space], point))
+        r_2 = infoflow_last_ratio(budget, values["vit_keep"], values["first_keep"], layers, depth)
+        ratios = [values["first_keep"], values["first_keep"] * r_2]
+        stage_layers, stage_ratios = _stage_plan(layers, ratios)
+        grid = {"grid": values["grid"]} if recycles else {}
+        return values, r_2, dict(keep=values["vit_keep"], threshold=values["threshold"],
+                                 entropy_weight=values.get("entropy_weight", 0.0), entropy=entropy, recycle=recycles,
+                                 layers=stage_layers, ratios=stage_ratios, **grid)
+
+    def objective(point):
+        _, _, options = setting(point)
+        total = 0.0
+        with api.patch(model, "infoflow", **options):
+            for batch, expected in zip(batches, reference):
+                total += float(F.cosine_similarity(_last_hidden(model, batch), expected, dim=-1).nan_to_num(0).sum())
+        return total / sum(r.shape[0] for r in reference)
+
+    optimizer = Optimizer([Real(low, high, name=name) for name, low, high in space], random_state=seed,
+                          n_initial_points=trials + 1 if random_only else initial)
+    history, best, since, start = [], None, 0, time.perf_counter()
+    bar = tqdm(total=trials, desc=f"infoflow search (budget {budget})", disable=not progress)
+    try:
+        for _ in range(trials):
+            point = [min(max(float(v), low), high) for v, (_, low, high) in zip(optimizer.ask(), space)]
+            value = objective(point)
+            optimizer.tell(point, -value)
+            history.append({"point": point, "objective": value})
+            improved = best is None or value > best["objective"]
+            best, since = (history[-1], 0) if improved else (best, since + 1)
+            bar.update(1)
+            bar.set_postfix(best=f"{best['objective']:.5f}")
+            if patience is not None and since >= patience:
+                break
+    except KeyboardInterrupt:
+        if best is None:
+            raise
+    finally:
+        bar.close()
+    values, r_2, options = setting(best["point"])
+    share = _average_share(model, batches, options, depth)
+    return dict(method="infoflow", vlmeff_version=version(), model=model_identity(model), budget=budget,
+                vit_keep=values["vit_keep"], llm_keep=[values["first_keep"], r_2], threshold=values["threshold"],
+                entropy_weight=options["entropy_weight"], entropy=entropy, recycle=recycles,
+                grid=options.get("grid", VFLOWOPT_25["grid"]), layers=options["layers"],
+                ratios=options["ratios"], objective=best["objective"], average_share=share,
+                samples=sum(r.shape[0] for r in reference), trials=len(history), initial=initial, seed=seed,
+                optimizer="skopt GP" if not random_only else "random", seconds=time.perf_counter() - start,
+                space=[list(s) for s in space], history=history)
+
+
+def _stage_plan(layers, ratios):
+    """Two LLM stages (layers K1 <= K2, shares of the LLM input kept) as the engine takes them: one stage when both
+    land on one layer (a model shallower than the paper's), keeping the smaller share."""
+    if layers[0] == layers[1]:
+        return [layers[1]], [ratios[1]]
+    return list(layers), list(ratios)
+
+
+def _last_hidden(model, batch):
+    """The final hidden state (after the last norm) [B, D] float32 of each sample's last attended prompt token (the
+    mask is the language model's: a reduction before the LLM shortens the prompt)."""
+    from .models import find_adapter
+    decoder, seen = find_adapter(model).decoder, {}
+    handles = [decoder.norm.register_forward_hook(lambda m, a, out: seen.update(out=out)),
+               decoder.model.register_forward_pre_hook(lambda m, a, kw: seen.update(mask=kw.get("attention_mask")),
+                                                       with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out, mask = seen["out"], seen["mask"]
+    columns = torch.arange(out.shape[1], device=out.device)
+    last = (torch.full(out.shape[:1], out.shape[1] - 1, device=out.device) if mask is None
+            else torch.where(mask.bool().to(out.device), columns, -1).amax(1))
+    return out[torch.arange(out.shape[0], device=out.device), last].float()
+
+
+def _average_share(model, batches, options, depth):
+    """The share of the visual tokens the decoder layers saw on average over `batches` with infoflow `options`
+    (token-weighted: sum over samples and layers of the visual tokens a layer sees, over depth x input tokens)."""
+    from . import api
+    seen = total = 0
+    with api.patch(model, "infoflow", **options) as patch, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+            tokens, stages = patch.stats["visual_tokens"], patch.stats["llm_stages"]
+            total += sum(tokens["input"]) * depth
+            counts = [(0, sum(tokens["LLM input"]))] + [(layer, sum(kept)) for layer, kept in stages]
+            bounds = [layer for layer, _ in counts[1:]] + [depth]
+            seen += sum(n * (end - layer) for (layer, n), end in zip(counts, bounds))
+    return seen / total
+
+
+def _progress(items, desc, progress):
+    return tqdm(items, desc=desc, disable=not progress)
+
+
+def infoflow_settings(model, keep, options):
+    """The budget and options of `vlmeff.patch(model, "infoflow", ...)`: as given, keep defaulting to the released
+    25 % setting's r_v; with `schedule`, keep and the searched options (threshold, entropy_weight, entropy, recycle,
+    grid, layers, ratios) from the file (checked against the model), which the call must not also give."""
+    from .pruners.stages import VFLOWOPT_25
+    schedule = options.get("schedule")
+    if schedule is None:
+        return (VFLOWOPT_25["vit_keep"] if keep is None else keep), options
+    searched = ("threshold", "entropy_weight", "entropy", "recycle", "grid", "layers", "ratios")
+    schedule = load_infoflow_schedule(schedule, model)
+    # keep may name the budget the schedule was searched for (a sweep gives every run a budget), nothing else
+    doubled = [n for n in searched if n in options] + (
+        [f"keep={keep!r}"] if keep is not None and keep != schedule.get("budget") else [])
+    if doubled:
+        raise ValueError(f"method 'infoflow': schedule= sets keep (its tower's r_v), {', '.join(searched)}; do not "
+                         f"also give {', '.join(doubled)} (keep may be the schedule's budget, "
+                         f"{schedule.get('budget')!r})")
+    return schedule["vit_keep"], dict(options, **{n: schedule[n] for n in searched})
+
+
+def load_infoflow_schedule(schedule, model):
+    """An `infoflow` schedule (a path or its loaded dict) checked against the model: ValueError naming what does not
+    fit (another method, another model, malformed values)."""
+    schedule = _read_schedule(schedule, "infoflow")
+    _check_identity(schedule, model, "infoflow")
+    numbers_ok = all(isinstance(schedule.get(n), (int, float)) and not isinstance(schedule.get(n), bool)
+                     and math.isfinite(schedule[n]) for n in ("vit_keep", "threshold", "entropy_weight"))
+    lists_ok = all(isinstance(schedule.get(n), list) and schedule[n] for n in ("layers", "ratios"))
+    if (not numbers_ok or not lists_ok or schedule.get("entropy") not in ("pixels", "reference")
+            or not isinstance(schedule.get("recycle"), bool) or not isinstance(schedule.get("grid"), (int, float))):
+        raise ValueError("this infoflow schedule is malformed (vit_keep, threshold, entropy_weight, entropy, recycle, "
+                         "grid, layers, ratios); write it with vlmeff.calibrate(model, data, method='infoflow', "
+                         "budget=...)")
+    return schedule
+
+
+def _read_schedule(schedule, method):
+    """A schedule dict from a path or a dict; ValueError for anything else or another method's file."""
+    if isinstance(schedule, (str, os.PathLike)):
+        path = Path(schedule)
+        if not path.is_file():
+            raise ValueError(f"schedule={str(schedule)!r} is not a file; write one with vlmeff.calibrate(model, data, "
+                             f"method={method!r}, path=...)")
+        try:
+            schedule = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"schedule file {str(path)!r} is not a vlmeff calibration file: {error}") from None
+    if not isinstance(schedule, dict):
+        raise ValueError(f"schedule must be a calibration file or its dict; got {type(schedule).__name__}")
+    if schedule.get("method") != method:
+        raise ValueError(f"this schedule is for method {schedule.get('method')!r}, not {method!r}")
+    return schedule
+
+
+def _check_identity(schedule, model, method):
+    """ValueError unless the schedule's model identity is this model's (`model_identity`)."""
+    identity = model_identity(model)
+    mismatched = {k: (v, identity.get(k)) for k, v in (schedule.get("model") or {}).items() if identity.get(k) != v}
+    if "model" not in schedule or mismatched:
+        found = ", ".join(f"{k}: file {a!r}, model {b!r}" for k, (a, b) in mismatched.items()) or "no model identity"
+        raise ValueError(f"this schedule was calibrated on another model ({found}); calibrate this model with "
+                         f"vlmeff.calibrate(model, data, method={method!r})")

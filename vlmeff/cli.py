@@ -8,6 +8,7 @@
     vlmeff sweep --task pope --model llava-hf/llava-1.5-7b-hf --methods cls visionzip --budgets 192 128 64 \
         --out runs/pope-sweep           # or: vlmeff sweep --config sweep.yaml (see vlmeff.eval.sweep)
     vlmeff calibrate --model tiny-llava-scenes --method debiased --split train --out debias.json   # vlmeff.calibrate
+    vlmeff calibrate --model tiny-llava-evqa --method infoflow --budget 0.25 --n 30 --out infoflow-25.json
 """
 import argparse
 from pathlib import Path
@@ -162,14 +163,23 @@ def cmd_calibrate(args):
     try:
         model, processor = load_model(args.model, args.dtype)
         batches = task_batches(model, processor, task, args.split, args.n, args.batch_size, args.seed, args.data)
-        options = {}
         if args.method == "debiased":
             options = {"base": args.base, "layer": args.layer, "layers": args.layers}
+        else:
+            options = {"budget": args.budget, "trials": args.trials, "initial": args.initial,
+                       "seed": args.search_seed, "patience": args.patience, "layers": args.layers}
         schedule = calibrate(model, batches, method=args.method, path=args.out, **options)
-        if args.plot:
+        if args.plot and args.method == "debiased":
             plot_trend(schedule, args.plot)
     except ValueError as error:
         raise SystemExit(f"vlmeff calibrate: {error}") from error
+    if args.method == "infoflow":
+        print(f"infoflow at budget {schedule['budget']} on {schedule['samples']} {task} {args.split} questions: "
+              f"r_v {schedule['vit_keep']:.4f}, LLM stages {schedule['llm_keep']} at layers {schedule['layers']}, "
+              f"t {schedule['threshold']:.3f}, alpha_v {schedule['entropy_weight']:.3f}; mean cosine "
+              f"{schedule['objective']:.5f} after {schedule['trials']} trials ({schedule['seconds']:.0f} s), "
+              f"average share {schedule['average_share']:.4f}; wrote {args.out}")
+        return
     print(f"{args.method} ({schedule.get('base', '')}) on {schedule.get('samples')} {task} {args.split} questions: "
           f"{schedule.get('trend', '')} trend {schedule.get('coefficients', '')}; wrote {args.out}")
 
@@ -345,7 +355,18 @@ def add_calibrate_parser(sub):
                      help="debiased: the scorer whose trend is fitted (default: %(default)s)")
     cal.add_argument("--layer", type=int, default=None, help="debiased on fastv: its layer K (default: FastV's, scaled)")
     cal.add_argument("--layers", type=int, nargs="+", default=None,
-                     help="debiased on pdrop: its stage layers (default: PyramidDrop's, scaled)")
+                     help="debiased on pdrop: its stage layers (default: PyramidDrop's, scaled); infoflow: its two "
+                          "LLM stage layers (default: VFlowOpt's 9 and 18 of 28, scaled)")
+    cal.add_argument("--budget", type=float, default=0.25,
+                     help="infoflow: the average share of visual tokens the decoder layers see (default: %(default)s)")
+    cal.add_argument("--trials", type=int_at_least(1), default=300,
+                     help="infoflow: settings evaluated (default: %(default)s, the reference's)")
+    cal.add_argument("--initial", type=int_at_least(1), default=27,
+                     help="infoflow: random settings before the Gaussian process picks (default: %(default)s)")
+    cal.add_argument("--search-seed", type=int, default=42,
+                     help="infoflow: the optimiser's seed (default: %(default)s)")
+    cal.add_argument("--patience", type=int_at_least(1), default=None,
+                     help="infoflow: stop after this many trials without improvement (default: never)")
     cal.add_argument("--task", type=task_name, default=None, help="the task whose questions calibrate (default: an "
                                                                   "embedded model's dataset)")
     cal.add_argument("--split", default="train", help="never the split you evaluate on (default: %(default)s)")

@@ -24,6 +24,9 @@ class Patch:
         self.model = model
         self.config = config
         self.stats = {}
+        # what a pre-LLM stage hands to an in-LLM one of the same call (VFlowOpt's tower scores, [B, L] over the
+        # prompt the LLM gets, 0 off the image placeholders), None outside a call with images
+        self.visual_scores = None
         self._handles = []
         self._overridden = []          # (object, name, the value it had on the instance or _MISSING)
         self._depth = 0                # nesting of `calling` blocks
@@ -33,6 +36,7 @@ class Patch:
         """Engines call this when a patched call starts, so that `stats` never describes an earlier call (a call
         that raises leaves them empty; what a completed call records is the engine's: see its docstring)."""
         self.stats = {}
+        self.visual_scores = None
 
     @contextlib.contextmanager
     def calling(self):
@@ -45,6 +49,8 @@ class Patch:
             yield
         finally:
             self._depth -= 1
+            if self._depth == 0:          # nothing of this call reaches a later, direct call of a submodule
+                self.visual_scores = None
 
     def hook(self, handle):
         self._handles.append(handle)

@@ -254,9 +254,10 @@ def _stage_layers_accepted(method, paper):
     def accepted(ctx):
         if not _base_is(None, ctx, "pdrop"):
             return "None only: with base='fastv' the stage is set by layer"
-        from .pruners.stages import PAPER_SCHEDULES, default_schedule
+        from .pruners.stages import PAPER_DEPTH, PAPER_DEPTHS, PAPER_SCHEDULES, default_schedule
         scaled = list(default_schedule(method, ctx.depth, ctx.first_layer)[0])
-        return (f"None ({paper}'s layers {list(PAPER_SCHEDULES[method][0])} of 32, scaled: {scaled} on this model) "
+        return (f"None ({paper}'s layers {list(PAPER_SCHEDULES[method][0])} of "
+                f"{PAPER_DEPTHS.get(method, PAPER_DEPTH)}, scaled: {scaled} on this model) "
                 f"or a non-empty list of increasing {_llm_range(ctx)}")
     return accepted
 
@@ -292,10 +293,11 @@ def _stage_ratios_accepted(method, defaults):
 def stage_options(method, paper, ratio_defaults):
     """The `layers` and `ratios` options of a staged in-LLM method (PyramidDrop's form), its paper's defaults
     scaled to the model's depth."""
-    from .pruners.stages import PAPER_SCHEDULES
+    from .pruners.stages import PAPER_DEPTH, PAPER_DEPTHS, PAPER_SCHEDULES
     layers = Option("layers", None, (type(None), list, tuple), _stage_layers_valid,
-                    f"None ({paper}'s {', '.join(map(str, PAPER_SCHEDULES[method][0]))} of 32 layers, scaled) or a "
-                    "list of increasing decoder layer indices >= 1", _stage_layers_accepted(method, paper))
+                    f"None ({paper}'s {', '.join(map(str, PAPER_SCHEDULES[method][0]))} of "
+                    f"{PAPER_DEPTHS.get(method, PAPER_DEPTH)} layers, scaled) or a list of increasing decoder layer "
+                    "indices >= 1", _stage_layers_accepted(method, paper))
     ratios = Option("ratios", None, (type(None), list, tuple), _stage_ratios_valid(method),
                     f"None ({ratio_defaults}) or one non-increasing float in (0, 1] per stage",
                     _stage_ratios_accepted(method, ratio_defaults))
@@ -368,6 +370,46 @@ SCHEDULE = Option("schedule", None, (type(None), str, dict, os.PathLike), _sched
                   "loaded dict) or the preset 'llava-1.5' (the reference's FastV polynomial for LLaVA-1.5-7B)")
 
 
+# VFlowOpt: the tower half (context threshold t, entropy term, the layer scored: `score_layers` as for received)
+# and the LLM half (`layers`, `ratios` of the LLM's input), or both from a searched schedule file
+def _finite(value, ctx):
+    return value == value and abs(value) != float("inf")
+
+
+def _channels_valid(positive):
+    def valid(value, ctx):
+        return (isinstance(value, (list, tuple)) and len(value) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v, ctx)
+                        and (v > 0 or not positive) for v in value))
+    return valid
+
+
+INFOFLOW_LAYERS, INFOFLOW_RATIOS = stage_options(
+    "infoflow", "VFlowOpt", "0.9833, 0.8627: the released 25 % setting's r_1 and r_1 * r_2")
+THRESHOLD = Option("threshold", 34.759552803070484, (int, float), lambda v, c: _finite(v, c) and v >= 0,
+                   "a real >= 0: context tokens receive more than threshold x the mean attention (default: the "
+                   "released 25 % setting's t = 34.76)")
+ENTROPY_WEIGHT = Option("entropy_weight", 0.0, (int, float), _finite,
+                        "a finite real alpha_v: the weight of the softmax of patch entropy added to the context map "
+                        "(0, as in every released setting: no entropy term)")
+ENTROPY = Option("entropy", "pixels", *choice("pixels", "reference"))
+IMAGE_MEAN = Option("image_mean", (0.48145466, 0.4578275, 0.40821073), (list, tuple), _channels_valid(False),
+                    "three per-channel means of the processor's normalisation (default CLIP's), for entropy='pixels'")
+IMAGE_STD = Option("image_std", (0.26862954, 0.26130258, 0.27577711), (list, tuple), _channels_valid(True),
+                   "three per-channel standard deviations > 0 of the processor's normalisation (default CLIP's)")
+RECYCLE = Option("recycle", None, (type(None), bool),
+                 accepted="None (as the reference: on LLaVA-NeXT / OneVision's base-and-crops blocks, plain top-k "
+                          "elsewhere), True or False")
+GRID = Option("grid", 15.580797034937687, (int, float), lambda v, c: _finite(v, c) and v >= 1,
+              "a real m >= 1: recycled candidates are grouped by m x m cells of the patch grid (default: the released "
+              "25 % setting's m = 15.58)")
+INFOFLOW_SCHEDULE = Option("schedule", None, (type(None), str, dict, os.PathLike), lambda v, c: True,
+                           "None (the options as given) or a schedule written by vlmeff.calibrate(model, data, "
+                           "method='infoflow', budget=...) (path or its loaded dict): keep (the tower's r_v), "
+                           "threshold, entropy_weight, entropy, recycle, grid, layers and ratios come from it (keep "
+                           "may repeat the budget it was searched for)")
+
+
 def contextual_count(contextual, k):
     """Contextual tokens out of a budget of k (VisionZip): a count as given, a share rounded, at most k - 1 so
     one dominant token stays. A count above k - 1, possible only when keep is a ratio, is a ValueError."""
@@ -392,6 +434,8 @@ class MethodInfo:
     model_kinds: tuple
     options: dict = field(default_factory=dict)
     needs_cls: bool = False
+    # a method whose stages act at several sites (VFlowOpt: before and inside the LLM): site -> its options' names
+    spans: Optional[dict] = None
 
     @property
     def defaults(self):
@@ -402,9 +446,10 @@ class MethodInfo:
 _METHODS = {}
 
 
-def register(name, description, paper, acts_in, model_kinds, options=(), needs_cls=False):
+def register(name, description, paper, acts_in, model_kinds, options=(), needs_cls=False, spans=None):
     """Add a method; `options`: its `Option`s, in checking order (`layer` before `score_layers`, which reads it)."""
-    info = MethodInfo(name, description, paper, acts_in, model_kinds, {o.name: o for o in options}, needs_cls)
+    info = MethodInfo(name, description, paper, acts_in, model_kinds, {o.name: o for o in options}, needs_cls,
+                      spans)
     _METHODS[name] = info
     return info
 
@@ -434,6 +479,21 @@ register("debiased", "FastV or PyramidDrop with the positional (recency) trend r
 register("transition", "Drop visual tokens in stages inside the LLM, ranked by how much the layers transform them "
          "(token transition variation) plus the instruction's attention (TransPrune)", "TransPrune arXiv 2507.20630",
          ("inside LLM",), ("lvlm",), (TRANSITION_LAYERS, TRANSITION_RATIOS, TTV_SCORE, ACCUMULATE, RENUMBER))
+
+
+register("infoflow", "Prune visual tokens after the tower by the attention of its context tokens (+ patch entropy), "
+         "then again inside the LLM with the same scores; searched settings from vlmeff.calibrate (VFlowOpt)",
+         "VFlowOpt arXiv 2508.05211", ("before LLM", "inside LLM"), ("lvlm",),
+         (INFOFLOW_SCHEDULE, THRESHOLD, ENTROPY_WEIGHT, ENTROPY, IMAGE_MEAN, IMAGE_STD, RECYCLE, GRID, LAYER,
+          SCORE_LAYERS, POSITIONS, INFOFLOW_LAYERS, INFOFLOW_RATIOS),
+         spans={"before LLM": ("schedule", "threshold", "entropy_weight", "entropy", "image_mean", "image_std",
+                               "recycle", "grid", "layer", "score_layers", "positions"),
+                "inside LLM": ("layers", "ratios")})
+
+
+def part_of(info, site):
+    """The record of a method that spans sites (`MethodInfo.spans`) restricted to the options of one site."""
+    return replace(info, options={name: info.options[name] for name in info.spans[site]})
 
 
 def methods():

@@ -4,6 +4,7 @@ import operator
 
 import torch
 
+from ..pruners.infoflow import context_attention
 from ..pruners.scores import cls_attention, received_attention
 
 
@@ -41,6 +42,12 @@ class QKCapture:
         return _total(received_attention(self.store[("q", i)], self.store[("k", i)], self.scale[i])
                       for i in self.layers)
 
+    def context_scores(self, threshold):
+        """VFlowOpt's context map [B, N] (`vlmeff.pruners.infoflow.context_attention`), summed over the captured
+        layers."""
+        return _total(context_attention(self.store[("q", i)], self.store[("k", i)], self.scale[i], threshold)
+                      for i in self.layers)
+
     def clear(self):
         self.store.clear()
 
@@ -57,17 +64,20 @@ class TowerCapture:
 
     def __init__(self, patch, vit_adapter, scorer, layers, metric_layer, to_rows):
         self.scorer, self.metric_layer, self.to_rows = scorer, metric_layer, to_rows
-        queries = {"cls": "cls", "received": "all"}.get(scorer)
+        queries = {"cls": "cls", "received": "all", "context": "all"}.get(scorer)
         self.qk = QKCapture(patch, vit_adapter, layers if scorer else [], queries=queries)
         self.metric_qk = None
         if metric_layer is not None:
             reuse = scorer and metric_layer in self.qk.layers
             self.metric_qk = self.qk if reuse else QKCapture(patch, vit_adapter, [metric_layer], queries=None)
 
-    def scores(self):
-        """Per-image scores of the feature rows [n_img, N], or None for score-free methods."""
+    def scores(self, threshold=None):
+        """Per-image scores of the feature rows [n_img, N], or None for score-free methods (threshold: the context
+        scorer's, see `QKCapture.context_scores`)."""
         if self.scorer is None:
             return None
+        if self.scorer == "context":
+            return self.to_rows(self.qk.context_scores(threshold))
         return self.to_rows(self.qk.cls_scores() if self.scorer == "cls" else self.qk.received_scores())
 
     def metric(self):

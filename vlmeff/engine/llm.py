@@ -1,8 +1,9 @@
-"""Visual-token pruning inside the LLM (FastV, PyramidDrop, Attention Debiasing, TransPrune): the decoder runs on every
-token up to a stage layer K, then only on the tokens kept, with the model's own attention kernel.
+"""Visual-token pruning inside the LLM (FastV, PyramidDrop, Attention Debiasing, TransPrune, VFlowOpt's LLM stages): the
+decoder runs on every token up to a stage layer K, then only on the tokens kept, with the model's own attention kernel.
 
 Hooks on this instance only:
 - the VLM's base model (pre-hook): which prompt columns hold visual tokens (`input_ids` == the image / video token);
+  for VFlowOpt also the tower's scores of those tokens, which its pre-LLM stage left in `Patch.visual_scores`;
 - the language model (pre-hook, hook): a call starts and ends. A call on an empty or absent cache with visual tokens
   is a prefill and is pruned; a call on a cache this engine pruned (decoding, a follow-up turn) only needs the
   stage masks of that cache, grown by the new columns; any other call runs as unpatched;
@@ -65,6 +66,9 @@ class InLLMReduction:
         self.stages = plan_stages(method, keep, options, self.decoder.depth, first_prunable_layer(adapter))
         self.reweight = recency_reweighter(options) if method == "debiased" else None
         self.transition = method == "transition"
+        # VFlowOpt: the stages rank by the tower's scores, handed over by the pre-LLM stage (`Patch.visual_scores`)
+        self.given = method == "infoflow"
+        self.given_now = None                  # those scores for the base-model call running, [B, L]
         self.score = options.get("score", "both")
         self.renumber = options.get("positions") == "renumber"
         # TTV from the accumulating layers before the last stage (later ones would rank nothing)
@@ -153,10 +157,13 @@ class InLLMReduction:
         for other in self.visual_ids[1:]:
             visual = visual | (ids == other)
         self.visual = visual
+        if self.given:
+            self.given_now = _given_scores(self.patch.visual_scores, ids.shape)
 
     def _language_model_call(self, module, args, kwargs):
         self.call, self.captured = None, {}
         visual, self.visual = self.visual, None        # consumed: a later direct call of the LM is not this prompt's
+        given, self.given_now = self.given_now, None
         cache = next((kwargs[n] for n in CACHE_KWARGS if kwargs.get(n) is not None), None)
         if cache is not None and not isinstance(cache, DynamicCache):
             raise ValueError(f"pruning inside the LLM needs a DynamicCache (per-layer lengths); got "
@@ -178,6 +185,12 @@ class InLLMReduction:
         if past or visual is None or visual.shape != _embeds(args, kwargs).shape[:2]:
             return
         self.call = self._plan(visual, mask, cache)
+        if self.call is not None and self.given:
+            if given is None:
+                raise ValueError("infoflow ranks the LLM's visual tokens by the vision tower's scores, which come with "
+                                 "a call of the model itself (forward or generate with pixel values); this call of "
+                                 "the language model has visual tokens but no such scores")
+            self.call.given = given
         if self.call is not None and self.renumber:
             self.call.positions = _positions(args, kwargs, 0).expand(visual.shape)
 
@@ -330,6 +343,8 @@ class InLLMReduction:
         TransPrune's score for `transition`."""
         if self.transition:
             return self._transition_scores(call, stage, hidden, rope)
+        if self.given:
+            return call.given if call.origin is None else call.given.gather(1, call.origin)
         dec = self.decoder
         query = call.query_now
         if stage.score_layer < stage.layer:
@@ -490,6 +505,7 @@ class _Call:
         self.alive = torch.ones_like(visual)
         self.rope = self.mask4d = self.mask2d = None
         self.ttv = self.instruction = None      # TransPrune: summed TTV [B, L_now]; the instruction rows, weights
+        self.given = None                       # VFlowOpt: the tower's scores over the caller's columns [B, L]
 
     def advance(self, source, filled, new_length):
         """Move to the layout whose column j takes current column source[:, j] (a pad slot where not filled)."""
@@ -503,6 +519,17 @@ class _Call:
         offset = new_length - self.alive.sum(1, keepdim=True)
         self.back = (self.alive.long().cumsum(1) - 1 + offset).clamp(min=0)
         self.query_now = self.back.gather(1, self.query[:, None])[:, 0]
+
+
+def _given_scores(scores, shape):
+    """The pre-LLM stage's scores [B0, L0] for a base-model call on ids of `shape` (B, L): repeated per sample as
+    generate expands a batch (beams, num_return_sequences), padded with 0 for the tokens generate appended (calls
+    without a cache); None for another prompt (longer than the scores, or no scores)."""
+    if scores is None or shape[1] < scores.shape[1] or shape[0] % scores.shape[0]:
+        return None
+    if shape[0] != scores.shape[0]:
+        scores = scores.repeat_interleave(shape[0] // scores.shape[0], dim=0)
+    return torch.nn.functional.pad(scores, (0, shape[1] - scores.shape[1]))
 
 
 def _stage_of(i, masks2d):
@@ -569,7 +596,8 @@ def first_prunable_layer(adapter):
     return max(1, getattr(adapter, "deepstack", 0))
 
 
-STAGED = ("fastv", "pdrop", "debiased", "transition")       # the methods whose stages `plan_stages` lays out
+# the methods whose stages `plan_stages` lays out
+STAGED = ("fastv", "pdrop", "debiased", "transition", "infoflow")
 
 
 def resolved_stages(model, adapter, method, keep, options):

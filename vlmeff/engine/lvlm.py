@@ -19,7 +19,12 @@ Host reads: a call with images reads the host once for its prompt (`prompt.read_
 keeps its image layout in tensors, once for that layout (LLaVA-NeXT / OneVision `image_sizes`, Qwen-VL
 `image_grid_thw`: host data, read as the model's own code reads it); a follow-up turn once to recognise the
 previous prompt (`torch.equal`); a call without images once for its stats (the per-sample lengths, none without a
-mask); the forwards inside generate none.
+mask); the forwards inside generate none. VFlowOpt's recycling keeps a data-dependent number of rows per image:
+those counts come back with the prompt's one read (blocks padded to a host-known bound until then).
+
+VFlowOpt (`infoflow`) acts here and inside the LLM: this stage scores with the tower's context map (plus patch
+entropy), keeps its budget (recycling on base-and-crops blocks) and leaves the kept rows' scores, laid over the
+reduced prompt, in `Patch.visual_scores` for the in-LLM stage of the same call.
 """
 import functools
 import inspect
@@ -28,11 +33,15 @@ import torch
 
 from ..flops import kv_cache_bytes, llm_prefill_flops
 from ..pruners import resolve_keep
+from ..layout import layout_constant
+from ..pruners.infoflow import grid_cells, importance, patch_entropy, recycle
 from ..registry import score_layer_range
 from . import prompt
-from .rows import reduce_rows
+from .prompt import compaction
+from .rows import reduce_rows, row_layout
 
-SCORERS = {"cls": "cls", "visionzip": "cls", "received": "received"}   # method -> what the capture scores
+# method -> what the capture scores
+SCORERS = {"cls": "cls", "visionzip": "cls", "received": "received", "infoflow": "context"}
 CACHE_KWARGS = ("cache", "past_key_values")     # transformers v5's name for the KV cache, then the deprecated one
 
 
@@ -44,6 +53,15 @@ class PreLLMReduction:
         self.patch, self.adapter, self.method, self.keep, self.options = patch, adapter, method, keep, options
         self.positions = "original" if adapter.mrope else options.get("positions") or "compact"
         self.score_layers = self._score_layers(options.get("score_layers"))
+        self.entropy_weight = options.get("entropy_weight", 0.0)
+        if self.entropy_weight and not adapter.pixel_patch_rows:
+            raise ValueError(f"method {method!r}: entropy_weight={self.entropy_weight!r} reads patch entropy from "
+                             f"pixel values laid out one tower patch per feature row (LLaVA); {adapter.family} lays "
+                             "them out otherwise: use entropy_weight=0 (every released VFlowOpt setting)")
+        self.entropy = None            # VFlowOpt: this call's patch entropy [n_img, patches], when weighted
+        recycle = options.get("recycle")
+        self.recycles = method == "infoflow" and (adapter.multi_view if recycle is None else recycle)
+        self.recycled_counts = None    # VFlowOpt with recycling: this call's kept rows per image [n_img], on device
         self.last_prompt = None        # (caller's ids, reduced ids, mask, positions) of the last call with images
         self.last_extras = {}          # its other reduced per-token inputs, e.g. token_type_ids
         self._generating = False       # inside our generate: its own forwards are not the caller's calls
@@ -138,6 +156,10 @@ class PreLLMReduction:
             raise ValueError("vlmeff finds image placeholders in input_ids; pass input_ids, not inputs_embeds")
         kwargs = dict(kwargs)
         image_kwargs = {k: kwargs.pop(k) for k in a.image_kwargs if k in kwargs}
+        if self.entropy_weight:
+            o = self.options
+            self.entropy = patch_entropy(image_kwargs["pixel_values"], a.tower.patch_size, o["entropy"],
+                                         o["image_mean"], o["image_std"])
         if a.reduces_before_projector:
             kept_features, counts, kept_rows = a.encode_reduced(image_kwargs, self._reduce_images)
         else:
@@ -146,7 +168,12 @@ class PreLLMReduction:
             counts = [f.shape[0] for f in features]
         mask = kwargs.get("attention_mask")
         keep, placeholders = prompt.kept_tokens(ids, mask, a.image_token_id, counts, kept_rows)
-        placeholders, new_length, right, lengths_before, lengths = prompt.read_layout(keep, mask, placeholders)
+        placeholders, new_length, right, lengths_before, lengths, recycled = prompt.read_layout(
+            keep, mask, placeholders, self.recycled_counts)
+        if self.recycled_counts is not None:       # blocks padded to their group's longest (repeated kept rows)
+            kept_features = [f[:n] for f, n in zip(kept_features, recycled)]
+            kept_rows = [r[:n] for r, n in zip(kept_rows, recycled)]
+            self.recycled_counts = None
         if placeholders != sum(counts):
             raise ValueError(f"the prompt has {placeholders} image placeholders but the images give "
                              f"{sum(counts)} features; build inputs with the model's processor")
@@ -161,6 +188,9 @@ class PreLLMReduction:
         self.last_extras = {n: v for n, v in kwargs.items() if n not in ("input_ids", "attention_mask", "position_ids")
                             and torch.is_tensor(v) and v.dim() >= 2 and v.shape[-2:] == kwargs["input_ids"].shape}
         self._record(counts, [k.shape[0] for k in kept_features], kept_rows, lengths_before, lengths)
+        if self.method == "infoflow":        # the LLM's stages rank by the same scores (`InLLMReduction`)
+            kept_scores = torch.cat([s[r] for s, r in zip(self.last_scores, kept_rows)])
+            self.patch.visual_scores = prompt.at_placeholders(kwargs["input_ids"], a.image_token_id, kept_scores)
         return kwargs
 
     def _reduce_images(self, features):
@@ -171,7 +201,9 @@ class PreLLMReduction:
         groups = {}
         for i in range(len(features)):
             groups.setdefault(a.layout_key(i, features), []).append(i)
-        scores = self.capture.scores()
+        scores = self._scores(features)
+        if self.recycles:
+            return self._recycle_images(features, scores, protected, groups)
         metric = self.capture.metric() if self._merges else None
         kept, rows = [None] * len(features), [None] * len(features)
         for members in groups.values():
@@ -184,6 +216,51 @@ class PreLLMReduction:
                 kept[i], rows[i] = out[j], kept_rows[j]
         self.last_scores = [None if scores is None else scores[i] for i in range(len(features))]
         return kept, rows
+
+    def _recycle_images(self, features, scores, protected, groups):
+        """VFlowOpt with recycling (`vlmeff.pruners.infoflow.recycle`), each layout group in one batch: the
+        candidates of removal are the reduce + floor(F / m^2) lowest-scored of an image's F unprotected rows (reduce
+        = F - keep), grouped by m x m cells of its grids (`adapter.image_grids`: the base view, then the crops).
+        Per image: the block [K, D] and its rows [K], K the longest of its group, the rows past its own count
+        repeating its first kept row; the counts are read with the prompt layout (`self.recycled_counts`)."""
+        a, m = self.adapter, self.options["grid"]
+        kept, rows, counts = [None] * len(features), [None] * len(features), [None] * len(features)
+        for members in groups.values():
+            first = members[0]
+            x = torch.stack([features[i] for i in members])
+            s = _stack(scores, members)
+            n, N = s.shape
+            layout = row_layout(N, protected[first])
+            free = layout.free_indices(x.device)
+            grids = a.image_grids(first, protected[first])
+            cells, cell_count = layout_constant(("infoflow cells", tuple(grids), m), x,
+                                                lambda: grid_cells(grids, m, x.device))
+            F_ = N - layout.count
+            candidates = min(F_, F_ - resolve_keep(self.keep, F_) + int(F_ / (m * m)))
+            folded, keep_free = recycle(x[:, free], s[:, free], cells, cell_count, candidates)
+            x = x.index_copy(1, free, folded)
+            keep = torch.ones_like(s, dtype=torch.bool).index_copy(1, free, keep_free)
+            longest = layout.count + F_ - candidates + min(cell_count, candidates)     # a host bound on the count
+            source, filled = compaction(keep, longest, right=True)
+            source = torch.where(filled, source, source[:, :1])
+            out = x.gather(1, source[..., None].expand(-1, -1, x.shape[2]))
+            for j, i in enumerate(members):
+                kept[i], rows[i], counts[i] = out[j], source[j], keep[j].sum()
+        self.recycled_counts = torch.stack(counts)
+        self.last_scores = [scores[i] for i in range(len(features))]
+        return kept, rows
+
+    def _scores(self, features):
+        """Per-image scores of the feature rows from the capture; VFlowOpt's context map at its threshold, plus its
+        weighted patch-entropy term (prefix rows, e.g. [CLS], get none: they are protected)."""
+        if self.method != "infoflow":
+            return self.capture.scores()
+        context = self.capture.scores(threshold=self.options["threshold"])
+        if not self.entropy_weight:
+            return context
+        prefix = features[0].shape[0] - self.entropy.shape[1]
+        entropy = torch.nn.functional.pad(self.entropy.to(context.device), (prefix, 0), value=float("-inf"))
+        return importance(context, entropy, self.entropy_weight)
 
     # -- stats ----------------------------------------------------------------------------------------------------
     def _record(self, counts, kept_counts, rows, lengths_before, lengths):

@@ -49,18 +49,29 @@ def kept_tokens(ids, mask, image_token_id, counts, kept_rows):
     return text | kept_placeholder, is_image.sum()
 
 
-def read_layout(keep, mask, placeholders):
-    """The one host read of a rebuild: (placeholders, new length, right-padded, lengths before, lengths after).
+def at_placeholders(ids, image_token_id, values):
+    """values [P] (one per image placeholder of ids [B, L], in prompt order, row-major) laid out over the prompt:
+    [B, L] float, 0 off the placeholders. A gather: no host read."""
+    is_image = ids == image_token_id
+    ordinal = (is_image.flatten().cumsum(0) - 1).clamp(0, max(values.numel() - 1, 0))
+    return torch.where(is_image, values[ordinal].view_as(ids), 0).float()
+
+
+def read_layout(keep, mask, placeholders, extra=None):
+    """The one host read of a rebuild: (placeholders, new length, right-padded, lengths before, lengths after, the
+    values of `extra`).
 
     keep [B, L] bool from `kept_tokens`, mask [B, L] or None. Lengths are attended tokens per sample (host lists);
     right-padded: some sample that starts attended ends with padding (a sample with no attended token pads either way).
+    extra: a [E] long tensor read along (VFlowOpt's recycled row counts per image), or None (an empty list back).
     """
     B, L = keep.shape
     valid = torch.ones_like(keep) if mask is None else mask.bool()
     right = (~valid[:, -1] & valid[:, 0]).any()
+    extra = keep.new_zeros(0, dtype=torch.long) if extra is None else extra.long()
     values = torch.cat([torch.stack([placeholders, keep.sum(1).amax(), right]).long(), valid.sum(1),
-                        (keep & valid).sum(1)]).tolist()
-    return values[0], values[1], bool(values[2]), values[3:3 + B], values[3 + B:]
+                        (keep & valid).sum(1), extra]).tolist()
+    return values[0], values[1], bool(values[2]), values[3:3 + B], values[3 + B:3 + 2 * B], values[3 + 2 * B:]
 
 
 def shrink(kwargs, keep, new_length, right, pad_token_id):

@@ -89,3 +89,21 @@ def causal_rows_mean(q_rows, k, scale, query_columns, row_weight, key_valid):
     allowed = key_valid[:, None] & (torch.arange(N, device=k.device) <= query_columns[..., None])    # [B, Q, N]
     probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)                 # [B, Q, N]
     return torch.einsum("bqn,bq->bn", probs, row_weight.float())
+
+
+def weighted_rows_mean(q_rows, k, scale, row_weight, chunk=256):
+    """Sum over rows, weighted, of the head-mean softmax(q_rows @ k^T * scale): sum_i row_weight[:, i] * A[:, i, :].
+
+    q_rows [B, H, Q, d], k [B, Hk, N, d] (grouped-query attention as in `attention_rows`), row_weight [B, Q] float.
+    Returns [B, N] float32. Queries go `chunk` at a time (a [B, H, chunk, N] float32 buffer, never N x N); rows of
+    weight 0 cost what the others cost (their number is data, not a shape).
+    """
+    B, H, Q, d = q_rows.shape
+    Hk = k.shape[1]
+    keys = k.to(torch.float32, memory_format=torch.contiguous_format).reshape(B * Hk, k.shape[2], d).transpose(1, 2)
+    total = None
+    for start in range(0, Q, chunk):
+        probs = _rows(q_rows[:, :, start:start + chunk], keys, scale, Hk, mean_rows=False)      # [B, chunk, N]
+        part = torch.bmm(row_weight[:, None, start:start + chunk].float(), probs)[:, 0]
+        total = part if total is None else total + part
+    return total

@@ -18,6 +18,7 @@ class HFViTAdapter(ViTAdapter):
         self.attn_dim = cfg.hidden_size
         self.mlp_dim = int(cfg.hidden_size * cfg.mlp_ratio) if self.dinov2 else cfg.intermediate_size
         self.mlp_mats = 3 if getattr(cfg, "use_swiglu_ffn", False) else 2
+        self.patch_size = cfg.patch_size
         side = cfg.image_size // cfg.patch_size
         self.grid = (side, side)
 

@@ -23,6 +23,9 @@ from .lvlm import LVLMAdapter, tower_layer
 
 class LlavaAdapter(LVLMAdapter):
     reduces_before_projector = True
+    # pixel_values [n_img, C, H, W], one tower patch per feature row in raster order (after `feature_prefix` rows):
+    # what VFlowOpt's patch entropy reads
+    pixel_patch_rows = True
     feeds_cls = False          # set by `capture` from the patch's cls_token option
     cls_placeholder = False    # [CLS] fed apart has a placeholder of its own ("full" strategy)
 

@@ -35,6 +35,8 @@ from .llava import LlavaAdapter
 
 class LlavaNextAdapter(LlavaAdapter):
     reduces_before_projector = False     # blocks are packed (crops, newlines) after the projector
+    pixel_patch_rows = False             # pixel values of crops [n, crops, C, H, W], features packed with newlines
+    multi_view = True
     def __init__(self, model):
         super().__init__(model)
         self.layout = None           # of the latest encode: (crops per image, image_sizes, packing options)

@@ -24,7 +24,9 @@ class LVLMAdapter:
     (positions are M-RoPE, kept as original), image_token_id, text_config, pad_token_id, tower (a ViT adapter for
     score capture), has_cls, score_layer (tower layer scored), feature_prefix (leading tower tokens kept as
     features, e.g. [CLS] with the "full" strategy), stacked_features (see `encoder_outputs`),
-    reduces_before_projector (the family implements `encode_reduced`). Subclasses override what their family does
+    reduces_before_projector (the family implements `encode_reduced`), pixel_patch_rows (pixel values [n, C, H, W],
+    one tower patch per feature row: VFlowOpt's entropy), multi_view (base-view-and-crops blocks: VFlowOpt
+    recycles there). Subclasses override what their family does
     differently.
     """
 
@@ -35,6 +37,8 @@ class LVLMAdapter:
     feature_prefix = 0
     stacked_features = False
     reduces_before_projector = False
+    pixel_patch_rows = False
+    multi_view = False          # blocks of a base view and its crops (LLaVA-NeXT / OneVision's anyres)
 
     def __init__(self, model):
         self.model = model

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..pruners.infoflow import context_attention
 from ..pruners.scores import received_attention
 from .decoder import DecoderAdapter
 
@@ -35,6 +36,8 @@ class QwenVLAdapter:
     kind = "lvlm"
     image_kwargs = ("pixel_values", "image_grid_thw")
     mrope = True
+    pixel_patch_rows = False
+    multi_view = False
     reduces_before_projector = False     # the patch merger's 2x2 grouping needs every patch
     has_cls = False
     feature_prefix = 0
@@ -144,7 +147,7 @@ class QwenVLAdapter:
     def capture(self, patch, scorer, layers, metric):
         """Hooks giving per-image received-attention scores (scorer "received") and, if `metric`, the key merge
         metric, aligned with feature rows."""
-        if scorer not in (None, "received"):
+        if scorer not in (None, "received", "context"):
             raise ValueError(f"scorer {scorer!r} is not available on {self.family} (no [CLS]); use received")
         patch.hook(self.model.model.register_forward_pre_hook(self._rope_deltas_hook, with_kwargs=True))
         return QwenVisionCapture(patch, self, layers if scorer else [], self.score_layer if metric else None)
@@ -194,8 +197,9 @@ class QwenVisionCapture:
             self.store[i] = (q.transpose(0, 1), k.transpose(0, 1), cu, module.scaling)   # [H, S, d]
         return hook
 
-    def scores(self):
-        """Per-image received attention of the feature rows (list of [N_i]), summed over the captured blocks.
+    def scores(self, threshold=None):
+        """Per-image received attention of the feature rows (list of [N_i]), summed over the captured blocks; with
+        a `threshold`, VFlowOpt's context map instead (`context_attention`), per attention segment.
 
         Per block: the attention each patch receives, averaged over heads and over all queries of its image
         (a query in another window or frame gives it none), computed per attention segment (`cu_seqlens`: one
@@ -208,10 +212,15 @@ class QwenVisionCapture:
         for i in self.layers:
             q, k, cu, scale = self.store[i]
             bounds = cu.tolist()
-            summed = torch.cat([   # attention received, summed over the segment's queries
-                received_attention(q[None, :, a:b], k[None, :, a:b], scale, chunk=QUERY_CHUNK)[0] * (b - a)
-                for a, b in zip(bounds[:-1], bounds[1:])])
-            per_patch = summed / sizes.repeat_interleave(sizes).to(summed.device)
+            if threshold is not None:       # a context map per segment: the tokens of one image (and frame)
+                per_patch = torch.cat([context_attention(q[None, :, a:b], k[None, :, a:b], scale, threshold,
+                                                         chunk=QUERY_CHUNK)[0]
+                                       for a, b in zip(bounds[:-1], bounds[1:])])
+            else:
+                summed = torch.cat([   # attention received, summed over the segment's queries
+                    received_attention(q[None, :, a:b], k[None, :, a:b], scale, chunk=QUERY_CHUNK)[0] * (b - a)
+                    for a, b in zip(bounds[:-1], bounds[1:])])
+                per_patch = summed / sizes.repeat_interleave(sizes).to(summed.device)
             total = per_patch if total is None else total + per_patch
         return self.adapter.block_rows_to_features(total)
 

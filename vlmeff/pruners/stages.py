@@ -12,6 +12,14 @@ PDROP_RATIOS = (0.5, 0.25, 0.125)   # ... keeping lambda = 0.5 of the previous s
 # layers from the one before the first stage to the one before the last
 TRANSPRUNE_LAYERS = (7, 9, 12)
 TRANSPRUNE_RATIOS = (0.875, 0.625, 0.125)
+# VFlowOpt (LLaVA-OneVision-7B, a 28-layer Qwen2): drops at the inputs of layers 9 and 18 (`illava_llm_k`); its
+# released 25 % setting (`llava_onevision_training_free.py`): the tower keeps r_v, the LLM stages r_1 and r_2 of
+# what reaches them, here as shares of the LLM's input (r_1, r_1 * r_2), and the context threshold t
+VFLOWOPT_DEPTH = 28
+VFLOWOPT_LAYERS = (9, 18)
+VFLOWOPT_25 = dict(vit_keep=0.2651026358526424, llm_keep=(0.9833433139039235, 0.8773258179532721),
+                   threshold=34.759552803070484, grid=15.580797034937687, entropy_weight=0.0)
+VFLOWOPT_RATIOS = (VFLOWOPT_25["llm_keep"][0], VFLOWOPT_25["llm_keep"][0] * VFLOWOPT_25["llm_keep"][1])
 
 
 @dataclass(frozen=True)
@@ -25,11 +33,11 @@ class Stage:
     score_layer: int
 
 
-def scale_layer(layer, depth, first=1):
-    """A layer index of the paper's 32-layer model on a model of `depth` layers: round(layer * depth / 32), half
-    up, clamped to [first, depth - 1] (`first`: the shallowest layer that may prune, at least 1 so that layer 0 keeps
-    every token and the cache length generate reads)."""
-    return min(depth - 1, max(first, math.floor(layer * depth / PAPER_DEPTH + 0.5)))
+def scale_layer(layer, depth, first=1, paper_depth=PAPER_DEPTH):
+    """A layer index of the paper's model (32 layers unless `paper_depth` says otherwise) on a model of `depth`
+    layers: round(layer * depth / paper_depth), half up, clamped to [first, depth - 1] (`first`: the shallowest
+    layer that may prune, at least 1 so that layer 0 keeps every token and the cache length generate reads)."""
+    return min(depth - 1, max(first, math.floor(layer * depth / paper_depth + 0.5)))
 
 
 def scaled_pdrop(depth, first=1):
@@ -37,21 +45,23 @@ def scaled_pdrop(depth, first=1):
     return scaled_schedule(PDROP_LAYERS, PDROP_RATIOS, depth, first)
 
 
-def scaled_schedule(layers, ratios, depth, first=1):
-    """A paper's stages (layers of its 32-layer model, ratios) on `depth` layers: the layers scaled; stages that land
-    on one layer become one, keeping the deepest stage's ratio (the smaller budget)."""
+def scaled_schedule(layers, ratios, depth, first=1, paper_depth=PAPER_DEPTH):
+    """A paper's stages (layers of its `paper_depth`-layer model, ratios) on `depth` layers: the layers scaled;
+    stages that land on one layer become one, keeping the deepest stage's ratio (the smaller budget)."""
     stages = {}
     for layer, ratio in zip(layers, ratios):
-        stages[scale_layer(layer, depth, first)] = ratio
+        stages[scale_layer(layer, depth, first, paper_depth)] = ratio
     return tuple(stages), tuple(stages.values())
 
 
-PAPER_SCHEDULES = {"pdrop": (PDROP_LAYERS, PDROP_RATIOS), "transition": (TRANSPRUNE_LAYERS, TRANSPRUNE_RATIOS)}
+PAPER_SCHEDULES = {"pdrop": (PDROP_LAYERS, PDROP_RATIOS), "transition": (TRANSPRUNE_LAYERS, TRANSPRUNE_RATIOS),
+                   "infoflow": (VFLOWOPT_LAYERS, VFLOWOPT_RATIOS)}
+PAPER_DEPTHS = {"infoflow": VFLOWOPT_DEPTH}          # the others' papers set their layers on 32
 
 
 def default_schedule(method, depth, first=1):
     """The (layers, ratios) of a staged method's paper on `depth` layers (`scaled_schedule`)."""
-    return scaled_schedule(*PAPER_SCHEDULES[method], depth, first)
+    return scaled_schedule(*PAPER_SCHEDULES[method], depth, first, PAPER_DEPTHS.get(method, PAPER_DEPTH))
 
 
 def default_accumulation(layers):
@@ -135,7 +145,21 @@ def plan_stages(method, keep, options, depth, first=1):
 
 def stage_ratios(method, n):
     """The ratios of n explicit stages of a staged method: TransPrune's 0.875 / 0.625 / 0.125 for three stages,
-    PyramidDrop's lambda ** s otherwise (`default_ratios`)."""
-    if method == "transition" and n == len(TRANSPRUNE_RATIOS):
-        return TRANSPRUNE_RATIOS
+    VFlowOpt's released two, PyramidDrop's lambda ** s otherwise (`default_ratios`)."""
+    paper = PAPER_SCHEDULES.get(method, (None, PDROP_RATIOS))[1]
+    if method in ("transition", "infoflow") and n == len(paper):
+        return paper
     return default_ratios(n)
+
+
+def infoflow_last_ratio(share, vit_keep, first_keep, layers, depth):
+    """VFlowOpt's budget constraint, for any depth: the LLM's last stage keeps r_2 (of what reaches it) such that the
+    decoder layers see `share` of the image's visual tokens on average, when the tower keeps vit_keep (r_v: every
+    layer before layers[0] sees it), the stage at layers[0] keeps first_keep (r_1) of that and the stage at
+    layers[1] r_2 of what is left:
+        (K1 r_v + (K2 - K1) r_v r_1 + (D - K2) r_v r_1 r_2) / D = share,   K1, K2 = layers, D = depth
+    (the reference's r_2 = min(1, ((28 T - 9 r_v - 9 r_v r_1) / 10) / (r_v r_1)) at K = 9, 18 of 28). Clamped to
+    [1e-3, 1]: a budget out of reach from above keeps r_2 = 1 (the average then exceeds `share`), from below 1e-3."""
+    k1, k2 = layers
+    rest = (depth * share - k1 * vit_keep - (k2 - k1) * vit_keep * first_keep) / ((depth - k2) * vit_keep * first_keep)
+    return min(1.0, max(1e-3, rest))
