@@ -175,6 +175,27 @@ def test_calibrate_writes_a_schedule_that_patch_accepts(tmp_path, untrained_weig
         cli.main([*args[:-2], "--n", "10000000", "--out", str(tmp_path / "other.json")])
 
 
+def test_calibrate_infoflow_searches_resumes_and_eval_takes_its_schedule(tmp_path, untrained_weights, monkeypatch,
+                                                                         capsys):
+    """`vlmeff calibrate --method infoflow`: a short search on the scenes model's train split, resumed to more
+    trials, then `vlmeff eval --method infoflow:schedule=...` at the schedule's budget."""
+    import json
+    monkeypatch.setattr(zoo, "WEIGHTS", untrained_weights)
+    out = tmp_path / "infoflow.json"
+    args = ["calibrate", "--model", "tiny-llava-scenes", "--method", "infoflow", "--budget", "0.125", "--n", "4",
+            "--batch-size", "4", "--initial", "2", "--out", str(out)]
+    cli.main([*args, "--trials", "2"])
+    assert "infoflow at budget 0.125 on 4 scenes train questions" in capsys.readouterr().out
+    cli.main([*args, "--trials", "3", "--resume", str(out), "--overwrite"])
+    schedule = json.loads(out.read_text())
+    # at most the budget: r_2 <= 1 may leave it short (the paper's min(1, ...)) where r_v r_1 is small
+    assert schedule["trials"] == 3 and schedule["layers"] == [3, 5] and schedule["average_share"] <= 0.125 + 1 / 256
+    cli.main(["eval", "--model", "tiny-llava-scenes", "--task", "scenes", "--method", f"infoflow:schedule={out}",
+              "--keep", "0.125", "--limit", "4", "--batch-size", "4", "--out", str(tmp_path / "run")])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"]["method"] == "infoflow" and results["efficiency"]["visual_tokens"] < 40
+
+
 def test_eval_of_a_stacked_method_spec(tmp_path, untrained_weights, monkeypatch, capsys):
     """`--method cls:keep=128+fastv --keep 0.5`: cls keeps 128 tokens before the LLM, FastV half of them inside."""
     import json

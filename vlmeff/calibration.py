@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .pruners.select import resolve_keep
+
 CALIBRATED = ("debiased", "infoflow", "modes")
 
 
@@ -181,14 +183,18 @@ def load_schedule(schedule, model, method, base, score_layer):
 
 
 # -- VFlowOpt: the information-flow search ------------------------------------------------------------------------
-def infoflow_bounds(budget, entropy=True, recycle=False):
+def infoflow_bounds(budget, entropy=True, recycle=False, stages=2):
     """VFlowOpt's search space for an average budget T (`llava_ov_opt_all.py`, written there for T = 0.25):
     (name, low, high) of r_v in [T, 1.5 T] (the tower's keep), r_1 in [0.8 T / 1.5 T, 1] (the first LLM stage's
     keep of what reaches it: r_v r_1 >= 0.8 T), the context threshold t in [0, 50], with recycling the merge grid m
     in [3, 24] and, where the model's pixels give patch entropy, its weight alpha_v in [-1, 1]. Scaled with T as the
     reference's bounds are at 0.25; r_v's upper end at most 1. Without recycling (the reference's single-image path)
-    m has no effect and is not searched."""
-    space = [("vit_keep", budget, min(1.0, 1.5 * budget)), ("first_keep", 0.8 / 1.5, 1.0), ("threshold", 0.0, 50.0)]
+    m has no effect and is not searched; with the two LLM stages on one layer (`stages=1`, a shallow model) only
+    r_1 r_2 matters, which the constraint sets: r_1 is not searched (1)."""
+    space = [("vit_keep", budget, min(1.0, 1.5 * budget))]
+    if stages == 2:
+        space.append(("first_keep", 0.8 / 1.5, 1.0))
+    space.append(("threshold", 0.0, 50.0))
     if recycle:
         space.append(("grid", 3.0, 24.0))
     if entropy:
@@ -197,7 +203,7 @@ def infoflow_bounds(budget, entropy=True, recycle=False):
 
 
 def calibrate_infoflow(model, data, budget=0.25, trials=300, initial=27, seed=42, patience=None, layers=None,
-                       entropy="pixels", recycle=None, progress=True, random_only=False):
+                       entropy="pixels", recycle=None, progress=True, random_only=False, resume=None):
     """VFlowOpt's search: the settings of `infoflow` that keep the last prompt token's final hidden state closest (sum
     of cosines over the calibration samples) to the unpatched model's, under the average budget `budget`.
 
@@ -210,8 +216,10 @@ def calibrate_infoflow(model, data, budget=0.25, trials=300, initial=27, seed=42
     scikit-optimize's `Optimizer` (a Gaussian process, as the reference: `initial` random points first, then the
     acquisition's picks; `seed` its random_state), `trials` evaluations with a progress bar; it stops early after
     `patience` trials without improvement, or on Ctrl-C, returning the best so far. random_only: every trial a
-    random point (the baseline the search is compared with). Returns the schedule: the best setting, its
-    objective (mean cosine), the average visual share the calibration samples saw with it, every trial.
+    random point (the baseline the search is compared with). resume: a schedule this search wrote (a path or its
+    dict; an interrupted or shorter run on the same model, data, budget and space): its trials are told to the
+    optimiser, not run again, and the search goes on up to `trials` in all. Returns the schedule: the best setting,
+    its objective (mean cosine), the average visual share the calibration samples saw with it, every trial.
     """
     import torch.nn.functional as F
     try:
@@ -232,16 +240,21 @@ def calibrate_infoflow(model, data, budget=0.25, trials=300, initial=27, seed=42
     depth = adapter.decoder.depth
     if layers is None:
         layers = list(default_schedule("infoflow", depth, api.first_prunable_layer(adapter))[0])
-    layers = list(layers) * (2 // len(layers)) if len(layers) == 1 else list(layers)      # one merged stage
-    if len(layers) != 2:
-        raise ValueError(f"layers={layers!r}: VFlowOpt's search places two LLM stages")
+    given = layers
+    layers = [layer % depth for layer in layers] if all(isinstance(v, int) for v in layers) else []
+    layers = layers * 2 if len(layers) == 1 else layers                                    # one merged stage
+    first = api.first_prunable_layer(adapter)
+    if len(layers) != 2 or not first <= layers[0] <= layers[1] < depth:
+        raise ValueError(f"layers={given!r}: VFlowOpt's search places two LLM stages, decoder layers K1 <= K2 in "
+                         f"[{first}, {depth - 1}] (or counted from the end)")
     recycles = adapter.multi_view if recycle is None else recycle
-    space = infoflow_bounds(budget, entropy=adapter.pixel_patch_rows, recycle=recycles)
+    space = infoflow_bounds(budget, entropy=adapter.pixel_patch_rows, recycle=recycles,
+                            stages=1 if layers[0] == layers[1] else 2)
     batches = list(data)
     reference = [_last_hidden(model, batch) for batch in _progress(batches, "infoflow: unpatched", progress)]
 
     def setting(point):
-        values = dict(zip([name for name, _, _ in space], point))
+        values = {"first_keep": 1.0, **dict(zip([name for name, _, _ in space], point))}
         r_2 = infoflow_last_ratio(budget, values["vit_keep"], values["first_keep"], layers, depth)
         ratios = [values["first_keep"], values["first_keep"] * r_2]
         stage_layers, stage_ratios = _stage_plan(layers, ratios)
@@ -251,7 +264,9 @@ def calibrate_infoflow(model, data, budget=0.25, trials=300, initial=27, seed=42
                                  layers=stage_layers, ratios=stage_ratios, **grid)
 
     def objective(point):
-        _, _, options = setting(point)
+        return objective_at(setting(point)[2])
+
+    def objective_at(options):
         total = 0.0
         with api.patch(model, "infoflow", **options):
             for batch, expected in zip(batches, reference):
@@ -261,9 +276,14 @@ def calibrate_infoflow(model, data, budget=0.25, trials=300, initial=27, seed=42
     optimizer = Optimizer([Real(low, high, name=name) for name, low, high in space], random_state=seed,
                           n_initial_points=trials + 1 if random_only else initial)
     history, best, since, start = [], None, 0, time.perf_counter()
-    bar = tqdm(total=trials, desc=f"infoflow search (budget {budget})", disable=not progress)
+    if resume is not None:
+        history, spent = _resumed_trials(resume, model, budget, space)
+        optimizer.tell([h["point"] for h in history], [-h["objective"] for h in history])
+        best = max(history, key=lambda h: h["objective"])
+        since, start = len(history) - 1 - history.index(best), start - spent
+    bar = tqdm(total=trials, initial=len(history), desc=f"infoflow search (budget {budget})", disable=not progress)
     try:
-        for _ in range(trials):
+        for _ in range(len(history), trials):
             point = [min(max(float(v), low), high) for v, (_, low, high) in zip(optimizer.ask(), space)]
             value = objective(point)
             optimizer.tell(point, -value)
@@ -280,15 +300,34 @@ def calibrate_infoflow(model, data, budget=0.25, trials=300, initial=27, seed=42
     finally:
         bar.close()
     values, r_2, options = setting(best["point"])
-    share = _average_share(model, batches, options, depth)
+    searched = dict(objective=best["objective"], ratios=list(options["ratios"]))
+    counts = _visual_counts(model, batches, options)
+    options["ratios"][-1] = _meeting_last_ratio(counts, budget, depth, options["ratios"])
+    if options["ratios"] != searched["ratios"]:         # whole tokens: re-measured at the last ratio that meets it
+        best = dict(best, objective=objective_at(options))
+        counts = _visual_counts(model, batches, options)
+    r_2 = options["ratios"][-1] / (options["ratios"][-2] if len(options["ratios"]) > 1 else values["first_keep"])
     return dict(method="infoflow", vlmeff_version=version(), model=model_identity(model), budget=budget,
                 vit_keep=values["vit_keep"], llm_keep=[values["first_keep"], r_2], threshold=values["threshold"],
                 entropy_weight=options["entropy_weight"], entropy=entropy, recycle=recycles,
                 grid=options.get("grid", VFLOWOPT_25["grid"]), layers=options["layers"],
-                ratios=options["ratios"], objective=best["objective"], average_share=share,
+                ratios=options["ratios"], objective=best["objective"], average_share=average_share(counts, depth),
+                searched=searched,
                 samples=sum(r.shape[0] for r in reference), trials=len(history), initial=initial, seed=seed,
                 optimizer="skopt GP" if not random_only else "random", seconds=time.perf_counter() - start,
                 space=[list(s) for s in space], history=history)
+
+
+def _resumed_trials(schedule, model, budget, space):
+    """(the trials, the seconds spent) of an infoflow schedule to resume, checked against this search."""
+    schedule = _read_schedule(schedule, "infoflow")
+    _check_identity(schedule, model, "infoflow")
+    if schedule.get("budget") != budget or schedule.get("space") != [list(s) for s in space] \
+            or not schedule.get("history"):
+        raise ValueError(f"resume: this schedule's search (budget {schedule.get('budget')!r}, space "
+                         f"{schedule.get('space')!r}) is not this one (budget {budget!r}, space "
+                         f"{[list(s) for s in space]!r}), or holds no trials")
+    return [dict(h) for h in schedule["history"]], schedule.get("seconds", 0.0)        # the caller's stays as it is
 
 
 def _stage_plan(layers, ratios):
@@ -320,20 +359,45 @@ def _last_hidden(model, batch):
     return out[torch.arange(out.shape[0], device=out.device), last].float()
 
 
-def _average_share(model, batches, options, depth):
-    """The share of the visual tokens the decoder layers saw on average over `batches` with infoflow `options`
-    (token-weighted: sum over samples and layers of the visual tokens a layer sees, over depth x input tokens)."""
+def _visual_counts(model, batches, options):
+    """Per batch, what infoflow with `options` kept: (visual tokens per image at the input, per sample at the LLM's
+    input, [(stage layer, per sample after it)])."""
     from . import api
-    seen = total = 0
+    counts = []
     with api.patch(model, "infoflow", **options) as patch, torch.no_grad():
         for batch in batches:
             model(**batch)
-            tokens, stages = patch.stats["visual_tokens"], patch.stats["llm_stages"]
-            total += sum(tokens["input"]) * depth
-            counts = [(0, sum(tokens["LLM input"]))] + [(layer, sum(kept)) for layer, kept in stages]
-            bounds = [layer for layer, _ in counts[1:]] + [depth]
-            seen += sum(n * (end - layer) for (layer, n), end in zip(counts, bounds))
+            tokens = patch.stats["visual_tokens"]
+            counts.append((tokens["input"], tokens["LLM input"], patch.stats["llm_stages"]))
+    return counts
+
+
+def average_share(counts, depth):
+    """The share of the visual tokens the decoder layers see on average (token-weighted: summed over samples and
+    layers, over depth x the input tokens) from `_visual_counts`."""
+    seen = total = 0
+    for images, into_llm, stages in counts:
+        total += sum(images) * depth
+        layers = [(0, sum(into_llm))] + [(layer, sum(kept)) for layer, kept in stages]
+        ends = [layer for layer, _ in layers[1:]] + [depth]
+        seen += sum(n * (end - layer) for (layer, n), end in zip(layers, ends))
     return seen / total
+
+
+def _meeting_last_ratio(counts, budget, depth, ratios):
+    """The last LLM stage's ratio that brings the realised average share closest to `budget`: kept counts are
+    whole tokens (n x ratio rounded per sample), so the paper's fractional constraint misses it by up to a token per
+    layer; the earlier stages and the LLM's input do not depend on that ratio. A host search over the ratios j / n
+    that keep exactly j of some sample's n tokens, at most the previous stage's ratio."""
+    last = counts[0][2][-1][0]
+    total = sum(sum(images) for images, _, _ in counts) * depth
+    before_last = average_share([(i, n, s[:-1]) for i, n, s in counts], last) * sum(
+        sum(images) for images, _, _ in counts) * last
+    want = (budget * total - before_last) / (depth - last)            # visual tokens summed over samples, last stage
+    inputs = [n for _, into_llm, _ in counts for n in into_llm if n]
+    ceiling = ratios[-2] if len(ratios) > 1 else 1.0
+    candidates = sorted({min(ceiling, j / n) for n in set(inputs) for j in range(1, n + 1)} | {ceiling})
+    return min(candidates, key=lambda r: (abs(sum(resolve_keep(r, n) for n in inputs) - want), abs(r - ratios[-1])))
 
 
 def _progress(items, desc, progress):

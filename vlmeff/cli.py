@@ -167,7 +167,8 @@ def cmd_calibrate(args):
             options = {"base": args.base, "layer": args.layer, "layers": args.layers}
         else:
             options = {"budget": args.budget, "trials": args.trials, "initial": args.initial,
-                       "seed": args.search_seed, "patience": args.patience, "layers": args.layers}
+                       "seed": args.search_seed, "patience": args.patience, "layers": args.layers,
+                       "resume": args.resume}
         schedule = calibrate(model, batches, method=args.method, path=args.out, **options)
         if args.plot and args.method == "debiased":
             plot_trend(schedule, args.plot)
@@ -367,6 +368,9 @@ def add_calibrate_parser(sub):
                      help="infoflow: the optimiser's seed (default: %(default)s)")
     cal.add_argument("--patience", type=int_at_least(1), default=None,
                      help="infoflow: stop after this many trials without improvement (default: never)")
+    cal.add_argument("--resume", default=None,
+                     help="infoflow: a schedule of an interrupted or shorter search to go on from (its trials are not "
+                          "run again); with --overwrite, --out may be that file")
     cal.add_argument("--task", type=task_name, default=None, help="the task whose questions calibrate (default: an "
                                                                   "embedded model's dataset)")
     cal.add_argument("--split", default="train", help="never the split you evaluate on (default: %(default)s)")

@@ -75,8 +75,9 @@ class InLLMReduction:
         self.accumulate = [] if not self.transition or self.score == "iga" else [
             i for i in options["accumulate"] if i < self.stages[-1].layer]
         config = adapter.model.config
-        self.visual_ids = [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
-                           if i is not None]
+        # VFlowOpt's tower scores cover images only (videos are not reduced before the LLM): it leaves videos be
+        tokens = ("image_token_id",) if self.given else ("image_token_id", "video_token_id")
+        self.visual_ids = [i for i in (getattr(config, name, None) for name in tokens) if i is not None]
         self.first = self.stages[0].layer
         self.call = None                       # the state of the language-model call running now
         self.visual = None                     # [B, L] bool of the base-model call running, for its LM call only

@@ -61,6 +61,10 @@ class PreLLMReduction:
         self.entropy = None            # VFlowOpt: this call's patch entropy [n_img, patches], when weighted
         recycle = options.get("recycle")
         self.recycles = method == "infoflow" and (adapter.multi_view if recycle is None else recycle)
+        if self.recycles and adapter.stacked_features:
+            raise ValueError(f"method {method!r}: recycle=True keeps a different number of rows per image, which "
+                             f"{adapter.family} cannot take (its images or tiles are one stacked tensor of one size); "
+                             "use recycle=False or None")
         self.recycled_counts = None    # VFlowOpt with recycling: this call's kept rows per image [n_img], on device
         self.last_prompt = None        # (caller's ids, reduced ids, mask, positions) of the last call with images
         self.last_extras = {}          # its other reduced per-token inputs, e.g. token_type_ids
@@ -157,9 +161,12 @@ class PreLLMReduction:
         kwargs = dict(kwargs)
         image_kwargs = {k: kwargs.pop(k) for k in a.image_kwargs if k in kwargs}
         if self.entropy_weight:
-            o = self.options
-            self.entropy = patch_entropy(image_kwargs["pixel_values"], a.tower.patch_size, o["entropy"],
-                                         o["image_mean"], o["image_std"])
+            o, pixels = self.options, image_kwargs["pixel_values"]
+            # the normalisation's constants reach the device once (a copy per call would wait for the stream)
+            mean, std = (layout_constant(("pixel normalisation", tuple(v)), pixels,
+                                         lambda v=v: torch.tensor(v, dtype=torch.float32, device=pixels.device))
+                         for v in (o["image_mean"], o["image_std"]))
+            self.entropy = patch_entropy(pixels, a.tower.patch_size, o["entropy"], mean, std)
         if a.reduces_before_projector:
             kept_features, counts, kept_rows = a.encode_reduced(image_kwargs, self._reduce_images)
         else:
@@ -189,7 +196,10 @@ class PreLLMReduction:
                             and torch.is_tensor(v) and v.dim() >= 2 and v.shape[-2:] == kwargs["input_ids"].shape}
         self._record(counts, [k.shape[0] for k in kept_features], kept_rows, lengths_before, lengths)
         if self.method == "infoflow":        # the LLM's stages rank by the same scores (`InLLMReduction`)
-            kept_scores = torch.cat([s[r] for s, r in zip(self.last_scores, kept_rows)])
+            # protected rows (LLaVA-NeXT's newlines) score 1 there, as the reference hands them on: they stay
+            handed = [s.masked_fill(row_layout(s.shape[0], p).mask(s.device), 1.0)
+                      for s, p in zip(self.last_scores, self.last_protected)]
+            kept_scores = torch.cat([s[r] for s, r in zip(handed, kept_rows)])
             self.patch.visual_scores = prompt.at_placeholders(kwargs["input_ids"], a.image_token_id, kept_scores)
         return kwargs
 
@@ -197,7 +207,7 @@ class PreLLMReduction:
         """Per image: reduced features [k_i, D] and the feature rows [k_i] whose placeholders stay. Images of one
         layout (`adapter.layout_key`, known on the host) are reduced together in one batch."""
         a = self.adapter
-        protected = a.protected_rows(features)
+        protected = self.last_protected = a.protected_rows(features)
         groups = {}
         for i in range(len(features)):
             groups.setdefault(a.layout_key(i, features), []).append(i)
@@ -219,8 +229,10 @@ class PreLLMReduction:
 
     def _recycle_images(self, features, scores, protected, groups):
         """VFlowOpt with recycling (`vlmeff.pruners.infoflow.recycle`), each layout group in one batch: the
-        candidates of removal are the reduce + floor(F / m^2) lowest-scored of an image's F unprotected rows (reduce
-        = F - keep), grouped by m x m cells of its grids (`adapter.image_grids`: the base view, then the crops).
+        candidates of removal are the reduce + floor(N / m^2) lowest-scored of an image's unprotected rows, N its
+        rows (as the reference counts them: newline rows included; reduce = round(N (1 - keep)) for a ratio, the
+        unprotected rows less keep for a count), grouped by m x m cells of its grids (`adapter.image_grids`: the
+        base view, then the crops).
         Per image: the block [K, D] and its rows [K], K the longest of its group, the rows past its own count
         repeating its first kept row; the counts are read with the prompt layout (`self.recycled_counts`)."""
         a, m = self.adapter, self.options["grid"]
@@ -236,7 +248,7 @@ class PreLLMReduction:
             cells, cell_count = layout_constant(("infoflow cells", tuple(grids), m), x,
                                                 lambda: grid_cells(grids, m, x.device))
             F_ = N - layout.count
-            candidates = min(F_, F_ - resolve_keep(self.keep, F_) + int(F_ / (m * m)))
+            candidates = min(F_, _removed(self.keep, N, F_) + int(N / (m * m)))
             folded, keep_free = recycle(x[:, free], s[:, free], cells, cell_count, candidates)
             x = x.index_copy(1, free, folded)
             keep = torch.ones_like(s, dtype=torch.bool).index_copy(1, free, keep_free)
@@ -291,6 +303,14 @@ class PreLLMReduction:
         lengths = [L] * B if mask is None or mask.dim() != 2 else mask.sum(dim=1).tolist()
         self.last_scores = []
         self._record([], [], [], lengths, lengths)
+
+
+def _removed(keep, n, free):
+    """VFlowOpt's reduce: rows to remove from a block of n rows (free of them unprotected) for a ratio keep,
+    round(n (1 - keep)) as the reference; for a count, the free rows less it."""
+    if isinstance(keep, float):
+        return min(free, round(n * (1 - keep)))
+    return free - resolve_keep(keep, free)
 
 
 def pool_layout(grids, keep):

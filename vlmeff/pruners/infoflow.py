@@ -32,15 +32,15 @@ def patch_entropy(pixel_values, patch, form="pixels", mean=None, std=None):
     float32, patches in raster order.
 
     form "pixels" (the paper: the entropy of the image patch): the processor's normalisation undone with the
-    per-channel `mean` and `std`, intensities 0..255, grey = the channel mean, rounded, 256 bins. form "reference"
+    per-channel `mean` and `std` (sequences or [C] tensors), intensities 0..255, grey = the channel mean, rounded, 256 bins. form "reference"
     (its code): the normalised values times 255 cast to uint8, which wraps negative values around (CLIP / SigLIP
     inputs are mostly negative or above 1), grey weights 0.3333 each, rounded.
     """
     n, C, H, W = pixel_values.shape
     x = pixel_values.float()
     if form == "pixels":
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, C, 1, 1)
-        std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, C, 1, 1)
+        mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, C, 1, 1)
+        std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, C, 1, 1)
         grey = ((x * std_t + mean_t).clamp(0, 1) * 255).mean(1)
     else:
         # float -> uint8 truncates toward zero and wraps modulo 256, as the reference's `.to(torch.uint8)` does
