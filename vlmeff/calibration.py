@@ -49,7 +49,7 @@ def calibrate(model, data, method: str, path: str | Path | None = None, progress
     `vlmeff.patch`), trend ("cubic" or "exponential"; default the reference's form for the base). The base scorer
     runs at full budget on every batch; the mean score of visual token i over the batches is fitted by the trend.
     method "infoflow": VFlowOpt's search (`calibrate_infoflow`: options budget, trials, initial, seed, patience,
-    layers, entropy).
+    layers, entropy, recycle, resume).
     method "modes": see `vlmeff.experts.calibrate.calibrate` (options target_skip, grid_size, n, seed).
     """
     if method == "modes":

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
+from .pruners.stages import VFLOWOPT_25
+
 
 @dataclass(frozen=True)
 class ModelContext:
@@ -371,7 +373,8 @@ SCHEDULE = Option("schedule", None, (type(None), str, dict, os.PathLike), _sched
 
 
 # VFlowOpt: the tower half (context threshold t, entropy term, the layer scored: `score_layers` as for received)
-# and the LLM half (`layers`, `ratios` of the LLM's input), or both from a searched schedule file
+# and the LLM half (`layers`, `ratios` of the LLM's input), or both from a searched schedule file; the defaults are
+# the reference's released 25 % setting
 def _finite(value, ctx):
     return value == value and abs(value) != float("inf")
 
@@ -386,7 +389,7 @@ def _channels_valid(positive):
 
 INFOFLOW_LAYERS, INFOFLOW_RATIOS = stage_options(
     "infoflow", "VFlowOpt", "0.9833, 0.8627: the released 25 % setting's r_1 and r_1 * r_2")
-THRESHOLD = Option("threshold", 34.759552803070484, (int, float), lambda v, c: _finite(v, c) and v >= 0,
+THRESHOLD = Option("threshold", VFLOWOPT_25["threshold"], (int, float), lambda v, c: _finite(v, c) and v >= 0,
                    "a real >= 0: context tokens receive more than threshold x the mean attention (default: the "
                    "released 25 % setting's t = 34.76)")
 ENTROPY_WEIGHT = Option("entropy_weight", 0.0, (int, float), _finite,
@@ -400,7 +403,7 @@ IMAGE_STD = Option("image_std", (0.26862954, 0.26130258, 0.27577711), (list, tup
 RECYCLE = Option("recycle", None, (type(None), bool),
                  accepted="None (as the reference: on LLaVA-NeXT / OneVision's base-and-crops blocks, plain top-k "
                           "elsewhere), True or False")
-GRID = Option("grid", 15.580797034937687, (int, float), lambda v, c: _finite(v, c) and v >= 1,
+GRID = Option("grid", VFLOWOPT_25["grid"], (int, float), lambda v, c: _finite(v, c) and v >= 1,
               "a real m >= 1: recycled candidates are grouped by m x m cells of the patch grid (default: the released "
               "25 % setting's m = 15.58)")
 INFOFLOW_SCHEDULE = Option("schedule", None, (type(None), str, dict, os.PathLike), lambda v, c: True,

@@ -7,7 +7,6 @@ import torch
 
 from ..kernels.attention_rows import attention_rows, weighted_rows_mean
 
-ENTROPY_FORMS = ("pixels", "reference")
 GREY_WEIGHT = 0.3333        # the reference's channel weights (not exactly 1/3)
 
 
@@ -17,7 +16,7 @@ def context_attention(q, k, scale, threshold, chunk=256):
     With A the head-mean attention [B, N, N] (never formed: rows go `chunk` at a time) and r = A.mean over rows (the
     attention each token receives), the context tokens are G = {i : r_i > threshold * mean(r)} and
     ctx_j = mean over i in G of A[i, j]. When no token passes the threshold the reference averages an empty set
-    (NaN scores); here G is then the most-received token(s). 5 + 2 * (N / chunk) launches, two passes over q.
+    (NaN scores); here G is then the most-received token(s). Two passes over the query rows.
     """
     received = attention_rows(q, k, scale, mean_rows=True, chunk=chunk)                  # [B, N]
     context = received > threshold * received.mean(-1, keepdim=True)
@@ -32,9 +31,9 @@ def patch_entropy(pixel_values, patch, form="pixels", mean=None, std=None):
     float32, patches in raster order.
 
     form "pixels" (the paper: the entropy of the image patch): the processor's normalisation undone with the
-    per-channel `mean` and `std` (sequences or [C] tensors), intensities 0..255, grey = the channel mean, rounded, 256 bins. form "reference"
-    (its code): the normalised values times 255 cast to uint8, which wraps negative values around (CLIP / SigLIP
-    inputs are mostly negative or above 1), grey weights 0.3333 each, rounded.
+    per-channel `mean` and `std` (sequences or [C] tensors), intensities 0..255, grey = the channel mean, rounded,
+    256 bins. form "reference" (its code): the normalised values times 255 cast to uint8, which wraps negative values
+    around (CLIP / SigLIP inputs are mostly negative or above 1), grey weights 0.3333 each, rounded.
     """
     n, C, H, W = pixel_values.shape
     x = pixel_values.float()
@@ -48,9 +47,8 @@ def patch_entropy(pixel_values, patch, form="pixels", mean=None, std=None):
         grey = (wrapped * GREY_WEIGHT).sum(1)
     levels = grey.round().clamp(0, 255).long()                                   # [n, H, W]
     cells = levels.unfold(1, patch, patch).unfold(2, patch, patch).reshape(n, (H // patch) * (W // patch), -1)
-    hist = torch.zeros(*cells.shape[:2], 256, device=x.device).scatter_add_(2, cells, torch.ones_like(cells,
-                                                                                                      dtype=torch.float32))
-    p = hist / cells.shape[-1]
+    ones = torch.ones_like(cells, dtype=torch.float32)
+    p = torch.zeros(*cells.shape[:2], 256, device=x.device).scatter_add_(2, cells, ones) / cells.shape[-1]
     return -(p * torch.log2(p + 1e-10)).sum(-1)
 
 
