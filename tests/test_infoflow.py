@@ -415,6 +415,26 @@ def test_recycling_by_hand():
     torch.testing.assert_close(out, expected)
 
 
+def test_recycling_edge_cases_by_hand():
+    """A lone candidate in a cell stays as it is (its own group); an odd grid edge gets its own cell column and row;
+    half-precision rows come back in their dtype (the fold itself in float32)."""
+    cells, count = infoflow.grid_cells([(5, 5)], 2)
+    assert count == 9 and cells.view(5, 5)[:, 4].tolist() == [2, 2, 5, 5, 8] and cells.view(5, 5)[4].tolist() == [
+        6, 6, 7, 7, 8]
+    x = torch.randn(1, 25, 3)
+    scores = torch.arange(25.0)[None] + 1
+    out, keep = infoflow.recycle(x, scores, cells, count, 1)
+    assert bool(keep.all()) and torch.equal(out, x)
+    # the 4 lowest, rows 0..3 of the top grid row: 0, 1 in cell 0 fold into 1; 2, 3 in cell 1 fold into 3
+    half = x.bfloat16()
+    out, keep = infoflow.recycle(half, scores, cells, count, 4)
+    assert out.dtype == torch.bfloat16 and torch.nonzero(~keep[0])[:, 0].tolist() == [0, 2]
+    h = half[0].float()
+    torch.testing.assert_close(out[0, 1].float(), ((1 * h[0] + 2 * h[1]) / 3).bfloat16().float())
+    torch.testing.assert_close(out[0, 3].float(), ((3 * h[2] + 4 * h[3]) / 7).bfloat16().float())
+    assert torch.equal(out[0, 4:], half[0, 4:])
+
+
 def test_grid_cells_of_a_view_and_its_crops_with_a_real_m():
     cells, count = infoflow.grid_cells([(3, 3), (2, 5)], 2.5)        # floor(i / 2.5): 0, 0, 0 for i < 3
     assert cells[:9].tolist() == [0] * 9
