@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .flops import layer_segments, stage_drops
 from .pruners.select import resolve_keep
 
 CALIBRATED = ("debiased", "infoflow", "modes")
@@ -237,13 +238,12 @@ def calibrate_infoflow(model, data, budget=0.25, trials=300, initial=27, seed=42
     if not (isinstance(trials, int) and trials >= 1 and isinstance(initial, int) and 1 <= initial):
         raise ValueError(f"trials={trials!r}, initial={initial!r}: ints >= 1")
     adapter = api.find_adapter(model)
-    depth = adapter.decoder.depth
+    depth, first = adapter.decoder.depth, api.first_prunable_layer(adapter)
     if layers is None:
-        layers = list(default_schedule("infoflow", depth, api.first_prunable_layer(adapter))[0])
+        layers = list(default_schedule("infoflow", depth, first)[0])
     given = layers
     layers = [layer % depth for layer in layers] if all(isinstance(v, int) for v in layers) else []
     layers = layers * 2 if len(layers) == 1 else layers                                    # one merged stage
-    first = api.first_prunable_layer(adapter)
     if len(layers) != 2 or not first <= layers[0] <= layers[1] < depth:
         raise ValueError(f"layers={given!r}: VFlowOpt's search places two LLM stages, decoder layers K1 <= K2 in "
                          f"[{first}, {depth - 1}] (or counted from the end)")
@@ -251,7 +251,8 @@ def calibrate_infoflow(model, data, budget=0.25, trials=300, initial=27, seed=42
     space = infoflow_bounds(budget, entropy=adapter.pixel_patch_rows, recycle=recycles,
                             stages=1 if layers[0] == layers[1] else 2)
     batches = list(data)
-    reference = [_last_hidden(model, batch) for batch in _progress(batches, "infoflow: unpatched", progress)]
+    reference = [_last_hidden(model, batch)
+                 for batch in tqdm(batches, desc="infoflow: unpatched", disable=not progress)]
 
     def setting(point):
         values = {"first_keep": 1.0, **dict(zip([name for name, _, _ in space], point))}
@@ -259,12 +260,12 @@ def calibrate_infoflow(model, data, budget=0.25, trials=300, initial=27, seed=42
         ratios = [values["first_keep"], values["first_keep"] * r_2]
         stage_layers, stage_ratios = _stage_plan(layers, ratios)
         grid = {"grid": values["grid"]} if recycles else {}
-        return values, r_2, dict(keep=values["vit_keep"], threshold=values["threshold"],
+        return values, dict(keep=values["vit_keep"], threshold=values["threshold"],
                                  entropy_weight=values.get("entropy_weight", 0.0), entropy=entropy, recycle=recycles,
                                  layers=stage_layers, ratios=stage_ratios, **grid)
 
     def objective(point):
-        return objective_at(setting(point)[2])
+        return objective_at(setting(point)[1])
 
     def objective_at(options):
         total = 0.0
@@ -299,7 +300,7 @@ def calibrate_infoflow(model, data, budget=0.25, trials=300, initial=27, seed=42
             raise
     finally:
         bar.close()
-    values, r_2, options = setting(best["point"])
+    values, options = setting(best["point"])
     searched = dict(objective=best["objective"], ratios=list(options["ratios"]))
     counts = _visual_counts(model, batches, options)
     options["ratios"][-1] = _meeting_last_ratio(counts, budget, depth, options["ratios"])
@@ -375,13 +376,20 @@ def _visual_counts(model, batches, options):
 def average_share(counts, depth):
     """The share of the visual tokens the decoder layers see on average (token-weighted: summed over samples and
     layers, over depth x the input tokens) from `_visual_counts`."""
-    seen = total = 0
+    seen, inputs = _token_layers(counts, depth)
+    return seen / (inputs * depth)
+
+
+def _token_layers(counts, depth):
+    """(visual tokens summed over the samples and the first `depth` decoder layers, visual tokens at the input) from
+    `_visual_counts`, with the per-sample stage arithmetic the stats use (`vlmeff.flops`)."""
+    seen = inputs = 0
     for images, into_llm, stages in counts:
-        total += sum(images) * depth
-        layers = [(0, sum(into_llm))] + [(layer, sum(kept)) for layer, kept in stages]
-        ends = [layer for layer, _ in layers[1:]] + [depth]
-        seen += sum(n * (end - layer) for (layer, n), end in zip(layers, ends))
-    return seen / total
+        inputs += sum(images)
+        for b, n in enumerate(into_llm):
+            drops = stage_drops(n, [(layer, kept[b]) for layer, kept in stages])
+            seen += sum(layers * tokens for layers, tokens in layer_segments(n, drops, depth))
+    return seen, inputs
 
 
 def _meeting_last_ratio(counts, budget, depth, ratios):
@@ -390,18 +398,13 @@ def _meeting_last_ratio(counts, budget, depth, ratios):
     layer; the earlier stages and the LLM's input do not depend on that ratio. A host search over the ratios j / n
     that keep exactly j of some sample's n tokens, at most the previous stage's ratio."""
     last = counts[0][2][-1][0]
-    total = sum(sum(images) for images, _, _ in counts) * depth
-    before_last = average_share([(i, n, s[:-1]) for i, n, s in counts], last) * sum(
-        sum(images) for images, _, _ in counts) * last
-    want = (budget * total - before_last) / (depth - last)            # visual tokens summed over samples, last stage
+    before_last, inputs_total = _token_layers([(i, n, s[:-1]) for i, n, s in counts], last)
+    # visual tokens summed over the samples that the last stage should keep
+    want = (budget * inputs_total * depth - before_last) / (depth - last)
     inputs = [n for _, into_llm, _ in counts for n in into_llm if n]
     ceiling = ratios[-2] if len(ratios) > 1 else 1.0
     candidates = sorted({min(ceiling, j / n) for n in set(inputs) for j in range(1, n + 1)} | {ceiling})
     return min(candidates, key=lambda r: (abs(sum(resolve_keep(r, n) for n in inputs) - want), abs(r - ratios[-1])))
-
-
-def _progress(items, desc, progress):
-    return tqdm(items, desc=desc, disable=not progress)
 
 
 def infoflow_settings(model, keep, options):

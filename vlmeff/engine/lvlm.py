@@ -212,6 +212,7 @@ class PreLLMReduction:
         for i in range(len(features)):
             groups.setdefault(a.layout_key(i, features), []).append(i)
         scores = self._scores(features)
+        self.last_scores = [None if scores is None else scores[i] for i in range(len(features))]
         if self.recycles:
             return self._recycle_images(features, scores, protected, groups)
         metric = self.capture.metric() if self._merges else None
@@ -224,7 +225,6 @@ class PreLLMReduction:
                                             _stack(scores, members), _stack(metric, members), grids)
             for j, i in enumerate(members):
                 kept[i], rows[i] = out[j], kept_rows[j]
-        self.last_scores = [None if scores is None else scores[i] for i in range(len(features))]
         return kept, rows
 
     def _recycle_images(self, features, scores, protected, groups):
@@ -259,7 +259,6 @@ class PreLLMReduction:
             for j, i in enumerate(members):
                 kept[i], rows[i], counts[i] = out[j], source[j], keep[j].sum()
         self.recycled_counts = torch.stack(counts)
-        self.last_scores = [scores[i] for i in range(len(features))]
         return kept, rows
 
     def _scores(self, features):

@@ -42,19 +42,22 @@ def kept_tokens(ids, mask, image_token_id, counts, kept_rows):
     kept_row = torch.zeros(sum(counts), dtype=torch.bool, device=ids.device)
     kept_row[torch.cat([rows + offset for rows, offset in zip(kept_rows, offsets)])] = True
     is_image = ids == image_token_id
-    # the j-th placeholder of the prompt (row-major) holds feature row j of the images' concatenation
-    ordinal = is_image.flatten().cumsum(0) - 1
-    kept_placeholder = kept_row[ordinal.clamp(0, kept_row.numel() - 1)].view_as(ids) & is_image
     text = ~is_image if mask is None else ~is_image & mask.bool()
-    return text | kept_placeholder, is_image.sum()
+    return text | (_by_placeholder(is_image, kept_row) & is_image), is_image.sum()
 
 
 def at_placeholders(ids, image_token_id, values):
     """values [P] (one per image placeholder of ids [B, L], in prompt order, row-major) laid out over the prompt:
     [B, L] float, 0 off the placeholders. A gather: no host read."""
     is_image = ids == image_token_id
+    return torch.where(is_image, _by_placeholder(is_image, values), 0).float()
+
+
+def _by_placeholder(is_image, values):
+    """values [P] per image placeholder at the prompt's columns [B, L]: the j-th placeholder (row-major) takes
+    values[j]; the other columns whatever they gather (callers mask them)."""
     ordinal = (is_image.flatten().cumsum(0) - 1).clamp(0, max(values.numel() - 1, 0))
-    return torch.where(is_image, values[ordinal].view_as(ids), 0).float()
+    return values[ordinal].view_as(is_image)
 
 
 def read_layout(keep, mask, placeholders, extra=None):
