@@ -28,17 +28,17 @@ def pdrop_full(model):
 
 
 def full_budget(method, model):
-    return dict(keep=1.0) if method == "fastv" else pdrop_full(model)
+    return dict(keep=1.0) if method in ("fastv", "dart") else pdrop_full(model)
 
 
 # a pruning call of each scorer of the engine (VFlowOpt's with its tower stage: the prompt the LLM gets is shorter)
-PRUNED = {"fastv": dict(keep=0.5), "transition": {}, "infoflow": dict(keep=0.5)}
+PRUNED = {"fastv": dict(keep=0.5), "transition": {}, "infoflow": dict(keep=0.5), "dart": dict(keep=0.5)}
 ON_THE_CALLERS_PROMPT = {m: o for m, o in PRUNED.items() if m != "infoflow"}
 
 
 # -- full budget: the unpatched model ------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", LLM_FAMILIES)
-@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "dart"])
 def test_full_budget_is_identical_and_unpatch_restores(family, method):
     model, inputs = setup_any(family)
     ref_logits, ref_tokens = logits(model, inputs), generate(model, inputs)
@@ -47,7 +47,7 @@ def test_full_budget_is_identical_and_unpatch_restores(family, method):
         assert torch.equal(generate(model, inputs), ref_tokens)
         tokens = patch.stats["visual_tokens"]
         assert all(v == tokens["LLM input"] for v in tokens.values())
-    keep = dict(keep=0.25) if method == "fastv" else {}
+    keep = dict(keep=0.25) if method in ("fastv", "dart") else {}
     with vlmeff.patch(model, method, **keep) as patch:
         pruned = logits(model, inputs)
         assert pruned.shape == ref_logits.shape and not torch.allclose(pruned, ref_logits)
@@ -660,7 +660,8 @@ def test_qwen3_vl_moe():
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(recomputed.logits), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method, options", [("fastv", dict(keep=0.25)), ("transition", {}), ("infoflow", {})])
+@pytest.mark.parametrize("method, options", [("fastv", dict(keep=0.25)), ("transition", {}), ("infoflow", {}),
+                                             ("dart", dict(keep=0.25))])
 def test_torch_compile_of_a_patched_model_equals_eager(method, options):
     """Patch, then compile: the compiled forward prunes like eager; the patch adds one graph break to the
     model's own (the prefill's host read), none while decoding."""

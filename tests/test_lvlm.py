@@ -167,7 +167,7 @@ def test_two_patched_llavas_do_not_interfere():
     (dict(method="cls", keep=17), ValueError, "exceeds the 16 visual tokens"),
     (dict(method="cls", keep=4, positions="shuffled"), ValueError, "accepted: compact, original"),
     (dict(method="cls", keep=4, layer=1), ValueError, "feature layer"),
-    (dict(method="tome", r=2), ValueError, "methods that do: cls, debiased, fastv, infoflow, pdrop, pool, random, "
+    (dict(method="tome", r=2), ValueError, "methods that do: cls, dart, debiased, fastv, infoflow, pdrop, pool, random, "
                                            "received, transition, visionzip"),
     (dict(method="cls"), ValueError, "needs keep"),
 ])

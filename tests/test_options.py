@@ -129,7 +129,7 @@ def test_mrope_model_refuses_compact_positions():
 
 @pytest.mark.parametrize("method", [{"cls"}, None, 1])
 def test_method_that_is_not_a_string_is_a_type_error(method):
-    with pytest.raises(TypeError, match=r"method must be a str, one of cls, debiased, fastv, infoflow, pdrop, pool, "
+    with pytest.raises(TypeError, match=r"method must be a str, one of cls, dart, debiased, fastv, infoflow, pdrop, pool, "
                                         r"random, received, tome, transition, visionzip \(or a list of \(method, "
                                         r"options\) pairs\); got " + re.escape(repr(method))):
         vlmeff.patch(tiny_timm_vit(), method=method, keep=8)
@@ -150,7 +150,7 @@ def test_unknown_option_lists_keep_and_suggests_the_closest_name():
 BUDGET_AND_REQUIRED = {"pdrop": (0.75, {}), "transition": (0.75, {}), "debiased": (4, {"schedule": "llava-1.5"}),
                        "infoflow": (0.5, {})}
 # the layers the in-LLM defaults scale to on tiny LLaVA's 4 decoder layers, as Patch.config shows them
-RESOLVED = {"fastv": {"layer": 1}, "debiased": {"layer": 1}, "pdrop": {"layers": [1, 2, 3]},
+RESOLVED = {"fastv": {"layer": 1}, "dart": {"layer": 1}, "debiased": {"layer": 1}, "pdrop": {"layers": [1, 2, 3]},
             "transition": {"layers": [1, 2], "accumulate": [0, 1], "positions": "renumber"},
             "infoflow": {"layers": [1, 3], "ratios": [0.9833433139039235, 0.9833433139039235 * 0.8773258179532721]}}
 
@@ -193,7 +193,7 @@ def test_every_family_bounds_score_layers_by_its_tower_and_patches_with_defaults
                                          rf"{depth - 1}\]"):
         vlmeff.patch(model, "received", keep=4, score_layers=depth)
     has_cls = find_adapter(model).has_cls
-    in_llm = {"fastv", "pdrop", "debiased", "transition", "infoflow"}
+    in_llm = {"fastv", "pdrop", "debiased", "transition", "infoflow", "dart"}
     for info in vlmeff.methods():
         if "lvlm" in info.model_kinds and (has_cls or not info.needs_cls) and not (
                 family == "gemma3" and info.name in in_llm):         # sliding-window LM: refused, see test_llm_stage

@@ -306,6 +306,23 @@ def stage_options(method, paper, ratio_defaults):
     return layers, ratios
 
 
+def _dart_layer_accepted(ctx):
+    from .pruners.stages import FASTV_LAYER, scale_layer
+    scaled = scale_layer(FASTV_LAYER, ctx.depth, ctx.first_layer)
+    return (f"None (DART's K = {FASTV_LAYER} of 32 layers, scaled: layer {scaled} of this model's {ctx.depth}) or "
+            f"one of the {_llm_range(ctx)}")
+
+
+# DART: the layer whose input is pruned (pivots from the keys of the layer before), the pivots of each kind, and how
+# the budget is split over them: "exact" keeps keep tokens, "reference" as DART's scripts 4 + 8 floor(keep / 8)
+DART_LAYER = Option("layer", None, (type(None), int), lambda v, c: v is None or _llm_layer_ok(v, c),
+                    "None (DART's K = 2 of 32 layers, scaled to the model's depth) or a decoder layer index >= 1",
+                    _dart_layer_accepted)
+IMAGE_PIVOTS = Option("image_pivots", 4, (int,), lambda v, c: v >= 1, "an int >= 1 (DART: 4)")
+TEXT_PIVOTS = Option("text_pivots", 4, (int,), lambda v, c: v >= 0, "an int >= 0 (DART: 4)")
+DART_SPLIT = Option("split", "exact", *choice("exact", "reference"))
+
+
 def _schedule_valid(value, ctx):
     return value is not None
 
@@ -482,6 +499,11 @@ register("debiased", "FastV or PyramidDrop with the positional (recency) trend r
 register("transition", "Drop visual tokens in stages inside the LLM, ranked by how much the layers transform them "
          "(token transition variation) plus the instruction's attention (TransPrune)", "TransPrune arXiv 2507.20630",
          ("inside LLM",), ("lvlm",), (TRANSITION_LAYERS, TRANSITION_RATIOS, TTV_SCORE, ACCUMULATE, RENUMBER))
+
+
+register("dart", "Keep the visual tokens least similar to a few pivot tokens (largest key norms) at decoder layer K, "
+         "inside the LLM (DART)", "DART arXiv 2502.11494", ("inside LLM",), ("lvlm",),
+         (DART_LAYER, IMAGE_PIVOTS, TEXT_PIVOTS, DART_SPLIT))
 
 
 register("infoflow", "Prune visual tokens after the tower by the attention of its context tokens (+ patch entropy), "

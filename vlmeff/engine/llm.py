@@ -45,6 +45,7 @@ from transformers.masking_utils import create_causal_mask
 
 from ..flops import kv_cache_bytes, llm_prefill_flops, stage_drops, staged_kv_cache_bytes, staged_prefill_flops
 from ..kernels.attention_rows import attention_rows, causal_rows_mean
+from ..pruners.dart import duplication_aware_keep, key_l1_norms, pivot_shares
 from ..pruners.debias import recency_reweighter
 from ..pruners.select import resolve_keep
 from ..pruners.stages import default_accumulation, plan_stages
@@ -66,6 +67,9 @@ class InLLMReduction:
         self.stages = plan_stages(method, keep, options, self.decoder.depth, first_prunable_layer(adapter))
         self.reweight = recency_reweighter(options) if method == "debiased" else None
         self.transition = method == "transition"
+        # DART: pivots by the keys of the layer before its stage, then the tokens least similar to them
+        self.dart = method == "dart"
+        self.pivots = (options["image_pivots"], options["text_pivots"], options["split"]) if self.dart else None
         # VFlowOpt: the stages rank by the tower's scores, handed over by the pre-LLM stage (`Patch.visual_scores`)
         self.given = method == "infoflow"
         self.given_now = None                  # those scores for the base-model call running, [B, L]
@@ -96,7 +100,8 @@ class InLLMReduction:
         previous_scorers = {s.score_layer for s in self.stages if s.score_layer < s.layer}
         for i in previous_scorers:
             attn = dec.attention(i)
-            patch.hook(attn.q_proj.register_forward_hook(self._keeper(i, "q")))
+            if not self.dart:                           # DART reads the keys only
+                patch.hook(attn.q_proj.register_forward_hook(self._keeper(i, "q")))
             patch.hook(attn.k_proj.register_forward_hook(self._keeper(i, "k")))
         for i in self.accumulate:
             layer = dec.layers[i]
@@ -257,6 +262,10 @@ class InLLMReduction:
         in_prompt = valid if self.prompt_columns is None else valid & (columns < self.prompt_columns)
         query = torch.where(in_prompt, columns, -1).amax(1).clamp(min=0)     # an all-padding row: column 0
         counted = [visual.sum(1), valid.sum(1)]
+        if self.dart:                  # DART's text pivots: the prompt tokens after the last visual one
+            last_visual = torch.where(visual, columns, -1).amax(1, keepdim=True)
+            text = valid & ~visual & (columns > last_visual) & (columns <= query[:, None])
+            counted.append(text.sum(1))
         if self.transition and self.score != "ttv":
             start, rows = _instruction_span(visual, query)
             counted.append(rows.amax()[None])              # the instruction rows' count is a shape: read with these
@@ -269,6 +278,11 @@ class InLLMReduction:
         for stage in self.stages:
             previous = kept[-1] if kept else n_visual
             kept.append([min(p, _resolve(stage.keep, n)) for p, n in zip(previous, n_visual)])
+        if self.dart:                  # one stage; "reference" splits may keep a few more than the budget
+            plans = [pivot_shares(k, n, t, *self.pivots) for k, n, t in zip(kept[0], n_visual, values[2 * B:3 * B])]
+            kept[0] = [total for _, _, total in plans]
+            dart = (torch.tensor([[pi, *shares] for pi, shares, _ in plans], device=visual.device),
+                    [max(column) for column in zip(*(shares for _, shares, _ in plans))])
         # the kept counts go to the device now, while the read above has emptied its queue: a host-to-device copy
         # inside the decoder loop would wait for the layers queued before it
         counts = torch.tensor(kept, device=visual.device)
@@ -278,6 +292,8 @@ class InLLMReduction:
             call.shifts = torch.tensor(n_visual, device=visual.device) - counts
         if self.transition and self.score != "ttv":
             call.instruction = _instruction_rows(start, rows, query, values[-1])
+        if self.dart:
+            call.dart = (text, *dart)
         return call
 
     def _prune(self, call, hidden, kwargs):
@@ -285,21 +301,27 @@ class InLLMReduction:
         s = call.stage
         stage = self.stages[s]
         rope = call.rope if call.masks2d else kwargs["position_embeddings"]
-        scores = self._scores(call, stage, hidden, rope)
-        call.scores.append(StageScores(scores, call.visual_now, call.visual, call.origin))
         kept = call.kept[s]
         previous = call.kept[s - 1] if s else call.n_visual
-        if kept == previous:              # nothing to drop (full budget): the layout, masks and cache stay
-            return self._next_stage(call, hidden)
-        if self.reweight is not None:
-            scores = self.reweight(scores, call.scores[-1].ordinals, s)
+        if self.dart:                     # a selection, not a ranking: no scores to record
+            call.scores.append(StageScores(None, call.visual_now, call.visual, call.origin))
+            if kept == previous:
+                return self._next_stage(call, hidden)
+            kept_visual = self._dart_keep(call, stage, hidden)
+        else:
+            scores = self._scores(call, stage, hidden, rope)
+            call.scores.append(StageScores(scores, call.visual_now, call.visual, call.origin))
+            if kept == previous:          # nothing to drop (full budget): the layout, masks and cache stay
+                return self._next_stage(call, hidden)
+            if self.reweight is not None:
+                scores = self.reweight(scores, call.scores[-1].ordinals, s)
+            k = call.counts[s]
+            k_max = max(kept)
+            kept_visual = torch.zeros_like(call.visual_now)
+            if k_max:
+                top = scores.masked_fill(~call.visual_now, float("-inf")).topk(k_max, dim=1).indices
+                kept_visual.scatter_(1, top, torch.arange(k_max, device=hidden.device) < k[:, None])
         B = call.visual_now.shape[0]
-        k = call.counts[s]
-        k_max = max(kept)
-        kept_visual = torch.zeros_like(call.visual_now)
-        if k_max:
-            top = scores.masked_fill(~call.visual_now, float("-inf")).topk(k_max, dim=1).indices
-            kept_visual.scatter_(1, top, torch.arange(k_max, device=hidden.device) < k[:, None])
         keep = ~call.visual_now | kept_visual
         if call.filled_now is not None:
             keep = keep & call.filled_now
@@ -364,6 +386,20 @@ class InLLMReduction:
         columns = torch.arange(k.shape[2], device=k.device)
         key_mask = call.valid_now & (columns <= query[:, None])
         return attention_rows(q, k, dec.attention(stage.score_layer).scaling, mean_rows=True, key_mask=key_mask)
+
+    def _dart_keep(self, call, stage, hidden):
+        """DART at its (single) stage, on the caller's layout: pivots by the L1 norm of the previous layer's
+        post-RoPE keys, similarity of the stage layer's input through the final norm (as the reference). [B, L]."""
+        dec = self.decoder
+        captured = self.captured[stage.score_layer]
+        B = hidden.shape[0]
+        keys = dec.key(stage.score_layer, captured["k"], tuple(t.expand(B, -1, -1) for t in captured["rope"]))
+        text, plan, widths = call.dart
+        image_slots = self.pivots[0]
+        # the norm's own forward: its hook (`_spread_back`) is for the model's output, not this read
+        return duplication_aware_keep(dec.norm.forward(hidden), key_l1_norms(keys), call.visual, text,
+                                      plan[:, 0], text.sum(1).clamp(max=self.pivots[1]), plan[:, 1:], widths,
+                                      image_slots)
 
     def _transition_scores(self, call, stage, hidden, rope):
         """TransPrune: the summed TTV so far plus the stage layer's instruction-guided attention [B, L_now]: the
@@ -507,6 +543,7 @@ class _Call:
         self.rope = self.mask4d = self.mask2d = None
         self.ttv = self.instruction = None      # TransPrune: summed TTV [B, L_now]; the instruction rows, weights
         self.given = None                       # VFlowOpt: the tower's scores over the caller's columns [B, L]
+        self.dart = None                        # DART: (text columns [B, L], [B, 1 + P] pivots and shares, widths)
 
     def advance(self, source, filled, new_length):
         """Move to the layout whose column j takes current column source[:, j] (a pad slot where not filled)."""
@@ -598,7 +635,7 @@ def first_prunable_layer(adapter):
 
 
 # the methods whose stages `plan_stages` lays out
-STAGED = ("fastv", "pdrop", "debiased", "transition", "infoflow")
+STAGED = ("fastv", "pdrop", "debiased", "transition", "infoflow", "dart")
 
 
 def resolved_stages(model, adapter, method, keep, options):
@@ -609,7 +646,7 @@ def resolved_stages(model, adapter, method, keep, options):
     check_llm_budget(method, keep, options)
     stages = plan_stages(method, keep, options, adapter.decoder.depth, first_prunable_layer(adapter))
     options = dict(options)
-    if options.get("base", method) == "fastv":
+    if options.get("base", method) in ("fastv", "dart"):
         options["layer"] = stages[0].layer
     else:
         options["layers"], options["ratios"] = [s.layer for s in stages], [s.keep for s in stages]
@@ -631,7 +668,7 @@ def check_llm_budget(method, keep, options):
     sample; PyramidDrop's stages keep their `ratios`, or, given keep (a ratio), the geometric ratios that make keep
     the average share over the decoder layers (`vlmeff.pruners.stages.average_budget_ratios`)."""
     base = options.get("base", method)
-    if base == "fastv" and keep is None:
+    if base in ("fastv", "dart") and keep is None:
         raise ValueError(f"method {method!r} needs keep (visual tokens kept per sample after layer K: an int count "
                          "or a ratio in (0, 1])")
     if base in ("pdrop", "transition") and keep is not None and (not isinstance(keep, float)

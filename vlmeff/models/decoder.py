@@ -38,11 +38,18 @@ class DecoderAdapter:
         positions (q_rope: each [B | 1, Q, d], k_rope: each [B | 1, N, d]) -> post-RoPE q [B, H, Q, d] and
         k [B, Hk, N, d]: viewed as heads, normed per head where the layer does (`q_norm` / `k_norm`), rotated as the
         model rotates them."""
+        return self._heads(i, q, "q_norm", q_rope), self._heads(i, k, "k_norm", k_rope)
+
+    def key(self, i, k, k_rope):
+        """Layer i's k projection output [B, N, Hk * d] -> its post-RoPE keys [B, Hk, N, d] (see `query_key`)."""
+        return self._heads(i, k, "k_norm", k_rope)
+
+    def _heads(self, i, x, norm, rope):
         attn = self.attention(i)
-        q, k = q.unflatten(-1, (-1, attn.head_dim)), k.unflatten(-1, (-1, attn.head_dim))
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        return rotate(q.transpose(1, 2), *q_rope), rotate(k.transpose(1, 2), *k_rope)
+        x = x.unflatten(-1, (-1, attn.head_dim))
+        if hasattr(attn, norm):
+            x = getattr(attn, norm)(x)
+        return rotate(x.transpose(1, 2), *rope)
 
 
 def rotate(x, cos, sin):

@@ -125,7 +125,7 @@ def plan_stages(method, keep, options, depth, first=1):
     average share) keeps its ratios' shape, scaled to the budget (`scaled_shape_ratios`); PyramidDrop takes
     lambda ** s."""
     base = options.get("base", method)
-    if base == "fastv":
+    if base in ("fastv", "dart"):         # one stage at layer K, scored at K - 1 (DART: K = 2 of 32 as FastV)
         layer = options.get("layer")
         layer = scale_layer(FASTV_LAYER, depth, first) if layer is None else layer % depth
         return [Stage(layer, keep, layer - 1)]
