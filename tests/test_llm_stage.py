@@ -227,11 +227,12 @@ def test_batch_equals_samples_one_by_one(family, method):
     assert torch.equal(tokens[0, L:], alone_tokens[0, L0:])
 
 
-def test_samples_without_images_and_with_two_images_in_one_batch():
+@pytest.mark.parametrize("method", ["fastv", "dart"])
+def test_samples_without_images_and_with_two_images_in_one_batch(method):
     from lvlm_models import B, C, qwen_inputs, tiny_qwen
     model = tiny_qwen("qwen2")
     inputs = qwen_inputs([B, C])
-    with vlmeff.patch(model, "fastv", keep=4) as patch:
+    with vlmeff.patch(model, method, keep=4) as patch:
         out = logits(model, inputs)
         assert patch.stats["visual_tokens"]["LLM input"] == [16, 0]
         assert patch.stats["visual_tokens"]["after LLM layer 1"] == [4, 0]
