@@ -61,7 +61,7 @@ def duplication_aware_keep(hidden, key_norm, visual, text, image_count, text_cou
     Pivots are visited in ascending column order (the reference visits Python's set order of their positions, an
     artefact of hashing); each takes its share of the visual columns least cosine-similar to it that are neither
     image pivots nor taken before.
-    Launches: 2 x (topk, where, argsort, 2 gathers) for the pivots, normalize + gather + bmm, then 9 per slot
+    Launches: 2 x (topk, where, argsort, 2 gathers) for the pivots, normalize + gather + bmm, then about 9 per slot
     with a non-zero width; no host sync.
     """
     L = hidden.shape[1]
