@@ -602,7 +602,7 @@ def test_continuation_with_masked_new_tokens_equals_the_oracle():
     ("fastv", dict(keep=0.25), 88),       # + selection, compaction, gathers, the stage mask, spreading back
     ("pdrop", {}, 272),                   # three stages, each scoring at its own layer (norm, q / k projections)
     ("dart", dict(keep=1.0), 21),         # the plan only: nothing to drop, no pivots
-    ("dart", dict(keep=0.25), 116),       # + pivots, similarities, one topk round per pivot, then as fastv
+    ("dart", dict(keep=0.25), 114),       # + pivots, similarities, one topk round per pivot, then as fastv
 ])
 def test_prefill_launch_counts_are_pinned(method, kwargs, launches):
     """Ops a patch adds to a prefill of tiny LLaVA (the GPU path counts launches: each costs microseconds)."""

@@ -281,7 +281,9 @@ class InLLMReduction:
         if self.dart:                  # one stage; "reference" splits may keep a few more than the budget
             plans = [pivot_shares(k, n, t, *self.pivots) for k, n, t in zip(kept[0], n_visual, values[2 * B:3 * B])]
             kept[0] = [total for _, _, total in plans]
-            dart = (torch.tensor([[pi, *shares] for pi, shares, _ in plans], device=visual.device),
+            # per sample: image pivots, text pivots (host-known: the text count was read above), shares per slot
+            dart = (torch.tensor([[pi, min(self.pivots[1], t), *shares] for (pi, shares, _), t in
+                                  zip(plans, values[2 * B:3 * B])], device=visual.device),
                     [max(column) for column in zip(*(shares for _, shares, _ in plans))])
         # the kept counts go to the device now, while the read above has emptied its queue: a host-to-device copy
         # inside the decoder loop would wait for the layers queued before it
@@ -303,16 +305,14 @@ class InLLMReduction:
         rope = call.rope if call.masks2d else kwargs["position_embeddings"]
         kept = call.kept[s]
         previous = call.kept[s - 1] if s else call.n_visual
-        if self.dart:                     # a selection, not a ranking: no scores to record
-            call.scores.append(StageScores(None, call.visual_now, call.visual, call.origin))
-            if kept == previous:
-                return self._next_stage(call, hidden)
+        # DART selects rather than ranks: no scores to record
+        scores = None if self.dart else self._scores(call, stage, hidden, rope)
+        call.scores.append(StageScores(scores, call.visual_now, call.visual, call.origin))
+        if kept == previous:              # nothing to drop (full budget): the layout, masks and cache stay
+            return self._next_stage(call, hidden)
+        if self.dart:
             kept_visual = self._dart_keep(call, stage, hidden)
         else:
-            scores = self._scores(call, stage, hidden, rope)
-            call.scores.append(StageScores(scores, call.visual_now, call.visual, call.origin))
-            if kept == previous:          # nothing to drop (full budget): the layout, masks and cache stay
-                return self._next_stage(call, hidden)
             if self.reweight is not None:
                 scores = self.reweight(scores, call.scores[-1].ordinals, s)
             k = call.counts[s]
@@ -398,8 +398,7 @@ class InLLMReduction:
         image_slots = self.pivots[0]
         # the norm's own forward: its hook (`_spread_back`) is for the model's output, not this read
         return duplication_aware_keep(dec.norm.forward(hidden), key_l1_norms(keys), call.visual, text,
-                                      plan[:, 0], text.sum(1).clamp(max=self.pivots[1]), plan[:, 1:], widths,
-                                      image_slots)
+                                      plan[:, 0], plan[:, 1], plan[:, 2:], widths, image_slots)
 
     def _transition_scores(self, call, stage, hidden, rope):
         """TransPrune: the summed TTV so far plus the stage layer's instruction-guided attention [B, L_now]: the
@@ -543,7 +542,7 @@ class _Call:
         self.rope = self.mask4d = self.mask2d = None
         self.ttv = self.instruction = None      # TransPrune: summed TTV [B, L_now]; the instruction rows, weights
         self.given = None                       # VFlowOpt: the tower's scores over the caller's columns [B, L]
-        self.dart = None                        # DART: (text columns [B, L], [B, 1 + P] pivots and shares, widths)
+        self.dart = None                        # DART: (text columns [B, L], [B, 2 + P] pivots and shares, widths)
 
     def advance(self, source, filled, new_length):
         """Move to the layout whose column j takes current column source[:, j] (a pad slot where not filled)."""
