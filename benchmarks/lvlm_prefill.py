@@ -1,6 +1,6 @@
 """Prefill of a LLaVA-1.5-7B-shaped model (CLIP ViT-L/14-336 + Llama-7B dimensions, depth cut, random weights),
 unpatched vs `cls` keeping 576 -> 192 / 128 / 64 visual tokens (--suite pre), or vs FastV / PyramidDrop inside the
-LLM and `cls` + FastV stacked (--suite llm), in one run.
+LLM and `cls` + FastV stacked (--suite llm), or the selections by diversity (--suite diversity), in one run.
 
 Prints per variant: prefill time (vision tower + LLM prefill, `logits_to_keep=1`, as generate's first step),
 measured speedup, the FLOPs ratio of tower + projector + LLM layers (target: speedup >= 0.9 x FLOPs ratio), the
@@ -13,6 +13,7 @@ keep=1.0 vs unpatched; target <= 2%).
     python benchmarks/lvlm_prefill.py --suite llm --llm-layers 4   # CPU: inside the LLM (FastV K = 1 of 4)
     python benchmarks/lvlm_prefill.py --suite transition --llm-layers 4   # CPU: TransPrune beside PyramidDrop
     python benchmarks/lvlm_prefill.py --suite infoflow --llm-layers 4     # CPU: VFlowOpt beside received
+    python benchmarks/lvlm_prefill.py --suite diversity --llm-layers 4    # CPU: DivPrune, CDPruner, VisPruner, DART
 """
 import argparse
 
@@ -35,6 +36,11 @@ SUITES = {
             "fastv keep=0.5": dict(method="fastv", keep=0.5), "fastv keep=0.25": dict(method="fastv", keep=0.25),
             "pdrop (lambda 0.5)": dict(method="pdrop"),
             "cls 192 + fastv 0.5": dict(method=[("cls", {"keep": 192}), ("fastv", {"keep": 0.5})])},
+    # the selections by diversity before the LLM, beside cls at the same budgets and DART inside the LLM
+    "diversity": {"unpatched": None, "cdpruner keep=1.0 (overhead)": dict(method="cdpruner", keep=1.0),
+                  **{f"{m} keep={k}": dict(method=m, keep=k) for k in (192, 64)
+                     for m in ("cls", "divprune", "cdpruner", "vispruner")},
+                  "dart keep=64": dict(method="dart", keep=64)},
     "transition": None,         # transition_suite(depth): its full budget has one ratio per stage of the depth
     "infoflow": None,           # infoflow_suite(depth): likewise
 }
@@ -87,7 +93,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--suite", choices=SUITES, default="pre",
                         help="pre: cls before the LLM; llm: FastV, PyramidDrop inside it and cls + FastV; "
-                             "transition: TransPrune beside PyramidDrop; infoflow: VFlowOpt beside received")
+                             "transition: TransPrune beside PyramidDrop; infoflow: VFlowOpt beside received; "
+                             "diversity: DivPrune, CDPruner, VisPruner beside cls, and DART")
     args = parser.parse_args()
     device, dtype = device_and_dtype(args)
 

@@ -44,7 +44,7 @@ def test_parse_method_specs():
 def test_methods_table(capsys):
     cli.main(["methods"])
     out = capsys.readouterr().out
-    for name in ("cls", "tome", "visionzip", "received", "random", "pool"):
+    for name in ("cls", "tome", "visionzip", "received", "random", "pool", "divprune", "cdpruner", "vispruner"):
         assert f"\n{name} " in out
 
 

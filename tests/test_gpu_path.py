@@ -108,7 +108,8 @@ def lvlm_like_inputs(n=3, N=20, D=6):
 
 @pytest.mark.parametrize("method,options,grids", [
     ("cls", dict(reduce="drop"), None), ("cls", dict(reduce="merge"), None), ("random", dict(seed=3), None),
-    ("random", dict(seed=3, reduce="merge"), None), ("pool", {}, ((4, 4),))])
+    ("random", dict(seed=3, reduce="merge"), None), ("pool", {}, ((4, 4),)), ("divprune", {}, None),
+    ("cdpruner", {}, None), ("vispruner", dict(important_ratio=0.5, step=8), None)])
 def test_lvlm_reduction_reads_no_device_data(method, options, grids):
     x, scores, metric, protected = lvlm_like_inputs()
     args = (method, options, x, 6, protected, scores, metric, grids)

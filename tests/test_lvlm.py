@@ -11,7 +11,8 @@ from vlmeff.patching import Patch
 from lvlm_models import IMAGE, Recorder, batch, generate, logits, pixels, prompt, tiny_llava
 
 METHODS = [("cls", {}), ("cls", dict(score_layers=0)), ("cls", dict(reduce="merge")), ("visionzip", {}),
-           ("visionzip", dict(contextual=2)), ("received", {}), ("random", {}), ("pool", {})]
+           ("visionzip", dict(contextual=2)), ("received", {}), ("random", {}), ("pool", {}), ("divprune", {}),
+           ("cdpruner", {}), ("cdpruner", dict(relevance="none")), ("vispruner", {}), ("vispruner", dict(step=1))]
 
 
 def two_samples():
@@ -167,8 +168,8 @@ def test_two_patched_llavas_do_not_interfere():
     (dict(method="cls", keep=17), ValueError, "exceeds the 16 visual tokens"),
     (dict(method="cls", keep=4, positions="shuffled"), ValueError, "accepted: compact, original"),
     (dict(method="cls", keep=4, layer=1), ValueError, "feature layer"),
-    (dict(method="tome", r=2), ValueError, "methods that do: cls, dart, debiased, fastv, infoflow, pdrop, pool, random, "
-                                           "received, transition, visionzip"),
+    (dict(method="tome", r=2), ValueError, "methods that do: cdpruner, cls, dart, debiased, divprune, fastv, infoflow, "
+                                           "pdrop, pool, random, received, transition, visionzip, vispruner"),
     (dict(method="cls"), ValueError, "needs keep"),
 ])
 def test_bad_input_is_a_clear_error(kwargs, error, match):
@@ -271,10 +272,12 @@ def count_host_reads(fn):
     return out, counter.syncs
 
 
+@pytest.mark.parametrize("method", ["cls", "divprune", "cdpruner", "vispruner"])
 @pytest.mark.parametrize("keep", [4, 1.0])
-def test_prompt_rebuild_reads_the_host_once(monkeypatch, keep):
+def test_prompt_rebuild_reads_the_host_once(monkeypatch, keep, method):
     """A reduced call reads the host once outside the vision encoder and the reduction itself (`reduce_rows`,
-    owned by the reduction): placeholder count, new length, padding side and stats lengths in one `.tolist()`."""
+    owned by the reduction): placeholder count, new length, padding side and stats lengths in one `.tolist()`.
+    CDPruner's instructions (each image's sample found on the device) and the projected metric read nothing."""
     import vlmeff.engine.lvlm as engine
     model, inputs = tiny_llava(), two_samples()
     _, encoder_reads = count_host_reads(lambda: model.model.get_image_features(inputs["pixel_values"]))
@@ -287,8 +290,9 @@ def test_prompt_rebuild_reads_the_host_once(monkeypatch, keep):
         return out
 
     monkeypatch.setattr(engine, "reduce_rows", counted_reduce_rows)
-    handle = Patch(model, {"method": "cls", "keep": keep})
-    reduction = engine.PreLLMReduction(handle, find_adapter(model), "cls", keep, {})    # as vlmeff.patch builds it
+    handle = Patch(model, {"method": method, "keep": keep})
+    reduction = engine.PreLLMReduction(handle, find_adapter(model), method, keep,       # as vlmeff.patch builds it
+                                       vlmeff.method_info(method).defaults)
     reduction.install()
     try:
         _, reads = count_host_reads(lambda: reduction.reduce_inputs(inputs, numbering="forward"))

@@ -89,6 +89,16 @@ LLAVA_CASES = [
     ("visionzip", dict(contextual=True), TypeError, CONTEXTUAL),
     ("visionzip", dict(contextual=math.nan), ValueError, CONTEXTUAL),
     ("random", dict(seed=[0]), TypeError, r"an int in \[0, 2\*\*64\)"),
+    ("vispruner", dict(important_ratio=1.5), ValueError, r"a real in \[0, 1\]: the share of the budget"),
+    ("vispruner", dict(important_ratio=-0.1), ValueError, r"a real in \[0, 1\]"),
+    ("vispruner", dict(important_ratio=math.nan), ValueError, r"a real in \[0, 1\]"),
+    ("vispruner", dict(important_ratio="half"), TypeError, r"a real in \[0, 1\]"),
+    ("vispruner", dict(step=0), ValueError, r"an int >= 1: the most similar tokens removed"),
+    ("vispruner", dict(step=2.0), TypeError, r"an int >= 1"),
+    ("vispruner", dict(score_layers=2), ValueError, LLAVA_SCORE),
+    ("cdpruner", dict(relevance="clip"), ValueError, "input_embeddings, none"),
+    ("cdpruner", dict(relevance=None), TypeError, "input_embeddings, none"),
+    ("divprune", dict(positions="first"), ValueError, "compact, original, or None for compact"),
 ]
 
 
@@ -129,8 +139,9 @@ def test_mrope_model_refuses_compact_positions():
 
 @pytest.mark.parametrize("method", [{"cls"}, None, 1])
 def test_method_that_is_not_a_string_is_a_type_error(method):
-    with pytest.raises(TypeError, match=r"method must be a str, one of cls, dart, debiased, fastv, infoflow, pdrop, pool, "
-                                        r"random, received, tome, transition, visionzip \(or a list of \(method, "
+    with pytest.raises(TypeError, match=r"method must be a str, one of cdpruner, cls, dart, debiased, divprune, fastv, "
+                                        r"infoflow, pdrop, pool, random, received, tome, transition, visionzip, "
+                                        r"vispruner \(or a list of \(method, "
                                         r"options\) pairs\); got " + re.escape(repr(method))):
         vlmeff.patch(tiny_timm_vit(), method=method, keep=8)
 

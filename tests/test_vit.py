@@ -157,8 +157,8 @@ def test_merge_tracks_sizes_and_changes_output():
     (dict(method="tome", r=[1, 2]), ValueError, "list of 4 ints"),
     (dict(method="tome"), ValueError, "needs r"),
     (dict(method="magic", keep=8), ValueError,
-     "unknown method 'magic'; available: cls, dart, debiased, fastv, infoflow, pdrop, pool, random, received, tome, "
-     "transition, visionzip"),
+     "unknown method 'magic'; available: cdpruner, cls, dart, debiased, divprune, fastv, infoflow, pdrop, pool, "
+     "random, received, tome, transition, visionzip, vispruner"),
     (dict(method="cls", keep=8, ratio=3), TypeError, "valid: keep, layer, positions, reduce, score_layers"),
     (dict(method="cls", keep=8, reduce="sum"), ValueError, "accepted: drop, merge"),
     (dict(method="cls", keep=8, layer=4), ValueError, r"layer index in \[-4, 3\]"),

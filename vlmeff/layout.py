@@ -33,3 +33,11 @@ def slot_ranges(batch, n, like):
     """[batch, n] int64 contiguous on like.device: 0 .. n - 1 on every row (slot ids, segment bounds)."""
     return layout_constant(("slots", batch, n), like,
                            lambda: torch.arange(n, device=like.device).expand(batch, n).contiguous())
+
+
+def to_device(t, device):
+    """A host tensor on device, without a stream sync on CUDA (pinned, non-blocking copy)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -429,6 +429,14 @@ INFOFLOW_SCHEDULE = Option("schedule", None, (type(None), str, dict, os.PathLike
                            "threshold, entropy_weight, entropy, recycle, grid, layers and ratios come from it (keep "
                            "may repeat the budget it was searched for)")
 
+# the selections by diversity (vlmeff.pruners.diversity): VisPruner's share of important tokens and its
+# de-duplication step; CDPruner's instruction relevance (its reference reads a CLIP text tower the LVLM lacks)
+IMPORTANT_RATIO = Option("important_ratio", 0.5, (int, float), lambda v, c: 0.0 <= v <= 1.0,
+                         "a real in [0, 1]: the share of the budget kept by [CLS] attention, floored (VisPruner: 0.5)")
+DEDUP_STEP = Option("step", 8, (int,), lambda v, c: v >= 1,
+                    "an int >= 1: the most similar tokens removed per de-duplication round (VisPruner: 8)")
+RELEVANCE = Option("relevance", "input_embeddings", *choice("input_embeddings", "none"))
+
 
 def contextual_count(contextual, k):
     """Contextual tokens out of a budget of k (VisionZip): a count as given, a share rounded, at most k - 1 so
@@ -489,6 +497,14 @@ register("random", "Keep a uniformly random subset of patches (baseline)", "base
          ("vit", "lvlm"), (LAYER, REDUCE, SEED, POSITIONS))
 register("pool", "Average-pool the patch grid down to the budget (baseline)", "baseline",
          ("vision encoder", "before LLM"), ("vit", "lvlm"), (LAYER, POSITIONS))
+register("divprune", "Keep the most diverse visual tokens: greedy max-min cosine distance over the projected "
+         "features, before the LLM (DivPrune)", "DivPrune arXiv 2503.02175", ("before LLM",), ("lvlm",), (POSITIONS,))
+register("cdpruner", "Keep the visual tokens of largest conditional diversity: greedy MAP of a DPP whose kernel weighs "
+         "feature similarity by relevance to the prompt (CDPruner)", "CDPruner arXiv 2506.10967", ("before LLM",),
+         ("lvlm",), (RELEVANCE, POSITIONS))
+register("vispruner", "Keep the patches [CLS] attends to most plus diverse ones from de-duplicating the rest "
+         "(VisPruner)", "VisPruner arXiv 2412.01818", ("before LLM",), ("lvlm",),
+         (IMPORTANT_RATIO, DEDUP_STEP, LAYER, SCORE_LAYERS, POSITIONS), needs_cls=True)
 register("fastv", "Drop the visual tokens the last prompt token attends to least at decoder layer K - 1, from "
          "layer K on (FastV)", "FastV arXiv 2403.06764", ("inside LLM",), ("lvlm",), (LLM_LAYER,))
 register("pdrop", "Drop visual tokens in stages inside the LLM, ranked by the last instruction token's attention "

@@ -33,7 +33,8 @@ import torch
 
 from ..flops import kv_cache_bytes, llm_prefill_flops
 from ..pruners import resolve_keep
-from ..layout import layout_constant
+from ..layout import layout_constant, to_device
+from ..pruners.diversity import instruction_relevance
 from ..pruners.infoflow import grid_cells, importance, patch_entropy, recycle
 from ..registry import score_layer_range
 from . import prompt
@@ -41,7 +42,9 @@ from .prompt import compaction
 from .rows import reduce_rows, row_layout
 
 # method -> what the capture scores
-SCORERS = {"cls": "cls", "visionzip": "cls", "received": "received", "infoflow": "context"}
+SCORERS = {"cls": "cls", "visionzip": "cls", "vispruner": "cls", "received": "received", "infoflow": "context"}
+# methods that select by the similarity of the features the LLM receives (after the projector)
+ON_LLM_FEATURES = ("divprune", "cdpruner")
 CACHE_KWARGS = ("cache", "past_key_values")     # transformers v5's name for the KV cache, then the deprecated one
 
 
@@ -66,6 +69,8 @@ class PreLLMReduction:
                              f"{adapter.family} cannot take (its images or tiles are one stacked tensor of one size); "
                              "use recycle=False or None")
         self.recycled_counts = None    # VFlowOpt with recycling: this call's kept rows per image [n_img], on device
+        self.relevant = method == "cdpruner" and options["relevance"] == "input_embeddings"
+        self.call_prompt = None        # CDPruner's relevance: this call's (ids, mask) while its images are reduced
         self.last_prompt = None        # (caller's ids, reduced ids, mask, positions) of the last call with images
         self.last_extras = {}          # its other reduced per-token inputs, e.g. token_type_ids
         self._generating = False       # inside our generate: its own forwards are not the caller's calls
@@ -160,6 +165,7 @@ class PreLLMReduction:
             raise ValueError("vlmeff finds image placeholders in input_ids; pass input_ids, not inputs_embeds")
         kwargs = dict(kwargs)
         image_kwargs = {k: kwargs.pop(k) for k in a.image_kwargs if k in kwargs}
+        self.call_prompt = (ids, kwargs.get("attention_mask"))
         if self.entropy_weight:
             o, pixels = self.options, image_kwargs["pixel_values"]
             # the normalisation's constants reach the device once (a copy per call would wait for the stream)
@@ -203,9 +209,10 @@ class PreLLMReduction:
             self.patch.visual_scores = prompt.at_placeholders(kwargs["input_ids"], a.image_token_id, kept_scores)
         return kwargs
 
-    def _reduce_images(self, features):
+    def _reduce_images(self, features, project=None):
         """Per image: reduced features [k_i, D] and the feature rows [k_i] whose placeholders stay. Images of one
-        layout (`adapter.layout_key`, known on the host) are reduced together in one batch."""
+        layout (`adapter.layout_key`, known on the host) are reduced together in one batch. project: maps blocks
+        to the LLM's input space where they are not there yet (LLaVA reduces the projector's input)."""
         a = self.adapter
         protected = self.last_protected = a.protected_rows(features)
         groups = {}
@@ -216,16 +223,45 @@ class PreLLMReduction:
         if self.recycles:
             return self._recycle_images(features, scores, protected, groups)
         metric = self.capture.metric() if self._merges else None
+        made = {}                      # CDPruner's instructions, made once per call when a block is reduced
         kept, rows = [None] * len(features), [None] * len(features)
         for members in groups.values():
             first = members[0]
             grids = pool_layout(a.image_grids(first, protected[first]), self.keep) if self.method == "pool" else None
             x = torch.stack([features[i] for i in members])
+            group_scores, group_metric = _stack(scores, members), _stack(metric, members)
+            if self.method == "vispruner":           # de-duplicates the rows it reduces (LLaVA: the tower's)
+                group_metric = x
+            elif self.method in ON_LLM_FEATURES and _reduces(self.keep, x.shape[1], protected[first]):
+                group_metric = a.input_features(x if project is None else project(x))
+                if self.relevant:
+                    group_scores = self._relevance(features, members, group_metric, made)
             out, _, kept_rows = reduce_rows(self.method, self.options, x, self.keep, protected[first],
-                                            _stack(scores, members), _stack(metric, members), grids)
+                                            group_scores, group_metric, grids)
             for j, i in enumerate(members):
                 kept[i], rows[i] = out[j], kept_rows[j]
         return kept, rows
+
+    def _relevance(self, features, members, metric, made):
+        """CDPruner's relevance [n, N] of the images `members` (blocks `metric` [n, N, C] in the LLM's input space)
+        to their prompts' instructions, which are made once per call (`made`); also the images' stats scores."""
+        if "instructions" not in made:
+            made["instructions"] = self._instructions(features)
+        relevance = instruction_relevance(metric, _stack(made["instructions"], members))
+        for j, i in enumerate(members):
+            self.last_scores[i] = relevance[j]
+        return relevance
+
+    def _instructions(self, features):
+        """CDPruner's instruction per image [n_img, D] (`prompt.instruction_vectors`) for this call's prompt."""
+        ids, mask = self.call_prompt
+        firsts = [1]
+        for f in features[:-1]:
+            firsts.append(firsts[-1] + f.shape[0])
+        starts = layout_constant(("first placeholders", tuple(firsts)), ids,
+                                 lambda: to_device(torch.tensor(firsts), ids.device))
+        return prompt.instruction_vectors(ids, mask, self.adapter.image_token_id,
+                                          self.adapter.model.get_input_embeddings().weight, starts)
 
     def _recycle_images(self, features, scores, protected, groups):
         """VFlowOpt with recycling (`vlmeff.pruners.infoflow.recycle`), each layout group in one batch: the
@@ -302,6 +338,12 @@ class PreLLMReduction:
         lengths = [L] * B if mask is None or mask.dim() != 2 else mask.sum(dim=1).tolist()
         self.last_scores = []
         self._record([], [], [], lengths, lengths)
+
+
+def _reduces(keep, n, protected):
+    """Whether a budget removes rows of a block of n rows (protected: its bool [n] mask or prefix count)."""
+    free = n - row_layout(n, protected).count
+    return resolve_keep(keep, free) < free
 
 
 def _removed(keep, n, free):

@@ -46,6 +46,27 @@ def kept_tokens(ids, mask, image_token_id, counts, kept_rows):
     return text | (_by_placeholder(is_image, kept_row) & is_image), is_image.sum()
 
 
+def instruction_vectors(ids, mask, image_token_id, table, starts):
+    """Per image, the mean LLM input embedding of its sample's prompt tokens other than image placeholders (the
+    attended ones): [n_img, D] float32, zero for a prompt of placeholders only (CDPruner's instruction, as
+    OpenVINO GenAI ports it to models without a text tower).
+
+    ids, mask [B, L] (mask None: all attended); table: the input embeddings' weight [V, D] (read directly: a call
+    of the module would run its hooks, and a scaled embedding such as Gemma 3's scales every vector alike, which
+    no cosine sees); starts: [n_img]
+    int64 on ids' device, the 1-based ordinal of each image's first placeholder among all of them, row-major (a
+    cached tensor: host ints would cost a copy per call).
+    An image's sample is found on the device (the row of that placeholder): no host read.
+    """
+    is_image = ids == image_token_id
+    text = ~is_image if mask is None else ~is_image & mask.bool()
+    text = text.float()
+    totals = (text[:, None] @ table[ids].float()).squeeze(1)                       # [B, D]
+    mean = totals / text.sum(dim=1, keepdim=True).clamp_min(1)
+    first = torch.searchsorted(is_image.flatten().cumsum(0), starts)              # flat column of each first one
+    return mean[first // ids.shape[1]]
+
+
 def at_placeholders(ids, image_token_id, values):
     """values [P] (one per image placeholder of ids [B, L], in prompt order, row-major) laid out over the prompt:
     [B, L] float, 0 off the placeholders. A gather: no host read."""

@@ -12,12 +12,14 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ..kernels import gather_merge
 from ..pruners import (contextual_merge, drop_tokens, gather_rows, merge_into_kept, pool_views, random_scores,
                        resolve_keep, topk_keep_indices)
-from ..layout import layout_constant, slot_ranges
+from ..pruners.diversity import conditional_dpp, important_and_diverse, max_min_diversity, relevance_scale
+from ..layout import layout_constant, slot_ranges, to_device
 from ..registry import contextual_count
 
 
 def reduce_rows(method, options, x, keep, protected, scores=None, metric=None, grids=None, sizes=None):
-    """Reduce x [n, N, D] with `method` ("cls", "received", "random", "pool" or "visionzip").
+    """Reduce x [n, N, D] with `method` ("cls", "received", "random", "pool", "visionzip" or a selection by
+    diversity: "divprune", "cdpruner", "vispruner", see `_select_diverse`).
 
     protected: rows always kept, outside the budget ([CLS], registers, row separators): an int P (the first P
     rows) or a bool [N] mask, best on the CPU (a device mask is read to the host on every call: a sync; every
@@ -42,6 +44,10 @@ def reduce_rows(method, options, x, keep, protected, scores=None, metric=None, g
     if method == "visionzip":
         prot, free = layout.indices(x.device), layout.free_indices(x.device)
         return _visionzip(x, scores, metric, prot, free, k, options)
+    if method in DIVERSE:
+        rows = _select_diverse(method, options, layout, scores, metric, k)
+        out, sizes = drop_tokens(x, rows, sizes)
+        return out, sizes, rows
     if method == "random":
         # one seeded draw shared by the batch (and every forward): a sequence's subset does not depend on its
         # batch neighbours; the rows depend on the layout only, so they are built once
@@ -77,20 +83,20 @@ class RowLayout:
 
     def mask(self, device):
         """[N] bool on device, True on protected rows."""
-        return layout_constant(("mask", self), _Device(device), lambda: _to_device(
+        return layout_constant(("mask", self), _Device(device), lambda: to_device(
             torch.zeros(self.n, dtype=torch.bool).index_fill_(0, torch.tensor(self.protected, dtype=torch.long),
                                                               True), device))
 
     def indices(self, device):
         """[count] int64 on device: the protected rows."""
         return layout_constant(("protected", self), _Device(device),
-                               lambda: _to_device(torch.tensor(self.protected, dtype=torch.long), device))
+                               lambda: to_device(torch.tensor(self.protected, dtype=torch.long), device))
 
     def free_indices(self, device):
         """[n - count] int64 on device: the other rows."""
         free = sorted(set(range(self.n)) - set(self.protected))
         return layout_constant(("free", self), _Device(device),
-                               lambda: _to_device(torch.tensor(free, dtype=torch.long), device))
+                               lambda: to_device(torch.tensor(free, dtype=torch.long), device))
 
 
 def row_layout(n, protected):
@@ -111,14 +117,6 @@ class _Device:
         self.device = torch.device(device)
 
 
-def _to_device(t, device):
-    """A host tensor on device, without a stream sync on CUDA (pinned, non-blocking copy)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _select(layout, scores, k):
     """Rows to keep [n, count + k], ascending: every protected row and the k best-scored others (scores [n, N])."""
     if layout.count == 0:
@@ -130,6 +128,34 @@ def _select(layout, scores, k):
     else:
         ranked = scores.masked_fill(layout.mask(scores.device), top)
     return topk_keep_indices(ranked, layout.count + k)
+
+
+DIVERSE = ("divprune", "cdpruner", "vispruner")
+
+
+def _select_diverse(method, options, layout, scores, metric, k):
+    """Rows to keep [n, count + k], ascending, for the selections by diversity (`vlmeff.pruners.diversity`), made
+    over the free rows alone (protected rows are kept and take no part): "divprune" by max-min distance of
+    `metric` [n, N, C]; "cdpruner" by the conditional DPP of `metric` with relevance `scores` [n, N] scaled over the
+    free rows (None: the similarity kernel alone); "vispruner" by [CLS] attention `scores` and de-duplication on
+    `metric` (options: important_ratio, step)."""
+    if layout.count:
+        free = layout.free_indices(metric.device)
+        metric, scores = metric[:, free], None if scores is None else scores[:, free]
+    if method == "divprune":
+        picked = max_min_diversity(metric, k)
+    elif method == "cdpruner":
+        if scores is None:
+            relevance = metric.new_ones(metric.shape[:2], dtype=torch.float32)
+        else:
+            relevance = relevance_scale(scores)
+        picked = conditional_dpp(metric, relevance, k)
+    else:
+        picked = important_and_diverse(scores, metric, k, options["important_ratio"], options["step"])
+    if not layout.count:
+        return picked
+    protected = layout.indices(picked.device).expand(picked.shape[0], -1)
+    return torch.cat([protected, free[picked]], dim=1).sort(dim=1).values
 
 
 def _pool_segments(layout, grids, k, n, device):

@@ -45,8 +45,9 @@ class LlavaAdapter(LVLMAdapter):
         return super().capture(patch, scorer, layers, metric)
 
     def encode_reduced(self, image_kwargs, reduce):
-        """Encode with `reduce` (list of per-image rows [N, Dv] -> (kept rows list, kept row indices)) applied to
-        the projector's input. Returns (projected kept features per image, N per image, kept row indices).
+        """Encode with `reduce` (list of per-image rows [N, Dv], optionally the projector's `project` -> (kept rows
+        list, kept row indices)) applied to the projector's input. Returns (projected kept features per image, N per
+        image, kept row indices).
         With `feeds_cls`, each image's [CLS] row goes in front of its reduced rows (see `with_cls_row`)."""
         if image_kwargs.get("image_sizes") is not None:     # towers that split one flat sequence per image size
             features = self.encode(image_kwargs)
@@ -59,7 +60,7 @@ class LlavaAdapter(LVLMAdapter):
         def reduce_input(module, args):
             x = args[0]                                      # [n_img, N, Dv]: LLaVA images share one size
             cls_rows, x = (x[:, :1], x[:, 1:]) if self.feeds_cls else (None, x)
-            kept, rows = reduce(list(x))
+            kept, rows = reduce(list(x), project=module.forward)    # (forward: not this hook again)
             kept, rows = torch.stack(kept), torch.stack(rows)
             if cls_rows is not None and (self.cls_placeholder or kept.shape[1] < x.shape[1]):
                 kept, rows = with_cls_row(cls_rows, kept, rows, self.cls_placeholder)

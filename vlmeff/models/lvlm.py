@@ -85,6 +85,11 @@ class LVLMAdapter:
         its bool [N_i] from `protected_rows`)."""
         return (self.tower.patch_grid(int((~protected).sum())),)
 
+    def input_features(self, blocks):
+        """The channels of feature blocks [..., N, C] that the LLM takes as its input embeddings (where a family
+        carries more in its blocks, e.g. Qwen3-VL's deepstack features): here all of them."""
+        return blocks
+
     def encoder_outputs(self, features):
         """`mm_encoder_outputs` for reduced blocks [k_i, D], in the layout `get_image_features` gives: the list of
         blocks, or, where forward takes a tensor (`stacked_features`: fixed-size images or tiles, all reduced to one

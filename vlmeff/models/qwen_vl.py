@@ -89,6 +89,10 @@ class QwenVLAdapter:
                         for i, f in enumerate(features)]
         return features
 
+    def input_features(self, blocks):
+        """The main merger's channels of blocks [..., N, D * (1 + deepstack layers)]: the LLM's input embeddings."""
+        return blocks[..., :blocks.shape[-1] // (1 + self.deepstack)]
+
     def encoder_outputs(self, features):
         """The `mm_encoder_outputs` the model's forward takes for (reduced) feature blocks."""
         if not self.deepstack:
