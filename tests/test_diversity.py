@@ -288,3 +288,17 @@ def test_composition_with_an_llm_side_method_undoes_exactly(method):
     with vlmeff.patch(model, [(method, {"keep": 1.0}), ("fastv", {"keep": 1.0})]):
         assert torch.equal(logits(model, inputs), ref)
     assert torch.equal(logits(model, inputs), ref) and torch.equal(generate(model, inputs), ref_tokens)
+
+
+def test_conditional_dpp_keeps_k_distinct_rows_past_the_kernels_rank():
+    """Plain-background images give duplicate features: once the kernel's rank is spent, the picks go on to k
+    distinct rows (the reference's sqrt(0) gives NaN and repeated picks there)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 3, 8, generator=g)
+    features = base[:, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])]          # rank 3, 12 rows
+    for relevance in (torch.ones(1, 12), relevance_scale(torch.rand(1, 12, generator=g))):
+        picked = conditional_dpp(features, relevance, 9)
+        assert picked.shape == (1, 9) and len(set(picked[0].tolist())) == 9
+        assert picked[0].tolist() == sorted(picked[0].tolist())
+        first = conditional_dpp(features, relevance, 3)[0].tolist()
+        assert sorted(r % 3 for r in first) == [0, 1, 2]                    # three picks span the rank

@@ -32,17 +32,19 @@ def full_budget(method, model):
 
 
 # a pruning call of each scorer of the engine (VFlowOpt's with its tower stage: the prompt the LLM gets is shorter)
-PRUNED = {"fastv": dict(keep=0.5), "transition": {}, "infoflow": dict(keep=0.5), "dart": dict(keep=0.5)}
+PRUNED = {"fastv": dict(keep=0.5), "transition": {}, "infoflow": dict(keep=0.5), "dart": dict(keep=0.5),
+          "sparsevlm": {}}
 ON_THE_CALLERS_PROMPT = {m: o for m, o in PRUNED.items() if m != "infoflow"}
 
 
 # -- full budget: the unpatched model ------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", LLM_FAMILIES)
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "dart"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "dart", "sparsevlm"])
 def test_full_budget_is_identical_and_unpatch_restores(family, method):
     model, inputs = setup_any(family)
     ref_logits, ref_tokens = logits(model, inputs), generate(model, inputs)
-    with vlmeff.patch(model, method, **full_budget(method, model)) as patch:
+    full = scored_full_budget(method, model) if method == "sparsevlm" else full_budget(method, model)
+    with vlmeff.patch(model, method, **full) as patch:
         assert torch.equal(logits(model, inputs), ref_logits)
         assert torch.equal(generate(model, inputs), ref_tokens)
         tokens = patch.stats["visual_tokens"]
@@ -66,7 +68,7 @@ def scored_full_budget(method, model):
 
 @pytest.mark.parametrize("mode", [m for m in GENERATE_MODES if m not in ("prompt_lookup", "assistant")])
 @pytest.mark.parametrize("family", ["llava", "qwen2", "qwen3"])
-@pytest.mark.parametrize("method", ["transition", "infoflow"])
+@pytest.mark.parametrize("method", ["transition", "infoflow", "sparsevlm"])
 def test_every_generate_mode_at_a_scored_full_budget(family, mode, method):
     """Every mode at full budget, with the scores computed, is the unpatched model's."""
     model, inputs = setup_any(family)
@@ -597,12 +599,39 @@ def test_continuation_with_masked_new_tokens_equals_the_oracle():
     torch.testing.assert_close(out, oracle_logits(model, full, grown, 1), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["fastv", "sparsevlm"])
+def test_a_generated_placeholder_id_is_no_visual_token_when_generate_recomputes(method):
+    """generate(use_cache=False) re-reads the tokens it generated: one that is the video placeholder id (forced here)
+    must not join the visual tokens (or shift SparseVLM's text raters), as the cached run never prunes it."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+    from lvlm_models import VIDEO
+
+    class ForceFirst(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == prompt_length:
+                scores = torch.full_like(scores, float("-inf"))
+                scores[:, VIDEO] = 0.0
+            return scores
+
+    model, inputs = setup_any("qwen2")
+    prompt_length = inputs["input_ids"].shape[1]
+    kw = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True,
+              logits_processor=LogitsProcessorList([ForceFirst()]))
+    with vlmeff.patch(model, method, **PRUNED[method]), torch.no_grad():
+        cached = model.generate(**inputs, **kw)
+        recomputed = model.generate(**inputs, use_cache=False, **kw)
+    assert (cached.sequences[:, prompt_length] == VIDEO).all()
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(recomputed.logits), atol=5e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method, kwargs, launches", [
     ("fastv", dict(keep=1.0), 33),        # the plan and the scoring row only: nothing to drop, the layout stays
     ("fastv", dict(keep=0.25), 88),       # + selection, compaction, gathers, the stage mask, spreading back
     ("pdrop", {}, 272),                   # three stages, each scoring at its own layer (norm, q / k projections)
     ("dart", dict(keep=1.0), 21),         # the plan only: nothing to drop, no pivots
     ("dart", dict(keep=0.25), 114),       # + pivots, similarities, one topk round per pivot, then as fastv
+    ("sparsevlm", {}, 367),               # raters, two stages scored by their rows, recycling by DPC-kNN
 ])
 def test_prefill_launch_counts_are_pinned(method, kwargs, launches):
     """Ops a patch adds to a prefill of tiny LLaVA (the GPU path counts launches: each costs microseconds)."""
@@ -664,7 +693,7 @@ def test_qwen3_vl_moe():
 
 
 @pytest.mark.parametrize("method, options", [("fastv", dict(keep=0.25)), ("transition", {}), ("infoflow", {}),
-                                             ("dart", dict(keep=0.25))])
+                                             ("dart", dict(keep=0.25)), ("sparsevlm", {})])
 def test_torch_compile_of_a_patched_model_equals_eager(method, options):
     """Patch, then compile: the compiled forward prunes like eager; the patch adds one graph break to the
     model's own (the prefill's host read), none while decoding."""

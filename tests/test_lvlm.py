@@ -169,7 +169,7 @@ def test_two_patched_llavas_do_not_interfere():
     (dict(method="cls", keep=4, positions="shuffled"), ValueError, "accepted: compact, original"),
     (dict(method="cls", keep=4, layer=1), ValueError, "feature layer"),
     (dict(method="tome", r=2), ValueError, "methods that do: cdpruner, cls, dart, debiased, divprune, fastv, infoflow, "
-                                           "pdrop, pool, random, received, transition, visionzip, vispruner"),
+                                           "pdrop, pool, random, received, sparsevlm, transition, visionzip, vispruner"),
     (dict(method="cls"), ValueError, "needs keep"),
 ])
 def test_bad_input_is_a_clear_error(kwargs, error, match):

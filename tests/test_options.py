@@ -140,8 +140,8 @@ def test_mrope_model_refuses_compact_positions():
 @pytest.mark.parametrize("method", [{"cls"}, None, 1])
 def test_method_that_is_not_a_string_is_a_type_error(method):
     with pytest.raises(TypeError, match=r"method must be a str, one of cdpruner, cls, dart, debiased, divprune, fastv, "
-                                        r"infoflow, pdrop, pool, random, received, tome, transition, visionzip, "
-                                        r"vispruner \(or a list of \(method, "
+                                        r"infoflow, pdrop, pool, random, received, sparsevlm, tome, transition, "
+                                        r"visionzip, vispruner \(or a list of \(method, "
                                         r"options\) pairs\); got " + re.escape(repr(method))):
         vlmeff.patch(tiny_timm_vit(), method=method, keep=8)
 
@@ -159,10 +159,11 @@ def test_unknown_option_lists_keep_and_suggests_the_closest_name():
 # methods whose budget is not a count, or that need an option: PyramidDrop's keep is an average share of the visual
 # tokens over the decoder layers; Attention Debiasing needs its fitted trend (here the published preset)
 BUDGET_AND_REQUIRED = {"pdrop": (0.75, {}), "transition": (0.75, {}), "debiased": (4, {"schedule": "llava-1.5"}),
-                       "infoflow": (0.5, {})}
+                       "infoflow": (0.5, {}), "sparsevlm": (0.75, {})}
 # the layers the in-LLM defaults scale to on tiny LLaVA's 4 decoder layers, as Patch.config shows them
 RESOLVED = {"fastv": {"layer": 1}, "dart": {"layer": 1}, "debiased": {"layer": 1}, "pdrop": {"layers": [1, 2, 3]},
             "transition": {"layers": [1, 2], "accumulate": [0, 1], "positions": "renumber"},
+            "sparsevlm": {"layers": [1, 2], "positions": "renumber"},
             "infoflow": {"layers": [1, 3], "ratios": [0.9833433139039235, 0.9833433139039235 * 0.8773258179532721]}}
 
 
@@ -186,6 +187,10 @@ def test_every_method_patches_with_its_defaults_and_forward_runs(llava):
                 high, low = p.config["ratios"]
                 assert (1 + 1 * high + 2 * low) / 4 == pytest.approx(keep) and high == pytest.approx(min(1.0, 5 * low))
                 config["ratios"] = p.config["ratios"]
+            if info.name == "sparsevlm":          # the 192-token schedule's last two stages, scaled to the average
+                high, low = p.config["ratios"]
+                assert (1 + 1 * high + 2 * low) / 4 == pytest.approx(keep) and high / low == pytest.approx(200 / 110)
+                config["ratios"] = p.config["ratios"]
             if info.name == "debiased":           # the preset, as loaded
                 config["schedule"] = p.config["schedule"]
                 assert p.config["schedule"]["preset"] == "llava-1.5"
@@ -204,7 +209,7 @@ def test_every_family_bounds_score_layers_by_its_tower_and_patches_with_defaults
                                          rf"{depth - 1}\]"):
         vlmeff.patch(model, "received", keep=4, score_layers=depth)
     has_cls = find_adapter(model).has_cls
-    in_llm = {"fastv", "pdrop", "debiased", "transition", "infoflow", "dart"}
+    in_llm = {"fastv", "pdrop", "debiased", "transition", "infoflow", "dart", "sparsevlm"}
     for info in vlmeff.methods():
         if "lvlm" in info.model_kinds and (has_cls or not info.needs_cls) and not (
                 family == "gemma3" and info.name in in_llm):         # sliding-window LM: refused, see test_llm_stage

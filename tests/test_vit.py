@@ -158,7 +158,7 @@ def test_merge_tracks_sizes_and_changes_output():
     (dict(method="tome"), ValueError, "needs r"),
     (dict(method="magic", keep=8), ValueError,
      "unknown method 'magic'; available: cdpruner, cls, dart, debiased, divprune, fastv, infoflow, pdrop, pool, "
-     "random, received, tome, transition, visionzip, vispruner"),
+     "random, received, sparsevlm, tome, transition, visionzip, vispruner"),
     (dict(method="cls", keep=8, ratio=3), TypeError, "valid: keep, layer, positions, reduce, score_layers"),
     (dict(method="cls", keep=8, reduce="sum"), ValueError, "accepted: drop, merge"),
     (dict(method="cls", keep=8, layer=4), ValueError, r"layer index in \[-4, 3\]"),

@@ -334,6 +334,11 @@ PDROP_LAYERS, PDROP_RATIOS = stage_options("pdrop", "PyramidDrop", "0.5, 0.25, 0
 TRANSITION_LAYERS, TRANSITION_RATIOS = stage_options(
     "transition", "TransPrune", "0.875, 0.625, 0.125 for three stages, lambda = 0.5 per stage otherwise")
 
+SPARSEVLM_LAYERS, SPARSEVLM_RATIOS = stage_options(
+    "sparsevlm", "SparseVLM", "300, 200, 110 of 576: its 192-token schedule; with keep, the schedule of that budget")
+RECYCLE_TOKENS = Option("recycle", True, (bool,),
+                        accepted="True (SparseVLM v1.5: part of the pruned tokens merged into recycled ones) or False")
+
 
 def _transition_layers(ctx):
     """TransPrune's stage layers on the model of `ctx` (the call's, checked before, or the paper's scaled)."""
@@ -520,6 +525,12 @@ register("transition", "Drop visual tokens in stages inside the LLM, ranked by h
 register("dart", "Keep the visual tokens least similar to a few pivot tokens (largest key norms) at decoder layer K, "
          "inside the LLM (DART)", "DART arXiv 2502.11494", ("inside LLM",), ("lvlm",),
          (DART_LAYER, IMAGE_PIVOTS, TEXT_PIVOTS, DART_SPLIT))
+
+
+register("sparsevlm", "Drop visual tokens in three stages inside the LLM, ranked by the attention of text raters "
+         "chosen by relevance to the image, recycling part of the pruned ones into merged tokens (SparseVLM)",
+         "SparseVLM arXiv 2410.04417", ("inside LLM",), ("lvlm",),
+         (SPARSEVLM_LAYERS, SPARSEVLM_RATIOS, RECYCLE_TOKENS, RENUMBER))
 
 
 register("infoflow", "Prune visual tokens after the tower by the attention of its context tokens (+ patch entropy), "

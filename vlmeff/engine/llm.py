@@ -48,6 +48,7 @@ from ..kernels.attention_rows import attention_rows, causal_rows_mean
 from ..pruners.dart import duplication_aware_keep, key_l1_norms, pivot_shares
 from ..pruners.debias import recency_reweighter
 from ..pruners.select import resolve_keep
+from ..pruners.sparsevlm import dpc_knn_merge, recycled_counts, select_raters
 from ..pruners.stages import default_accumulation, plan_stages
 from ..pruners.transition import transition_scores, transition_variation
 from .prompt import IGNORE_INDEX, compaction
@@ -70,6 +71,10 @@ class InLLMReduction:
         # DART: pivots by the keys of the layer before its stage, then the tokens least similar to them
         self.dart = method == "dart"
         self.pivots = (options["image_pivots"], options["text_pivots"], options["split"]) if self.dart else None
+        # SparseVLM: raters from the LLM's input, each stage ranked by their attention at the layer before it, part
+        # of the pruned tokens recycled into merged ones
+        self.sparse = method == "sparsevlm"
+        self.recycle = self.sparse and options["recycle"]
         # VFlowOpt: the stages rank by the tower's scores, handed over by the pre-LLM stage (`Patch.visual_scores`)
         self.given = method == "infoflow"
         self.given_now = None                  # those scores for the base-model call running, [B, L]
@@ -190,7 +195,7 @@ class InLLMReduction:
         past = 0 if cache is None else cache.get_seq_length()
         if past or visual is None or visual.shape != _embeds(args, kwargs).shape[:2]:
             return
-        self.call = self._plan(visual, mask, cache)
+        self.call = self._plan(visual, mask, cache, _embeds(args, kwargs))
         if self.call is not None and self.given:
             if given is None:
                 raise ValueError("infoflow ranks the LLM's visual tokens by the vision tower's scores, which come with "
@@ -252,21 +257,25 @@ class InLLMReduction:
         return out.gather(1, call.back[..., None].expand(-1, -1, out.shape[-1]))
 
     # -- prefill ------------------------------------------------------------------------------------------------
-    def _plan(self, visual, mask, cache):
+    def _plan(self, visual, mask, cache, embeds):
         """The call state of a prefill: the one host read (visual tokens and prompt length per sample) fixes the
-        kept counts and stage lengths."""
+        kept counts and stage lengths. embeds: the LLM's input [B, L, D] (or its ids [B, L, 1])."""
         B, L = visual.shape
         valid = torch.ones_like(visual) if mask is None else mask.bool()
         # where the scoring query sits: the last attended column of the caller's prompt
         columns = torch.arange(L, device=visual.device)
         in_prompt = valid if self.prompt_columns is None else valid & (columns < self.prompt_columns)
+        if self.prompt_columns is not None:
+            # generate without a cache re-reads its own tokens: one that happens to be a placeholder id is no visual
+            # token (the cached run never prunes generated tokens)
+            visual = visual & (columns < self.prompt_columns)
         query = torch.where(in_prompt, columns, -1).amax(1).clamp(min=0)     # an all-padding row: column 0
         counted = [visual.sum(1), valid.sum(1)]
         if self.dart:                  # DART's text pivots: the prompt tokens after the last visual one
             last_visual = torch.where(visual, columns, -1).amax(1, keepdim=True)
             text = valid & ~visual & (columns > last_visual) & (columns <= query[:, None])
             counted.append(text.sum(1))
-        if self.transition and self.score != "ttv":
+        if (self.transition and self.score != "ttv") or self.sparse:
             start, rows = _instruction_span(visual, query)
             counted.append(rows.amax()[None])              # the instruction rows' count is a shape: read with these
         values = torch.cat(counted).tolist()
@@ -275,9 +284,15 @@ class InLLMReduction:
             self._record_unpruned(n_valid)
             return None
         kept = []                                  # per stage, visual tokens kept per sample (host ints)
+        top = []                                   # SparseVLM: of those, the top-ranked; the others are recycled
+        recycled = []                              # SparseVLM: per stage and sample, (candidates, clusters)
         for stage in self.stages:
             previous = kept[-1] if kept else n_visual
             kept.append([min(p, _resolve(stage.keep, n)) for p, n in zip(previous, n_visual)])
+            if self.sparse:
+                top.append(kept[-1])
+                recycled.append([recycled_counts(p - k) if self.recycle else (0, 0) for p, k in zip(previous, top[-1])])
+                kept[-1] = [k + c for k, (_, c) in zip(top[-1], recycled[-1])]
         if self.dart:                  # one stage; "reference" splits may keep a few more than the budget
             plans = [pivot_shares(k, n, t, *self.pivots) for k, n, t in zip(kept[0], n_visual, values[2 * B:3 * B])]
             kept[0] = [total for _, _, total in plans]
@@ -287,13 +302,25 @@ class InLLMReduction:
                     [max(column) for column in zip(*(shares for _, shares, _ in plans))])
         # the kept counts go to the device now, while the read above has emptied its queue: a host-to-device copy
         # inside the decoder loop would wait for the layers queued before it
-        counts = torch.tensor(kept, device=visual.device)
+        planned = [kept]
+        if self.sparse:
+            planned += [top] + [[[r[j] for r in stage] for stage in recycled] for j in range(2)]
+        planned = torch.tensor(planned, device=visual.device)
+        counts = planned[0]
         call = _Call(counts=counts, cache=cache, mask=mask, visual=visual, valid=valid, query=query, n_visual=n_visual,
                      n_valid=n_valid, kept=kept, length=L, labels=self.labels)
         if self.renumber:            # per stage, the visual tokens dropped so far: new tokens' position shift
             call.shifts = torch.tensor(n_visual, device=visual.device) - counts
         if self.transition and self.score != "ttv":
             call.instruction = _instruction_rows(start, rows, query, values[-1])
+        if self.sparse:
+            columns, weight = _instruction_rows(start, rows, query, values[-1])
+            embeds = self.decoder.model.embed_tokens.weight[embeds[..., 0]] if embeds.shape[-1] == 1 else embeds
+            call.raters = (columns, select_raters(embeds, visual, columns, weight > 0))
+            # per stage: the top-ranked counts [S, B], the recycled candidates and clusters [S, B], their maxima
+            call.sparse = (planned[1], planned[2], planned[3], [(max(r[0] for r in stage), max(r[1] for r in stage))
+                                                                for stage in recycled])
+            call.top = top
         if self.dart:
             call.dart = (text, *dart)
         return call
@@ -315,12 +342,14 @@ class InLLMReduction:
         else:
             if self.reweight is not None:
                 scores = self.reweight(scores, call.scores[-1].ordinals, s)
-            k = call.counts[s]
-            k_max = max(kept)
+            k = call.sparse[0][s] if self.sparse else call.counts[s]
+            k_max = max(call.top[s]) if self.sparse else max(kept)    # host ints
             kept_visual = torch.zeros_like(call.visual_now)
             if k_max:
                 top = scores.masked_fill(~call.visual_now, float("-inf")).topk(k_max, dim=1).indices
                 kept_visual.scatter_(1, top, torch.arange(k_max, device=hidden.device) < k[:, None])
+            if self.recycle:
+                hidden = self._recycle(call, s, scores, kept_visual, hidden)
         B = call.visual_now.shape[0]
         keep = ~call.visual_now | kept_visual
         if call.filled_now is not None:
@@ -355,6 +384,23 @@ class InLLMReduction:
             call.stage_shifts.append(call.shifts[s])
         return self._next_stage(call, pruned)
 
+    def _recycle(self, call, s, scores, kept_visual, hidden):
+        """SparseVLM's recycling at stage s: the highest-scored pruned tokens (`recycled_counts`) cluster by DPC-kNN
+        on their hidden states (the output of the layer before the stage) and each cluster's mean takes its centre's
+        column, which is kept (`kept_visual` [B, L_now] updated). Returns the hidden states with the merged tokens."""
+        _, candidates, clusters = (t[s] for t in call.sparse[:3])
+        widest, most = call.sparse[3][s]
+        if not most:
+            return hidden
+        pruned = call.visual_now & ~kept_visual
+        columns = scores.masked_fill(~pruned, float("-inf")).topk(widest, dim=1).indices      # descending score
+        centres, merged = dpc_knn_merge(_gather_rows(hidden, columns), candidates, clusters, most)
+        centres = columns.gather(1, centres)                                                 # distinct columns
+        live = torch.arange(most, device=hidden.device) < clusters[:, None]
+        kept_visual.scatter_(1, centres, live | kept_visual.gather(1, centres))
+        merged = torch.where(live[..., None], merged.to(hidden.dtype), _gather_rows(hidden, centres))
+        return hidden.scatter(1, centres[..., None].expand(-1, -1, hidden.shape[-1]), merged)
+
     def _next_stage(self, call, hidden):
         call.stage += 1
         if call.stage == len(self.stages):
@@ -366,6 +412,8 @@ class InLLMReduction:
         TransPrune's score for `transition`."""
         if self.transition:
             return self._transition_scores(call, stage, hidden, rope)
+        if self.sparse:
+            return self._rater_scores(call, stage)
         if self.given:
             return call.given if call.origin is None else call.given.gather(1, call.origin)
         dec = self.decoder
@@ -399,6 +447,19 @@ class InLLMReduction:
         # the norm's own forward: its hook (`_spread_back`) is for the model's output, not this read
         return duplication_aware_keep(dec.norm.forward(hidden), key_l1_norms(keys), call.visual, text,
                                       plan[:, 0], plan[:, 1], plan[:, 2:], widths, image_slots)
+
+    def _rater_scores(self, call, stage):
+        """SparseVLM: the raters' attention rows at the layer before the stage (head mean, then the mean over the
+        raters), from that layer's captured q / k: [B, L_now]."""
+        dec = self.decoder
+        captured = self.captured[stage.score_layer]
+        rows, weight = call.raters
+        rows = rows if call.origin is None else call.back.gather(1, rows)
+        B = captured["k"].shape[0]
+        cos, sin = (t.expand(B, -1, -1) for t in captured["rope"])
+        q, k = dec.query_key(stage.score_layer, _gather_rows(captured["q"], rows), captured["k"],
+                             (_gather_rows(cos, rows), _gather_rows(sin, rows)), (cos, sin))
+        return causal_rows_mean(q, k, dec.attention(stage.score_layer).scaling, rows, weight, call.valid_now)
 
     def _transition_scores(self, call, stage, hidden, rope):
         """TransPrune: the summed TTV so far plus the stage layer's instruction-guided attention [B, L_now]: the
@@ -543,6 +604,7 @@ class _Call:
         self.ttv = self.instruction = None      # TransPrune: summed TTV [B, L_now]; the instruction rows, weights
         self.given = None                       # VFlowOpt: the tower's scores over the caller's columns [B, L]
         self.dart = None                        # DART: (text columns [B, L], [B, 2 + P] pivots and shares, widths)
+        self.raters = self.sparse = self.top = None   # SparseVLM: (rater columns, weights); its recycling plan
 
     def advance(self, source, filled, new_length):
         """Move to the layout whose column j takes current column source[:, j] (a pad slot where not filled)."""
@@ -634,7 +696,7 @@ def first_prunable_layer(adapter):
 
 
 # the methods whose stages `plan_stages` lays out
-STAGED = ("fastv", "pdrop", "debiased", "transition", "infoflow", "dart")
+STAGED = ("fastv", "pdrop", "debiased", "transition", "infoflow", "dart", "sparsevlm")
 
 
 def resolved_stages(model, adapter, method, keep, options):
@@ -649,13 +711,13 @@ def resolved_stages(model, adapter, method, keep, options):
         options["layer"] = stages[0].layer
     else:
         options["layers"], options["ratios"] = [s.layer for s in stages], [s.keep for s in stages]
+    if method in ("transition", "sparsevlm") and options["positions"] is None:
+        options["positions"] = "original" if adapter.mrope else "renumber"
     if method == "transition":
         depth = adapter.decoder.depth
         if options["accumulate"] is None:
             options["accumulate"] = list(default_accumulation(options["layers"]))
         options["accumulate"] = [i % depth for i in options["accumulate"]]
-        if options["positions"] is None:
-            options["positions"] = "original" if adapter.mrope else "renumber"
     if method == "debiased":
         options["schedule"] = load_schedule(options["schedule"], model, method, options["base"],
                                             stages[0].score_layer)
@@ -670,10 +732,11 @@ def check_llm_budget(method, keep, options):
     if base in ("fastv", "dart") and keep is None:
         raise ValueError(f"method {method!r} needs keep (visual tokens kept per sample after layer K: an int count "
                          "or a ratio in (0, 1])")
-    if base in ("pdrop", "transition") and keep is not None and (not isinstance(keep, float)
+    if base in ("pdrop", "transition", "sparsevlm") and keep is not None and (not isinstance(keep, float)
                                                                  or options.get("ratios") is not None):
-        ratios = ("TransPrune's ratios 0.875 : 0.625 : 0.125 scaled by one factor" if base == "transition"
-                  else "the ratios lambda, lambda^2, ...")
+        ratios = {"transition": "TransPrune's ratios 0.875 : 0.625 : 0.125 scaled by one factor",
+                  "sparsevlm": "SparseVLM's schedule of that budget (192, 128, 96 or 64 of 576) or the nearest one's "
+                               "shape scaled by one factor"}.get(base, "the ratios lambda, lambda^2, ...")
         raise ValueError(f"method {method!r}: keep={keep!r} with staged pruning is the average share of the "
                          f"visual tokens the decoder layers see, a float ratio in (0, 1], which sets {ratios}; give "
                          "either keep or ratios=[...], not both, and no token count")

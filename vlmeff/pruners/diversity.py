@@ -65,29 +65,33 @@ def conditional_dpp(features, relevance, k):
     (Chen et al., NeurIPS 2018's fast incremental Cholesky form) of the DPP with kernel L = diag(r) S diag(r),
     S the cosine similarities of the rows (not shifted), r = relevance [n, N] (> 0, `relevance_scale`).
 
-    Every step picks the row of largest marginal gain d2 (the lower row on ties), adds its orthogonalised kernel
-    row e = (L[j] - sum_s c_s[j] c_s) / sqrt(d2[j]) to the basis and lowers every gain by e^2; a picked row's
-    gain is -inf. Exactly k steps, no early stop, as the reference; the one guard: d2[j] is floored at the
-    smallest normal float before its square root (the reference divides by sqrt(0) or of a round-off negative when
-    the kernel's rank is below k, which gives NaN picks).
-    Returns the picked rows [n, k], ascending. Launches: about 10 per pick, no host sync.
+    Every step picks the unpicked row of largest marginal gain d2 (the lower row on ties), adds its orthogonalised
+    kernel row e = (L[j] - sum_s c_s[j] c_s) / sqrt(d2[j]) to the basis and lowers every gain by e^2. Exactly k
+    steps, no early stop, as the reference. One guard: a pick whose gain is at most 1e-10 (the kernel's rank is
+    spent: duplicate rows, or k above the feature dimension) adds nothing (e = 0), so the remaining picks go to the
+    unpicked rows by the gains left, always k distinct rows; the reference divides by sqrt(0) or by the root of a
+    round-off negative there, which gives NaN and repeated picks.
+    Returns the picked rows [n, k], ascending. Launches: about 12 per pick, no host sync.
     """
     n, N, _ = features.shape
     kernel = relevance[:, :, None] * cosine_matrix(features) * relevance[:, None, :]
     gain = (relevance * relevance).float()          # diag(L) = r^2 (S_ii = 1 exactly, not as rounded: equal
                                                     # relevances tie, and go to the lower row)
+    taken = torch.zeros_like(gain, dtype=torch.bool)
     basis = kernel.new_zeros(n, k, N)
     picks = []
     for step in range(k):
-        pick = gain.argmax(dim=1)
+        pick = gain.masked_fill(taken, float("-inf")).argmax(dim=1)
         picks.append(pick)
+        taken = taken.scatter(1, pick[:, None], True)
         e = _row_of(kernel, pick)
         if step:
             known = basis[:, :step]                                           # [n, step, N]
             e = e - (known.gather(2, pick[:, None, None].expand(-1, step, 1)) * known).sum(dim=1)
-        e = e / gain.gather(1, pick[:, None]).clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+        left = gain.gather(1, pick[:, None])
+        e = e * torch.where(left > 1e-10, left.clamp_min(1e-10).rsqrt(), 0.0)
         basis[:, step] = e
-        gain = (gain - e * e).scatter(1, pick[:, None], float("-inf"))
+        gain = gain - e * e
     return torch.stack(picks, dim=1).sort(dim=1).values
 
 

@@ -21,6 +21,14 @@ VFLOWOPT_25 = dict(vit_keep=0.2651026358526424, llm_keep=(0.9833433139039235, 0.
                    threshold=34.759552803070484, grid=15.580797034937687, entropy_weight=0.0)
 VFLOWOPT_RATIOS = (VFLOWOPT_25["llm_keep"][0], VFLOWOPT_25["llm_keep"][0] * VFLOWOPT_25["llm_keep"][1])
 
+# SparseVLM (its code's v1.5, LLaVA-1.5-7B): prunes the outputs of layers 2, 6, 15 (0-indexed), i.e. the inputs of
+# layers 3, 7, 16, ranked by the attention of the layer before; its top-k counts per stage for each budget (the
+# layer-average visual tokens it reports) of 576 visual tokens, before the recycled tokens are added
+SPARSEVLM_LAYERS = (3, 7, 16)
+SPARSEVLM_TOKENS = 576
+SPARSEVLM_SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
+SPARSEVLM_RATIOS = tuple(n / SPARSEVLM_TOKENS for n in SPARSEVLM_SCHEDULES[192])
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -55,7 +63,7 @@ def scaled_schedule(layers, ratios, depth, first=1, paper_depth=PAPER_DEPTH):
 
 
 PAPER_SCHEDULES = {"pdrop": (PDROP_LAYERS, PDROP_RATIOS), "transition": (TRANSPRUNE_LAYERS, TRANSPRUNE_RATIOS),
-                   "infoflow": (VFLOWOPT_LAYERS, VFLOWOPT_RATIOS)}
+                   "infoflow": (VFLOWOPT_LAYERS, VFLOWOPT_RATIOS), "sparsevlm": (SPARSEVLM_LAYERS, SPARSEVLM_RATIOS)}
 PAPER_DEPTHS = {"infoflow": VFLOWOPT_DEPTH}          # the others' papers set their layers on 32
 
 
@@ -136,11 +144,32 @@ def plan_stages(method, keep, options, depth, first=1):
     elif ratios is None:
         ratios = stage_ratios(base, len(layers))
     layers = [layer % depth for layer in layers]
-    if keep is not None and base == "transition":      # an average budget: the paper's shape, scaled to meet it
+    if keep is not None and base == "sparsevlm":
+        exact, shape = sparsevlm_schedule(keep)
+        if options.get("layers") is None:
+            layers, shape = scaled_schedule(SPARSEVLM_LAYERS, shape, depth, first)
+        elif len(layers) != len(shape):
+            shape = default_ratios(len(layers))
+        if not exact or len(layers) != len(SPARSEVLM_LAYERS):
+            shape = scaled_shape_ratios(keep, shape, layers, depth)
+        ratios = shape
+    elif keep is not None and base == "transition":    # an average budget: the paper's shape, scaled to meet it
         ratios = scaled_shape_ratios(keep, ratios, layers, depth)
     elif keep is not None:               # an average budget: the geometric ratios lambda ** s that meet it
         ratios = average_budget_ratios(keep, layers, depth)
-    return [Stage(layer, ratio, layer) for layer, ratio in zip(layers, ratios)]
+    # SparseVLM ranks by the attention of the layer before each stage, the others by the stage layer's own
+    score_offset = 1 if base == "sparsevlm" else 0
+    return [Stage(layer, ratio, layer - score_offset) for layer, ratio in zip(layers, ratios)]
+
+
+def sparsevlm_schedule(keep):
+    """(exact, ratios): SparseVLM's schedule (its top-k counts / 576 per stage) for the budget nearest keep * 576
+    of the reference's 192, 128, 96 and 64, and whether keep is that budget. `plan_stages` uses it as it is for an
+    exact budget on three stages, and otherwise scales its shape so that the decoder layers see `keep` of the
+    visual tokens on average, the recycled tokens not counted (`scaled_shape_ratios`)."""
+    tokens = keep * SPARSEVLM_TOKENS
+    budget = min(SPARSEVLM_SCHEDULES, key=lambda b: (abs(b - tokens), -b))
+    return abs(tokens - budget) < 1e-6, tuple(n / SPARSEVLM_TOKENS for n in SPARSEVLM_SCHEDULES[budget])
 
 
 def stage_ratios(method, n):
