@@ -138,7 +138,7 @@ def direct_sparsevlm(model, inputs, plan, recycle, renumber):
             rope = lm.rotary_emb(h, pos0[None])
             score = None
             for i, layer in enumerate(lm.layers):
-                stage = next((s for s, (l, _) in enumerate(plan) if l == i), None)
+                stage = next((s for s, (at, _) in enumerate(plan) if at == i), None)
                 if stage is not None:
                     vis = [j for j, o in enumerate(origin) if visual0[o]]
                     k = min(now, max(1, min(n, round(plan[stage][1] * n))))
@@ -161,7 +161,7 @@ def direct_sparsevlm(model, inputs, plan, recycle, renumber):
                     if renumber:
                         pos = pos - torch.tensor([sum(d < o for d in dropped) for o in origin])
                     rope = lm.rotary_emb(h, pos[None])
-                if any(l == i + 1 for l, _ in plan):
+                if any(at == i + 1 for at, _ in plan):
                     probs = attention_probs(layer, h, rope)
                     rows = [origin.index(r) for r in raters]
                     score = probs[rows].mean(0)

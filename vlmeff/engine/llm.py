@@ -195,7 +195,7 @@ class InLLMReduction:
         past = 0 if cache is None else cache.get_seq_length()
         if past or visual is None or visual.shape != _embeds(args, kwargs).shape[:2]:
             return
-        self.call = self._plan(visual, mask, cache, _embeds(args, kwargs))
+        self.call = self._plan(visual, mask, cache, kwargs.get("inputs_embeds"))
         if self.call is not None and self.given:
             if given is None:
                 raise ValueError("infoflow ranks the LLM's visual tokens by the vision tower's scores, which come with "
@@ -259,7 +259,7 @@ class InLLMReduction:
     # -- prefill ------------------------------------------------------------------------------------------------
     def _plan(self, visual, mask, cache, embeds):
         """The call state of a prefill: the one host read (visual tokens and prompt length per sample) fixes the
-        kept counts and stage lengths. embeds: the LLM's input [B, L, D] (or its ids [B, L, 1])."""
+        kept counts and stage lengths. embeds: the LLM's input [B, L, D] (the base model embeds the prompt first)."""
         B, L = visual.shape
         valid = torch.ones_like(visual) if mask is None else mask.bool()
         # where the scoring query sits: the last attended column of the caller's prompt
@@ -315,7 +315,6 @@ class InLLMReduction:
             call.instruction = _instruction_rows(start, rows, query, values[-1])
         if self.sparse:
             columns, weight = _instruction_rows(start, rows, query, values[-1])
-            embeds = self.decoder.model.embed_tokens.weight[embeds[..., 0]] if embeds.shape[-1] == 1 else embeds
             call.raters = (columns, select_raters(embeds, visual, columns, weight > 0))
             # per stage: the top-ranked counts [S, B], the recycled candidates and clusters [S, B], their maxima
             call.sparse = (planned[1], planned[2], planned[3], [(max(r[0] for r in stage), max(r[1] for r in stage))
