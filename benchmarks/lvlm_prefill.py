@@ -13,7 +13,8 @@ keep=1.0 vs unpatched; target <= 2%).
     python benchmarks/lvlm_prefill.py --suite llm --llm-layers 4   # CPU: inside the LLM (FastV K = 1 of 4)
     python benchmarks/lvlm_prefill.py --suite transition --llm-layers 4   # CPU: TransPrune beside PyramidDrop
     python benchmarks/lvlm_prefill.py --suite infoflow --llm-layers 4     # CPU: VFlowOpt beside received
-    python benchmarks/lvlm_prefill.py --suite diversity --llm-layers 4    # CPU: DivPrune, CDPruner, VisPruner, DART
+    python benchmarks/lvlm_prefill.py --suite diversity --llm-layers 4    # CPU: DivPrune, CDPruner, VisPruner, DART,
+                                                                          #   SparseVLM
 """
 import argparse
 
@@ -36,11 +37,13 @@ SUITES = {
             "fastv keep=0.5": dict(method="fastv", keep=0.5), "fastv keep=0.25": dict(method="fastv", keep=0.25),
             "pdrop (lambda 0.5)": dict(method="pdrop"),
             "cls 192 + fastv 0.5": dict(method=[("cls", {"keep": 192}), ("fastv", {"keep": 0.5})])},
-    # the selections by diversity before the LLM, beside cls at the same budgets and DART inside the LLM
+    # the selections by diversity before the LLM, beside cls at the same budgets, and DART and SparseVLM inside it
     "diversity": {"unpatched": None, "cdpruner keep=1.0 (overhead)": dict(method="cdpruner", keep=1.0),
                   **{f"{m} keep={k}": dict(method=m, keep=k) for k in (192, 64)
                      for m in ("cls", "divprune", "cdpruner", "vispruner")},
-                  "dart keep=64": dict(method="dart", keep=64)},
+                  "dart keep=64": dict(method="dart", keep=64),
+                  "sparsevlm (its 192 schedule)": dict(method="sparsevlm"),
+                  "sparsevlm keep=0.3": dict(method="sparsevlm", keep=0.3)},
     "transition": None,         # transition_suite(depth): its full budget has one ratio per stage of the depth
     "infoflow": None,           # infoflow_suite(depth): likewise
 }
@@ -94,7 +97,7 @@ def main():
     parser.add_argument("--suite", choices=SUITES, default="pre",
                         help="pre: cls before the LLM; llm: FastV, PyramidDrop inside it and cls + FastV; "
                              "transition: TransPrune beside PyramidDrop; infoflow: VFlowOpt beside received; "
-                             "diversity: DivPrune, CDPruner, VisPruner beside cls, and DART")
+                             "diversity: DivPrune, CDPruner, VisPruner beside cls, DART and SparseVLM")
     args = parser.parse_args()
     device, dtype = device_and_dtype(args)
 

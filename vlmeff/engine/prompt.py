@@ -53,10 +53,9 @@ def instruction_vectors(ids, mask, image_token_id, table, starts):
 
     ids, mask [B, L] (mask None: all attended); table: the input embeddings' weight [V, D] (read directly: a call
     of the module would run its hooks, and a scaled embedding such as Gemma 3's scales every vector alike, which
-    no cosine sees); starts: [n_img]
-    int64 on ids' device, the 1-based ordinal of each image's first placeholder among all of them, row-major (a
-    cached tensor: host ints would cost a copy per call).
-    An image's sample is found on the device (the row of that placeholder): no host read.
+    no cosine sees); starts: [n_img] int64 on ids' device, the 1-based ordinal of each image's first placeholder
+    among all of them, row-major (a cached tensor: host ints would cost a copy per call). An image's sample is found
+    on the device (the row of that placeholder): no host read.
     """
     is_image = ids == image_token_id
     text = ~is_image if mask is None else ~is_image & mask.bool()
