@@ -195,6 +195,31 @@ def test_the_engine_equals_the_direct_decoder_run(recycle, positions, keep):
     assert [counts[f"after LLM layer {layer}"] for layer, _ in plan] == [[t, t] for t in totals]
 
 
+def test_a_576_token_image_keeps_the_counts_of_the_resolved_schedule():
+    """LLaVA-1.5's 576 tokens on a 4-layer LM: the stages keep round(ratio * 576) of Patch.config's ratios plus
+    the recycled clusters, for the default schedule and for a budget whose shape is scaled."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=336, patch_size=14)
+    text = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=250,
+                                                      vision_feature_layer=-2)).eval()
+    inputs = dict(input_ids=torch.tensor([[1, 5, 6] + [250] * 576 + [7, 8, 9]]),
+                  pixel_values=torch.randn(1, 3, 336, 336))
+    for keep, expected in ((None, [212, 114]), (0.3, [71, 32])):
+        with vlmeff.patch(model, "sparsevlm", keep=keep) as patch, torch.no_grad():
+            model(**inputs)
+        now, counts = 576, []
+        for ratio in patch.config["ratios"]:
+            top = min(now, round(ratio * 576))
+            now = top + recycled_counts(now - top)[1]
+            counts.append(now)
+        assert counts == expected
+        assert [patch.stats["visual_tokens"][f"after LLM layer {layer}"] for layer in (1, 2)] == [[c] for c in counts]
+
+
 def test_full_budget_is_identical_and_batches_equal_samples_and_cache_is_consistent():
     model, inputs = setup_any("llava")
     ref, ref_tokens = logits(model, inputs), generate(model, inputs)

@@ -145,14 +145,8 @@ def plan_stages(method, keep, options, depth, first=1):
         ratios = stage_ratios(base, len(layers))
     layers = [layer % depth for layer in layers]
     if keep is not None and base == "sparsevlm":
-        exact, shape = sparsevlm_schedule(keep)
-        if options.get("layers") is None:
-            layers, shape = scaled_schedule(SPARSEVLM_LAYERS, shape, depth, first)
-        elif len(layers) != len(shape):
-            shape = default_ratios(len(layers))
-        if not exact or len(layers) != len(SPARSEVLM_LAYERS):
-            shape = scaled_shape_ratios(keep, shape, layers, depth)
-        ratios = shape
+        if options.get("ratios") is None:     # else: the ratios this keep resolved to at patch time, as they are
+            layers, ratios = sparsevlm_stages(keep, options.get("layers") is None, layers, depth, first)
     elif keep is not None and base == "transition":    # an average budget: the paper's shape, scaled to meet it
         ratios = scaled_shape_ratios(keep, ratios, layers, depth)
     elif keep is not None:               # an average budget: the geometric ratios lambda ** s that meet it
@@ -160,6 +154,21 @@ def plan_stages(method, keep, options, depth, first=1):
     # SparseVLM ranks by the attention of the layer before each stage, the others by the stage layer's own
     score_offset = 1 if base == "sparsevlm" else 0
     return [Stage(layer, ratio, layer - score_offset) for layer, ratio in zip(layers, ratios)]
+
+
+def sparsevlm_stages(keep, paper_layers, layers, depth, first=1):
+    """(layers, ratios) of SparseVLM for a budget `keep` on `depth` layers: the paper's stage layers scaled
+    (`paper_layers`) or `layers` as given, with the ratios of `sparsevlm_schedule`: the reference's own at one of
+    its budgets on three stages, otherwise the schedule's shape (PyramidDrop's lambda ** s for another number of
+    explicit stages) scaled to the average share keep."""
+    exact, shape = sparsevlm_schedule(keep)
+    if paper_layers:
+        layers, shape = scaled_schedule(SPARSEVLM_LAYERS, shape, depth, first)
+    elif len(layers) != len(shape):
+        shape = default_ratios(len(layers))
+    if exact and len(layers) == len(SPARSEVLM_LAYERS):
+        return layers, shape
+    return layers, scaled_shape_ratios(keep, shape, layers, depth)
 
 
 def sparsevlm_schedule(keep):
