@@ -316,10 +316,8 @@ class InLLMReduction:
         if self.sparse:
             columns, weight = _instruction_rows(start, rows, query, values[-1])
             call.raters = (columns, select_raters(embeds, visual, columns, weight > 0))
-            # per stage: the top-ranked counts [S, B], the recycled candidates and clusters [S, B], their maxima
-            call.sparse = (planned[1], planned[2], planned[3], [(max(r[0] for r in stage), max(r[1] for r in stage))
-                                                                for stage in recycled])
-            call.top = top
+            call.sparse = _SparsePlan(top=planned[1], candidates=planned[2], clusters=planned[3], top_host=top,
+                                      widths=[tuple(max(column) for column in zip(*stage)) for stage in recycled])
         if self.dart:
             call.dart = (text, *dart)
         return call
@@ -341,8 +339,8 @@ class InLLMReduction:
         else:
             if self.reweight is not None:
                 scores = self.reweight(scores, call.scores[-1].ordinals, s)
-            k = call.sparse[0][s] if self.sparse else call.counts[s]
-            k_max = max(call.top[s]) if self.sparse else max(kept)    # host ints
+            k = call.sparse.top[s] if self.sparse else call.counts[s]
+            k_max = max(call.sparse.top_host[s] if self.sparse else kept)    # host ints
             kept_visual = torch.zeros_like(call.visual_now)
             if k_max:
                 top = scores.masked_fill(~call.visual_now, float("-inf")).topk(k_max, dim=1).indices
@@ -387,8 +385,9 @@ class InLLMReduction:
         """SparseVLM's recycling at stage s: the highest-scored pruned tokens (`recycled_counts`) cluster by DPC-kNN
         on their hidden states (the output of the layer before the stage) and each cluster's mean takes its centre's
         column, which is kept (`kept_visual` [B, L_now] updated). Returns the hidden states with the merged tokens."""
-        _, candidates, clusters = (t[s] for t in call.sparse[:3])
-        widest, most = call.sparse[3][s]
+        plan = call.sparse
+        candidates, clusters = plan.candidates[s], plan.clusters[s]
+        widest, most = plan.widths[s]
         if not most:
             return hidden
         pruned = call.visual_now & ~kept_visual
@@ -562,6 +561,20 @@ class StageScores:
         return ordinals if self.origin is None else ordinals.gather(1, self.origin)
 
 
+@dataclass(frozen=True)
+class _SparsePlan:
+    """SparseVLM's counts for a prefill, per stage s and sample: `top` [S, B] the top-ranked tokens kept,
+    `candidates` / `clusters` [S, B] the pruned tokens recycled and the merged tokens they make (`recycled_counts`),
+    on the device; `top_host` the same top counts on the host, `widths` per stage the host maxima of candidates and
+    clusters over the samples (the shapes of the recycling)."""
+
+    top: torch.Tensor
+    candidates: torch.Tensor
+    clusters: torch.Tensor
+    top_host: list
+    widths: list
+
+
 @dataclass
 class _CacheState:
     """What a pruned cache needs on later calls: the prompt's column count and, per stage, (first layer, the 2-D
@@ -603,7 +616,7 @@ class _Call:
         self.ttv = self.instruction = None      # TransPrune: summed TTV [B, L_now]; the instruction rows, weights
         self.given = None                       # VFlowOpt: the tower's scores over the caller's columns [B, L]
         self.dart = None                        # DART: (text columns [B, L], [B, 2 + P] pivots and shares, widths)
-        self.raters = self.sparse = self.top = None   # SparseVLM: (rater columns, weights); its recycling plan
+        self.raters = self.sparse = None        # SparseVLM: (rater columns, weights); its `_SparsePlan`
 
     def advance(self, source, filled, new_length):
         """Move to the layout whose column j takes current column source[:, j] (a pad slot where not filled)."""

@@ -28,6 +28,7 @@ reduced prompt, in `Patch.visual_scores` for the in-LLM stage of the same call.
 """
 import functools
 import inspect
+from itertools import accumulate
 
 import torch
 
@@ -255,10 +256,8 @@ class PreLLMReduction:
     def _instructions(self, features):
         """CDPruner's instruction per image [n_img, D] (`prompt.instruction_vectors`) for this call's prompt."""
         ids, mask = self.call_prompt
-        firsts = [1]
-        for f in features[:-1]:
-            firsts.append(firsts[-1] + f.shape[0])
-        starts = layout_constant(("first placeholders", tuple(firsts)), ids,
+        firsts = tuple(accumulate([1] + [f.shape[0] for f in features[:-1]]))
+        starts = layout_constant(("first placeholders", firsts), ids,
                                  lambda: to_device(torch.tensor(firsts), ids.device))
         return prompt.instruction_vectors(ids, mask, self.adapter.image_token_id,
                                           self.adapter.model.get_input_embeddings().weight, starts)

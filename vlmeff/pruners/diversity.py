@@ -17,11 +17,6 @@ def cosine_matrix(features):
     return unit @ unit.transpose(1, 2)
 
 
-def _row_of(matrix, index):
-    """matrix [n, N, M] at rows index [n] -> [n, M]: one gather."""
-    return matrix.gather(1, index[:, None, None].expand(-1, 1, matrix.shape[2])).squeeze(1)
-
-
 def max_min_diversity(features, k):
     """DivPrune (Alvar et al., CVPR 2025): the k rows of features [n, N, C] picked greedily by max-min distance,
     the distance being 1 - cosine. The first pick is the row whose nearest other row is farthest (per row the
@@ -38,7 +33,7 @@ def max_min_diversity(features, k):
     for step in range(k):
         pick = score.argmax(dim=1)
         picks.append(pick)
-        row = _row_of(distance, pick)
+        row = gather_rows(distance, pick[:, None])[:, 0]
         score = row if step == 0 else torch.minimum(score, row)               # min distance to the picked rows
         score = score.scatter(1, pick[:, None], float("-inf"))                # stays -inf: min(-inf, .) = -inf
     return torch.stack(picks, dim=1).sort(dim=1).values
@@ -84,7 +79,7 @@ def conditional_dpp(features, relevance, k):
         pick = gain.masked_fill(taken, float("-inf")).argmax(dim=1)
         picks.append(pick)
         taken = taken.scatter(1, pick[:, None], True)
-        e = _row_of(kernel, pick)
+        e = gather_rows(kernel, pick[:, None])[:, 0]
         if step:
             known = basis[:, :step]                                           # [n, step, N]
             e = e - (known.gather(2, pick[:, None, None].expand(-1, step, 1)) * known).sum(dim=1)
