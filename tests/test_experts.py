@@ -284,11 +284,24 @@ def test_calibration_reaches_the_target_and_round_trips(calibration):
     assert schedule["calibration_skip"] >= 0.6 and schedule["evaluations"] <= 2 * 5 + 5
     alpha = torch.tensor(schedule["alpha"])
     assert alpha.shape == (2, 2) and torch.allclose(alpha.sum(0), torch.ones(2))
+    for grid in schedule["grids"]:         # distinct thresholds: a repeated quantile would cost evaluations only
+        assert 2 <= len(grid) <= 5 and all(a < b for a, b in zip(grid, grid[1:])) and grid[0] == 0.0
     inputs = {k: v for k, v in batches[0].items() if k != "answer_mask"}
     with vlmeff.skip_experts(model, schedule=path) as handle:
         logits(model, inputs)
         assert handle.stats["skip_ratio"] == pytest.approx(schedule["calibration_skip"])
         assert handle.config["thresholds"] == tuple(schedule["thresholds"])
+
+
+def test_kl_of_a_rounded_copy_is_zero_not_negative():
+    """A distribution changed by rounding only: its KL sums to a tiny negative number, which would make alpha
+    negative (refused by skip_experts); each token's KL is floored at 0."""
+    from vlmeff.experts.calibrate import mean_kl
+    reference = torch.randn(3, 11).log_softmax(-1)
+    assert mean_kl([reference], [reference + 1e-6]) == 0.0
+    shifted = torch.randn(3, 11).log_softmax(-1)
+    expected = float((reference.exp() * (reference - shifted)).sum()) / 3
+    assert mean_kl([reference], [shifted]) == pytest.approx(expected, rel=1e-6)
 
 
 def test_schedule_for_another_model_is_refused(calibration, qwen_moe, tmp_path):

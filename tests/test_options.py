@@ -161,7 +161,7 @@ def test_unknown_option_lists_keep_and_suggests_the_closest_name():
 BUDGET_AND_REQUIRED = {"pdrop": (0.75, {}), "transition": (0.75, {}), "debiased": (4, {"schedule": "llava-1.5"}),
                        "infoflow": (0.5, {}), "sparsevlm": (0.75, {})}
 # the layers the in-LLM defaults scale to on tiny LLaVA's 4 decoder layers, as Patch.config shows them
-RESOLVED = {"fastv": {"layer": 1}, "dart": {"layer": 1}, "debiased": {"layer": 1}, "pdrop": {"layers": [1, 2, 3]},
+RESOLVED = {"fastv": {"layer": 1}, "dart": {"layer": 1}, "debiased": {"layer": 1, "pad_threshold": 0.5}, "pdrop": {"layers": [1, 2, 3]},
             "transition": {"layers": [1, 2], "accumulate": [0, 1], "positions": "renumber"},
             "sparsevlm": {"layers": [1, 2], "positions": "renumber"},
             "infoflow": {"layers": [1, 3], "ratios": [0.9833433139039235, 0.9833433139039235 * 0.8773258179532721]}}

@@ -1,11 +1,13 @@
 """Every ```python block of README.md runs as written, each in a fresh interpreter (offline, from the repository
-root, with this checkout's `vlmeff`), so a snippet that a user would copy cannot silently rot."""
+root's `vlmeff`, in a scratch folder so that files a snippet writes never land in the checkout), so a snippet
+that a user would copy cannot silently rot."""
 import ast
 import functools
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,8 +31,8 @@ def run_snippet(code, timeout=600):
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     if os.environ.get("TRITON_INTERPRET"):
         env["TRITON_INTERPRET"] = os.environ["TRITON_INTERPRET"]
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-c", code], cwd=tempfile.mkdtemp(prefix="readme-"), env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_every_python_block_is_found():

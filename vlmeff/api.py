@@ -110,6 +110,10 @@ def _patch_stages(model, entries):
     if not stages or len(set(sites)) != len(sites):
         raise ValueError(f"a list of methods needs one method per site (vision encoder, before LLM, inside LLM); got "
                          f"{', '.join(f'{s.method} ({s.site})' for s in stages) or 'none'}")
+    if adapter.pixel_patch_rows and "before LLM" in sites and any(
+            s.method == "debiased" and s.options["padding"] == "pixels" for s in stages):
+        raise ValueError("debiased padding='pixels' finds padding tokens in the images' patches, which a method "
+                         "before the LLM has already reduced; pass padding='off' to stack debiased behind it")
     config = {"method": "+".join(dict.fromkeys(s.method for s in stages)), "keep": None,
               "stages": [s.config for s in stages]}
     handle = Patch(model, config)

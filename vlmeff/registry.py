@@ -393,6 +393,14 @@ SCHEDULE = Option("schedule", None, (type(None), str, dict, os.PathLike), _sched
                   "a calibration file written by vlmeff.calibrate(model, data, method='debiased') (path or its "
                   "loaded dict) or the preset 'llava-1.5' (the reference's FastV polynomial for LLaVA-1.5-7B)")
 
+# Attention Debiasing's padding suppression: tokens of square-padding patches (found in the pixel values, where the
+# processor padded with its mean colour) score 0 at the first stage, and the budget shrinks to the other tokens
+PADDING = Option("padding", "pixels", *choice("pixels", "off"))
+PAD_THRESHOLD = Option("pad_threshold", None, (type(None), int, float),
+                       lambda v, c: v is None or 0.0 <= v <= 1.0,
+                       "None (the reference's 0.5 with base fastv, 0.01 with pdrop) or a share in [0, 1]: a token "
+                       "whose patch is more than this share padding scores 0")
+
 
 # VFlowOpt: the tower half (context threshold t, entropy term, the layer scored: `score_layers` as for received)
 # and the LLM half (`layers`, `ratios` of the LLM's input), or both from a searched schedule file; the defaults are
@@ -419,7 +427,8 @@ ENTROPY_WEIGHT = Option("entropy_weight", 0.0, (int, float), _finite,
                         "(0, as in every released setting: no entropy term)")
 ENTROPY = Option("entropy", "pixels", *choice("pixels", "reference"))
 IMAGE_MEAN = Option("image_mean", (0.48145466, 0.4578275, 0.40821073), (list, tuple), _channels_valid(False),
-                    "three per-channel means of the processor's normalisation (default CLIP's), for entropy='pixels'")
+                    "three per-channel means of the processor's normalisation (default CLIP's): infoflow's "
+                    "entropy='pixels', debiased's padding='pixels' (its fill colour)")
 IMAGE_STD = Option("image_std", (0.26862954, 0.26130258, 0.27577711), (list, tuple), _channels_valid(True),
                    "three per-channel standard deviations > 0 of the processor's normalisation (default CLIP's)")
 RECYCLE = Option("recycle", None, (type(None), bool),
@@ -516,7 +525,8 @@ register("pdrop", "Drop visual tokens in stages inside the LLM, ranked by the la
          "(PyramidDrop)", "PyramidDrop arXiv 2410.17247", ("inside LLM",), ("lvlm",), (PDROP_LAYERS, PDROP_RATIOS))
 register("debiased", "FastV or PyramidDrop with the positional (recency) trend removed from their scores "
          "(Attention Debiasing)", "Attention Debiasing arXiv 2508.17807", ("inside LLM",), ("lvlm",),
-         (DEBIAS_BASE, LLM_LAYER, PDROP_LAYERS, PDROP_RATIOS, SCHEDULE))
+         (DEBIAS_BASE, LLM_LAYER, PDROP_LAYERS, PDROP_RATIOS, SCHEDULE, PADDING, PAD_THRESHOLD, IMAGE_MEAN,
+          IMAGE_STD))
 register("transition", "Drop visual tokens in stages inside the LLM, ranked by how much the layers transform them "
          "(token transition variation) plus the instruction's attention (TransPrune)", "TransPrune arXiv 2507.20630",
          ("inside LLM",), ("lvlm",), (TRANSITION_LAYERS, TRANSITION_RATIOS, TTV_SCORE, ACCUMULATE, RENUMBER))

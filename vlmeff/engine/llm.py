@@ -45,8 +45,9 @@ from transformers.masking_utils import create_causal_mask
 
 from ..flops import kv_cache_bytes, llm_prefill_flops, stage_drops, staged_kv_cache_bytes, staged_prefill_flops
 from ..kernels.attention_rows import attention_rows, causal_rows_mean
+from ..layout import layout_constant
 from ..pruners.dart import duplication_aware_keep, key_l1_norms, pivot_shares
-from ..pruners.debias import recency_reweighter
+from ..pruners.debias import PAD_THRESHOLD, pad_fill, padding_shares, recency_reweighter
 from ..pruners.select import resolve_keep
 from ..pruners.sparsevlm import dpc_knn_merge, recycled_counts, select_raters
 from ..pruners.stages import default_accumulation, plan_stages
@@ -67,6 +68,13 @@ class InLLMReduction:
         # option types and ranges, the layers included, were checked by the registry on this model
         self.stages = plan_stages(method, keep, options, self.decoder.depth, first_prunable_layer(adapter))
         self.reweight = recency_reweighter(options) if method == "debiased" else None
+        # Attention Debiasing's padding suppression: only where the pixel values are one image per feature block
+        # (LLaVA); the other families' processors never pad an image to a square
+        self.padding = (method == "debiased" and options["padding"] == "pixels" and adapter.pixel_patch_rows)
+        if self.padding:
+            self.pad_threshold = options["pad_threshold"]
+            self.pad_key = ("square padding", tuple(options["image_mean"]), tuple(options["image_std"]))
+        self.content = None                    # [n_visual] bool of the base-model call running: not padding
         self.transition = method == "transition"
         # DART: pivots by the keys of the layer before its stage, then the tokens least similar to them
         self.dart = method == "dart"
@@ -168,12 +176,15 @@ class InLLMReduction:
         for other in self.visual_ids[1:]:
             visual = visual | (ids == other)
         self.visual = visual
+        pixels = kwargs.get("pixel_values")
+        self.content = None if not self.padding or pixels is None else self._content_tokens(pixels)
         if self.given:
             self.given_now = _given_scores(self.patch.visual_scores, ids.shape)
 
     def _language_model_call(self, module, args, kwargs):
         self.call, self.captured = None, {}
         visual, self.visual = self.visual, None        # consumed: a later direct call of the LM is not this prompt's
+        content, self.content = self.content, None
         given, self.given_now = self.given_now, None
         cache = next((kwargs[n] for n in CACHE_KWARGS if kwargs.get(n) is not None), None)
         if cache is not None and not isinstance(cache, DynamicCache):
@@ -195,7 +206,7 @@ class InLLMReduction:
         past = 0 if cache is None else cache.get_seq_length()
         if past or visual is None or visual.shape != _embeds(args, kwargs).shape[:2]:
             return
-        self.call = self._plan(visual, mask, cache, kwargs.get("inputs_embeds"))
+        self.call = self._plan(visual, mask, cache, kwargs.get("inputs_embeds"), content)
         if self.call is not None and self.given:
             if given is None:
                 raise ValueError("infoflow ranks the LLM's visual tokens by the vision tower's scores, which come with "
@@ -257,9 +268,20 @@ class InLLMReduction:
         return out.gather(1, call.back[..., None].expand(-1, -1, out.shape[-1]))
 
     # -- prefill ------------------------------------------------------------------------------------------------
-    def _plan(self, visual, mask, cache, embeds):
+    def _content_tokens(self, pixels):
+        """[n_img * N] bool, image by image in the order of their placeholders: the visual tokens whose patch is at
+        most `pad_threshold` square padding (`padding_shares`); a [CLS] row the features keep is content."""
+        fill, tolerance = layout_constant(self.pad_key, pixels, lambda: tuple(
+            t.to(pixels.device) for t in pad_fill(*self.pad_key[1:])))
+        content = padding_shares(pixels, self.adapter.tower.patch_size, fill, tolerance) <= self.pad_threshold
+        if self.adapter.feature_prefix:
+            content = torch.nn.functional.pad(content, (self.adapter.feature_prefix, 0), value=True)
+        return content.reshape(-1)
+
+    def _plan(self, visual, mask, cache, embeds, content=None):
         """The call state of a prefill: the one host read (visual tokens and prompt length per sample) fixes the
-        kept counts and stage lengths. embeds: the LLM's input [B, L, D] (the base model embeds the prompt first)."""
+        kept counts and stage lengths. embeds: the LLM's input [B, L, D] (the base model embeds the prompt first);
+        content: `_content_tokens` of the call's images, None without padding suppression."""
         B, L = visual.shape
         valid = torch.ones_like(visual) if mask is None else mask.bool()
         # where the scoring query sits: the last attended column of the caller's prompt
@@ -271,6 +293,11 @@ class InLLMReduction:
             visual = visual & (columns < self.prompt_columns)
         query = torch.where(in_prompt, columns, -1).amax(1).clamp(min=0)     # an all-padding row: column 0
         counted = [visual.sum(1), valid.sum(1)]
+        if content is not None:        # each visual column's token, in placeholder order (no host read: a gather;
+            # the model itself checks that the placeholders match the images' tokens)
+            order = (visual.reshape(-1).long().cumsum(0) - 1).clamp(0, max(content.numel() - 1, 0))
+            content = visual & content[order].reshape(B, L) if content.numel() else visual & False
+            counted.append(content.sum(1))
         if self.dart:                  # DART's text pivots: the prompt tokens after the last visual one
             last_visual = torch.where(visual, columns, -1).amax(1, keepdim=True)
             text = valid & ~visual & (columns > last_visual) & (columns <= query[:, None])
@@ -283,12 +310,17 @@ class InLLMReduction:
         if not any(n_visual):
             self._record_unpruned(n_valid)
             return None
+        n_content = None
+        if content is not None:
+            n_content, values = values[2 * B:3 * B], values[:2 * B] + values[3 * B:]
         kept = []                                  # per stage, visual tokens kept per sample (host ints)
         top = []                                   # SparseVLM: of those, the top-ranked; the others are recycled
         recycled = []                              # SparseVLM: per stage and sample, (candidates, clusters)
         for stage in self.stages:
             previous = kept[-1] if kept else n_visual
             kept.append([min(p, _resolve(stage.keep, n)) for p, n in zip(previous, n_visual)])
+            if n_content is not None and len(kept) == 1:       # the reference's budget shrinks to the content
+                kept[0] = [min(k, c) for k, c in zip(kept[0], n_content)]
             if self.sparse:
                 top.append(kept[-1])
                 recycled.append([recycled_counts(p - k) if self.recycle else (0, 0) for p, k in zip(previous, top[-1])])
@@ -309,6 +341,7 @@ class InLLMReduction:
         counts = planned[0]
         call = _Call(counts=counts, cache=cache, mask=mask, visual=visual, valid=valid, query=query, n_visual=n_visual,
                      n_valid=n_valid, kept=kept, length=L, labels=self.labels)
+        call.content = content
         if self.renumber:            # per stage, the visual tokens dropped so far: new tokens' position shift
             call.shifts = torch.tensor(n_visual, device=visual.device) - counts
         if self.transition and self.score != "ttv":
@@ -339,6 +372,8 @@ class InLLMReduction:
         else:
             if self.reweight is not None:
                 scores = self.reweight(scores, call.scores[-1].ordinals, s)
+            if call.content is not None and s == 0:             # padding tokens score 0 (the first stage's layout)
+                scores = scores * call.content
             k = call.sparse.top[s] if self.sparse else call.counts[s]
             k_max = max(call.sparse.top_host[s] if self.sparse else kept)    # host ints
             kept_visual = torch.zeros_like(call.visual_now)
@@ -617,6 +652,7 @@ class _Call:
         self.given = None                       # VFlowOpt: the tower's scores over the caller's columns [B, L]
         self.dart = None                        # DART: (text columns [B, L], [B, 2 + P] pivots and shares, widths)
         self.raters = self.sparse = None        # SparseVLM: (rater columns, weights); its `_SparsePlan`
+        self.content = None                     # debiased padding: [B, L] the visual columns not padding
 
     def advance(self, source, filled, new_length):
         """Move to the layout whose column j takes current column source[:, j] (a pad slot where not filled)."""
@@ -731,6 +767,8 @@ def resolved_stages(model, adapter, method, keep, options):
             options["accumulate"] = list(default_accumulation(options["layers"]))
         options["accumulate"] = [i % depth for i in options["accumulate"]]
     if method == "debiased":
+        if options["pad_threshold"] is None:
+            options["pad_threshold"] = PAD_THRESHOLD[options["base"]]
         options["schedule"] = load_schedule(options["schedule"], model, method, options["base"],
                                             stages[0].score_layer)
     return options

@@ -59,8 +59,10 @@ def answer_log_probs(model, batches) -> list[torch.Tensor]:
 
 
 def mean_kl(reference, log_probs) -> float:
-    """KL(p_reference || p) summed over the answer tokens, divided by their count (MoDES' L)."""
-    total = sum(float((ref.exp() * (ref - lp)).sum()) for ref, lp in zip(reference, log_probs))
+    """KL(p_reference || p) summed over the answer tokens, divided by their count (MoDES' L). Each token's KL is
+    floored at 0: rounding makes a nearly unchanged distribution's sum slightly negative, and a negative loss would
+    give a negative importance alpha, which `skip_experts` refuses."""
+    total = sum(float((ref.exp() * (ref - lp)).sum(-1).clamp(min=0).sum()) for ref, lp in zip(reference, log_probs))
     return total / max(sum(ref.shape[0] for ref in reference), 1)
 
 
@@ -88,8 +90,10 @@ def layer_importance(model, batches, reference, progress=None) -> tuple[torch.Te
 
 
 def threshold_grids(model, batches, alpha, size: int) -> list[list[float]]:
-    """Per modality, `size` ascending thresholds from 0 (skips nothing) to just above the largest score (skips
-    every pair), at the quantiles of the scores alpha * pi the unskipped model routes on the calibration data."""
+    """Per modality, at most `size` distinct ascending thresholds from 0 (skips nothing) to just above the largest
+    score (skips every pair), at the quantiles of the scores alpha * pi the unskipped model routes on the
+    calibration data. Repeated quantiles (a layer with alpha = 0 gives many scores of 0) are kept once: they
+    would only cost the search evaluations of the same point."""
     experts = find_experts(model)
     patch = _install(model, experts, alpha, (0.0, 0.0), dict(method="modes", calibrating="grid"))
     patch.recorder = []
@@ -104,7 +108,7 @@ def threshold_grids(model, batches, alpha, size: int) -> list[list[float]]:
             raise ValueError(f"calibration data has no {MODALITIES[int(visual)]} tokens")
         grid = torch.quantile(scores.double(), torch.linspace(0, 1, size, dtype=torch.float64))
         grid[0], grid[-1] = 0.0, min(float(torch.nextafter(scores.max().double(), torch.tensor(2.0))), 1.0)
-        grids.append([float(t) for t in grid])
+        grids.append([float(t) for t in torch.unique(grid)])
     return grids
 
 
@@ -168,7 +172,7 @@ def calibrate(model, data, method: str = "modes", target_skip: float = 0.7, grid
         bar.update()
         return f, g
 
-    i, j, f, g, evaluations = frontier_search(evaluate, grid_size, grid_size, target_skip)
+    i, j, f, g, evaluations = frontier_search(evaluate, len(grids[0]), len(grids[1]), target_skip)
     bar.total = bar.n          # the total was an upper bound on the evaluations
     bar.close()
     schedule = dict(method="modes", model=model_identity(model), alpha=alpha.tolist(),

@@ -57,3 +57,31 @@ def recency_reweighter(options):
     def reweight(scores, ordinals, stage_index):
         return debiased(scores, ordinals, kind, coefficients, positions) if stage_index == 0 else scores
     return reweight
+
+
+# the reference's padding thresholds: a visual token whose patch is more than this share padding scores 0
+PAD_THRESHOLD = {"fastv": 0.5, "pdrop": 0.01}
+
+
+def pad_fill(mean, std):
+    """-> ([C] the normalised value of a square-padding pixel, [C] half an 8-bit level in those units, the tolerance
+    of `padding_shares`). LLaVA-1.5 pads with the processor's mean colour in 8-bit levels, int(mean * 255)
+    (transformers' `LlavaImageProcessor(do_pad=True)`, LLaVA's `expand2square`); mean and std per channel."""
+    mean, std = (torch.as_tensor(v, dtype=torch.float64) for v in (mean, std))
+    return ((torch.floor(mean * 255) / 255 - mean) / std).float(), (0.5 / 255 / std).float()
+
+
+def padding_shares(pixel_values, patch, fill, tolerance):
+    """Share of each patch that is square padding: pixel_values [n, C, H, W] (normalised), fill and tolerance [C]
+    (`pad_fill`) -> [n, (H/p) * (W/p)] float32 in [0, 1], patches in raster order.
+
+    Padding pixels are those of the fill colour (every channel within `tolerance` of `fill`) in a row or column that
+    is entirely of that colour: square padding adds whole rows (a wide image) or columns (a tall one), so content
+    pixels of the same colour elsewhere are not counted. The geometric rule of the reference (1 - the patch's overlap
+    with the content rectangle, from the original image size) gives the same shares wherever the padding ends on a
+    pixel boundary; resizing blurs the last pixel row or column before the content."""
+    n, C, H, W = pixel_values.shape
+    is_fill = ((pixel_values.float() - fill.view(1, C, 1, 1)).abs() <= tolerance.view(1, C, 1, 1)).all(1)
+    padded = is_fill.all(2, keepdim=True) | is_fill.all(1, keepdim=True)          # [n, H, W]: a full row or column
+    shares = torch.nn.functional.avg_pool2d(padded[:, None].float(), patch)      # [n, 1, H/p, W/p]
+    return shares.reshape(n, -1)
