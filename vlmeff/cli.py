@@ -383,6 +383,11 @@ def add_calibrate_parser(sub):
     cal.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     cal.add_argument("--plot", default=None, help="also draw the mean attention and its fitted trend to this PNG")
     cal.set_defaults(run=cmd_calibrate)
+    demo = sub.add_parser("demo", help="a Gradio page: the patches a method keeps, the answer with and without "
+                                       "pruning, tokens, FLOPs and latency (needs the demo extra)")
+    from .demo import add_arguments, run as run_demo
+    add_arguments(demo)
+    demo.set_defaults(run=run_demo)
 
 
 def main(argv=None):

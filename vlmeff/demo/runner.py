@@ -1,0 +1,178 @@
+"""The demo's model: loaded once, then each request runs it unpruned and pruned (`DemoModel.ask`).
+
+Concurrent requests share the model but never a patch: `ask` patches, runs and unpatches under one lock, so a
+request sees only its own method and budget, and the model is unpatched between requests."""
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import vlmeff
+from vlmeff.api import site_of
+from vlmeff.errors import UnsupportedModelError
+from vlmeff.registry import methods
+
+from .core import DemoInputError, Run, check_budget, check_question, comparison, grid_of, kept_mask, open_image, \
+    overlay
+
+MAX_NEW_TOKENS = 8
+TOP = 5                                  # ViT: predictions shown
+# options a method cannot run without, filled for the demo: the reference's preset where the method has one
+REQUIRED = {"debiased": {"schedule": "llava-1.5"}}
+
+
+@dataclass
+class Result:
+    """What the page shows for one request."""
+
+    table: list                          # comparison rows (what, unpruned, pruned)
+    overlays: list = field(default_factory=list)   # (PIL image, caption) per stage
+    note: str = ""                       # e.g. why no overlay is drawn
+
+
+def load(name_or_path: str):
+    """(model, processor, kind) of an embedded model name (`vlmeff.zoo`), a local folder or a hub name: an LVLM
+    (`AutoModelForImageTextToText`) or an image classifier (`AutoModelForImageClassification`)."""
+    if name_or_path in vlmeff.zoo.names():
+        model, processor = vlmeff.zoo.load(name_or_path)
+        return model, processor, "vit" if name_or_path == "tiny-vit-evqa" else "lvlm"
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    if hasattr(config, "vision_config") and hasattr(config, "text_config"):
+        model = transformers.AutoModelForImageTextToText.from_pretrained(name_or_path).eval()
+        return model, transformers.AutoProcessor.from_pretrained(name_or_path), "lvlm"
+    model = transformers.AutoModelForImageClassification.from_pretrained(name_or_path).eval()
+    return model, transformers.AutoImageProcessor.from_pretrained(name_or_path), "vit"
+
+
+class DemoModel:
+    """One loaded model and what the demo does with it. kind: "lvlm" (answers a question) or "vit" (classifies)."""
+
+    def __init__(self, model, processor, kind: str, name: str = ""):
+        self.model, self.processor, self.kind, self.name = model, processor, kind, name
+        self.lock = threading.Lock()
+        self.methods = [m.name for m in methods() if site_of(m, kind) and self._patches(m.name)]
+
+    @classmethod
+    def load(cls, name_or_path: str):
+        return cls(*load(name_or_path), name=name_or_path)
+
+    def _patches(self, method):
+        """Whether the method applies to this model at a middle budget (some need [CLS], or an LM deep enough)."""
+        try:
+            vlmeff.patch(self.model, method, keep=0.75, **REQUIRED.get(method, {})).unpatch()
+            return True
+        except (ValueError, TypeError, UnsupportedModelError):
+            return False
+
+    # -- one request ------------------------------------------------------------------------------------------
+    def ask(self, image, question, method: str, keep) -> Result:
+        """Runs the request unpruned and pruned; DemoInputError (its message for the page) for a bad input."""
+        image = open_image(image)
+        if self.kind == "lvlm":
+            question = check_question(question)
+        if method not in self.methods:
+            raise DemoInputError(f"method {method!r} is not available on this model; available: "
+                                 f"{', '.join(self.methods)}")
+        inputs = self._inputs(image, question)
+        with self.lock, torch.no_grad():
+            base_out, base_seconds = self._timed(inputs)
+            try:
+                patch = vlmeff.patch(self.model, method, keep=check_budget(keep, self._tokens(inputs)),
+                                     **REQUIRED.get(method, {}))
+            except (ValueError, TypeError) as error:      # the registry's message names the option and the range
+                raise DemoInputError(str(error)) from None
+            with patch:
+                out, seconds = self._timed(inputs)
+                stats = dict(patch.stats)
+        flops = stats.get("prefill_flops_unpatched", stats.get("flops_unpatched", 0))
+        tokens = {k: v[0] for k, v in stats["visual_tokens"].items()}
+        base = Run(self._answer(base_out, inputs), {"input": next(iter(tokens.values()))}, flops, base_seconds)
+        pruned = Run(self._answer(out, inputs), tokens, stats.get("prefill_flops", stats.get("flops", 0)), seconds)
+        overlays, note = self._overlays(image, stats)
+        return Result(comparison(base, pruned), overlays, note)
+
+    def _inputs(self, image, question):
+        if self.kind == "vit":
+            if callable(self.processor) and not hasattr(self.processor, "image_processor_type"):
+                return {"x": self.processor([image])}                        # the zoo's ViTPreprocess
+            return dict(self.processor(images=image, return_tensors="pt"))
+        messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return dict(self.processor(images=[image], text=text, return_tensors="pt"))
+
+    def _timed(self, inputs):
+        start = time.perf_counter()
+        if self.kind == "vit":
+            out = self.model(*inputs.values()) if "x" in inputs else self.model(**inputs).logits
+        else:
+            out = self.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        return out, time.perf_counter() - start
+
+    def _tokens(self, inputs):
+        """The visual tokens of the request's image at the model's input (the budget's range)."""
+        if self.kind == "vit":
+            embed = getattr(self.model, "patch_embed", None)
+            if embed is not None:
+                return int(np.prod(embed.grid_size))
+            size, patch = self.model.config.image_size, self.model.config.patch_size
+            return (size // patch) ** 2
+        image_token = self.model.config.image_token_id
+        return int((inputs["input_ids"][0] == image_token).sum())
+
+    def _answer(self, out, inputs):
+        if self.kind == "vit":
+            probs = out.float().softmax(-1)[0]
+            top = probs.topk(min(TOP, probs.numel()))
+            return ", ".join(f"{self._label(int(i))} {float(p):.0%}" for p, i in zip(top.values, top.indices))
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return self.processor.batch_decode(new, skip_special_tokens=True)[0].strip()
+
+    def _label(self, index):
+        classes = getattr(self.processor, "classes", None)
+        if classes is not None:
+            return classes[index]
+        labels = getattr(self.model.config, "id2label", None) or {}
+        return labels.get(index, f"class {index}")
+
+    # -- which patches were kept ----------------------------------------------------------------------------------
+    def _overlays(self, image, stats):
+        """[(overlay, caption)] per stage, and a note where none can be drawn."""
+        if "llm_scores" in stats:
+            return self._llm_overlays(image, stats)
+        kept = stats.get("kept")
+        if kept is None:
+            return [], ("this method merges tokens rather than keeping a subset of patches: no kept-patch overlay "
+                        "is drawn")
+        rows = kept[0].cpu().numpy()
+        n = next(iter(stats["visual_tokens"].values()))[0]
+        try:
+            grid = grid_of(n)
+        except ValueError:
+            return [], f"the {n} visual tokens of this model's image do not form one square patch grid: no overlay"
+        stage = list(stats["visual_tokens"])[-1]
+        return [(overlay(image, kept_mask(rows, grid)), f"{stage}: {len(rows)} of {n} patches kept")], ""
+
+    def _llm_overlays(self, image, stats):
+        """Inside the LLM, the patches each stage keeps: the next stage's visual columns (mapped back to the
+        input), the last one's from `llm_kept`."""
+        stages = stats["llm_scores"]
+        visual = stages[0].visual_input[0]
+        n = int(visual.sum())
+        try:
+            grid = grid_of(n)
+        except ValueError:
+            return [], f"the {n} visual tokens of this model's image do not form one square patch grid: no overlay"
+        ordinal = visual.long().cumsum(0) - 1                  # input column -> raster index of its patch
+        out = []
+        for s, (layer, counts) in enumerate(stats["llm_stages"]):
+            if s + 1 < len(stages):
+                nxt = stages[s + 1]
+                columns = nxt.origin[0][nxt.visual[0]] if nxt.origin is not None else visual.nonzero()[:, 0]
+            else:
+                columns = (stats["llm_kept"][0] & visual).nonzero()[:, 0]
+            rows = ordinal[columns].cpu().numpy()
+            out.append((overlay(image, kept_mask(rows, grid)), f"from LLM layer {layer}: {len(rows)} of {n} kept"))
+        return out, ""
