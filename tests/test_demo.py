@@ -133,6 +133,20 @@ def test_the_page_handler_shows_the_stages_and_their_captions(evqa, image):
     assert status == "from LLM layer 1: 128 of 256 kept"
 
 
+def test_merge_overlay_tints_each_merged_token_in_its_own_colour():
+    picture = np.full((32, 32, 3), 120, dtype=np.uint8)
+    groups = np.array([[0, 0], [1, -1]])                     # token 0: two patches; token 1 alone; one dropped
+    assert core.merged_patches(groups).tolist() == [[True, True], [False, False]]
+    out = np.asarray(core.merge_overlay(Image.fromarray(picture), groups, size=32, tint=0.5)).astype(int)
+    colour = core.group_colours(2)[0].astype(int)
+    np.testing.assert_allclose(out[4, 4], (120 + colour) / 2, atol=1)
+    np.testing.assert_allclose(out[4, 20], (120 + colour) / 2, atol=1)   # the same token: the same colour
+    np.testing.assert_array_equal(out[20, 4], [120] * 3)                  # kept alone: as it is (inside its frame)
+    np.testing.assert_allclose(out[20, 20], [30] * 3, atol=1)             # dropped: dimmed
+    colours = core.group_colours(50)
+    assert len({tuple(c) for c in colours}) == 50
+
+
 def test_comparison_rows():
     base = core.Run("triangle", {"input": 256}, 4_000_000_000, 0.2)
     pruned = core.Run("circle", {"input": 256, "before LLM": 64}, 1_000_000_000, 0.05)
@@ -191,7 +205,15 @@ def test_a_vit_request_shows_top_predictions(image):
     assert table["answer"][0].count("%") == 5 and table["visual tokens"] == ["256", "256 -> 64"]
     assert [c for _, c in result.overlays] == ["after layer 1: 64 of 256 patches kept"]
     merged = demo.ask(image, "", "tome", 64)
-    assert merged.overlays == [] and "merges tokens" in merged.note
+    with vlmeff.patch(demo.model, "tome", keep=64) as patch:
+        patch.track_merges = True
+        with torch.no_grad():
+            demo.model(demo.processor([image]))
+        groups = patch.stats["groups"][0].numpy()
+    (picture, caption), = merged.overlays
+    n_merged = int(core.merged_patches(groups).sum())
+    assert caption == f"after layer 3: 256 patches -> 64 tokens, {n_merged} merged, 0 dropped" and n_merged > 64
+    np.testing.assert_array_equal(np.asarray(picture), np.asarray(core.merge_overlay(image, groups.reshape(16, 16))))
 
 
 def test_bad_requests_are_messages_and_leave_the_model_unpatched(evqa, image):

@@ -12,6 +12,11 @@ class Patch:
     count per image, `flops` / `flops_unpatched` the estimated FLOPs of the patched layers with and without the
     patch. `unpatch()` (or leaving a `with` block)
     removes everything, restoring the model's original, bit-identical outputs.
+
+    `track_merges = True` (for inspection, e.g. the demo; off by default) adds `stats["groups"]`: per image, the
+    output token each input patch went into (-1: dropped), from the reduction run once more on an identity block
+    (merged tokens are positive combinations of their members). Methods inside the LLM keep or drop: they record
+    `llm_kept` instead.
     """
 
     ATTR = "_vlmeff_patch"
@@ -27,6 +32,7 @@ class Patch:
         # what a pre-LLM stage hands to an in-LLM one of the same call (VFlowOpt's tower scores, [B, L] over the
         # prompt the LLM gets, 0 off the image placeholders), None outside a call with images
         self.visual_scores = None
+        self.track_merges = False
         self._handles = []
         self._overridden = []          # (object, name, the value it had on the instance or _MISSING)
         self._depth = 0                # nesting of `calling` blocks

@@ -40,7 +40,7 @@ def build(demo: DemoModel) -> gr.Blocks:
     with gr.Blocks(title="vlmeff demo") as app:
         gr.Markdown(f"## vlmeff: which visual tokens does a method keep, and what does it cost the answer?\n"
                     f"Model: `{demo.name}` ({'vision-language model' if demo.kind == 'lvlm' else 'ViT'}). Pruned "
-                    "patches are dimmed; kept ones are framed.")
+                    "patches are dimmed, kept ones framed; patches merged into one token share its colour.")
         with gr.Row():
             with gr.Column():
                 # a file, not gr.Image: Gradio would decode an upload itself and fail on a corrupt one with an

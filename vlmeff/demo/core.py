@@ -103,6 +103,38 @@ def overlay(image: Image.Image, kept: np.ndarray, size: int = DISPLAY, dim: floa
     return Image.fromarray(out)
 
 
+def group_colours(n: int) -> np.ndarray:
+    """[n, 3] uint8 distinct colours (hues spaced by the golden angle, full saturation)."""
+    hues = (np.arange(n) * 0.618033988749895 % 1.0 * 180).astype(np.uint8)        # OpenCV's hue range: 0..179
+    hsv = np.stack([hues, np.full(n, 200, np.uint8), np.full(n, 255, np.uint8)], axis=-1)[None]
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
+
+
+def merge_overlay(image: Image.Image, groups: np.ndarray, size: int = DISPLAY, dim: float = 0.25,
+                  tint: float = 0.55) -> Image.Image:
+    """The image with each patch drawn by where it went: groups [h, w] int, the output token of each patch (-1:
+    dropped). Dropped patches are dimmed as in `overlay`, patches kept alone are framed, and the members of a merged
+    token (two or more patches) are tinted with that token's colour, so one colour is one token."""
+    h, w = groups.shape
+    kept = groups >= 0
+    out = np.asarray(overlay(image, kept & ~merged_patches(groups), size, dim)).copy()
+    merged = merged_patches(groups)
+    if merged.any():
+        colours = group_colours(int(groups.max()) + 1)
+        cells = cv2.resize(np.where(merged, groups, -1).astype(np.int32), (size, size),
+                           interpolation=cv2.INTER_NEAREST)
+        picture = cv2.resize(np.asarray(image.convert("RGB")), (size, size), interpolation=cv2.INTER_AREA)
+        tinted = cv2.addWeighted(picture, 1 - tint, colours[cells.clip(0)], tint, 0.0)
+        out = np.where((cells >= 0)[..., None], tinted, out)
+    return Image.fromarray(out)
+
+
+def merged_patches(groups: np.ndarray) -> np.ndarray:
+    """[h, w] bool: the patches whose output token holds two or more patches."""
+    counts = np.bincount(groups[groups >= 0].reshape(-1), minlength=int(groups.max()) + 1 if groups.size else 0)
+    return (groups >= 0) & (counts[groups.clip(0)] > 1)
+
+
 def stage_strip(overlays, gap: int = 8, band: int = 28) -> Image.Image:
     """The overlays [(image, caption)] of the stages side by side, each caption written in a band below its image:
     one picture (the page shows it whole, where a gallery would crop it)."""

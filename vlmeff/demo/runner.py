@@ -14,8 +14,8 @@ from vlmeff.api import site_of
 from vlmeff.errors import UnsupportedModelError
 from vlmeff.registry import methods
 
-from .core import DemoInputError, Run, check_budget, check_question, comparison, grid_of, kept_mask, open_image, \
-    overlay
+from .core import DemoInputError, Run, check_budget, check_question, comparison, grid_of, kept_mask, \
+    merge_overlay, merged_patches, open_image, overlay
 
 MAX_NEW_TOKENS = 8
 TOP = 5                                  # ViT: predictions shown
@@ -85,6 +85,7 @@ class DemoModel:
             except (ValueError, TypeError) as error:      # the registry's message names the option and the range
                 raise DemoInputError(str(error)) from None
             with patch:
+                patch.track_merges = True          # stats["groups"]: where each patch went (a merge overlay)
                 out, seconds = self._timed(inputs)
                 stats = dict(patch.stats)
         flops = stats.get("prefill_flops_unpatched", stats.get("flops_unpatched", 0))
@@ -142,18 +143,24 @@ class DemoModel:
         """[(overlay, caption)] per stage, and a note where none can be drawn."""
         if "llm_scores" in stats:
             return self._llm_overlays(image, stats)
-        kept = stats.get("kept")
-        if kept is None:
-            return [], ("this method merges tokens rather than keeping a subset of patches: no kept-patch overlay "
-                        "is drawn")
-        rows = kept[0].cpu().numpy()
-        n = next(iter(stats["visual_tokens"].values()))[0]
+        groups = stats.get("groups")
+        if groups is None:
+            return [], "this method records no kept or merged patches: no overlay"
+        groups = groups[0].cpu().numpy()
+        n = groups.shape[0]
         try:
             grid = grid_of(n)
         except ValueError:
             return [], f"the {n} visual tokens of this model's image do not form one square patch grid: no overlay"
-        stage = list(stats["visual_tokens"])[-1]
-        return [(overlay(image, kept_mask(rows, grid)), f"{stage}: {len(rows)} of {n} patches kept")], ""
+        stages = list(stats["visual_tokens"])
+        outputs = stats["visual_tokens"][stages[-1]][0]
+        merged = merged_patches(groups)
+        if not merged.any():
+            caption = f"{stages[-1]}: {int((groups >= 0).sum())} of {n} patches kept"
+            return [(overlay(image, (groups >= 0).reshape(grid)), caption)], ""
+        caption = (f"{stages[-1] if len(stages) == 2 else 'after ' + stages[-1]}: {n} patches -> {outputs} tokens, "
+                   f"{int(merged.sum())} merged, {int((groups < 0).sum())} dropped")
+        return [(merge_overlay(image, groups.reshape(grid)), caption)], ""
 
     def _llm_overlays(self, image, stats):
         """Inside the LLM, the patches each stage keeps: the next stage's visual columns (mapped back to the

@@ -37,6 +37,7 @@ from ..pruners import resolve_keep
 from ..layout import layout_constant, to_device
 from ..pruners.diversity import instruction_relevance
 from ..pruners.infoflow import grid_cells, importance, patch_entropy, recycle
+from ..pruners.reduce import merge_groups
 from ..registry import score_layer_range
 from . import prompt
 from .prompt import compaction
@@ -221,11 +222,14 @@ class PreLLMReduction:
             groups.setdefault(a.layout_key(i, features), []).append(i)
         scores = self._scores(features)
         self.last_scores = [None if scores is None else scores[i] for i in range(len(features))]
+        self.last_groups = None        # traced below when the patch tracks merges (VFlowOpt's recycling: not traced)
         if self.recycles:
             return self._recycle_images(features, scores, protected, groups)
         metric = self.capture.metric() if self._merges else None
         made = {}                      # CDPruner's instructions, made once per call when a block is reduced
         kept, rows = [None] * len(features), [None] * len(features)
+        if self.patch.track_merges:
+            self.last_groups = [None] * len(features)
         for members in groups.values():
             first = members[0]
             grids = pool_layout(a.image_grids(first, protected[first]), self.keep) if self.method == "pool" else None
@@ -241,6 +245,12 @@ class PreLLMReduction:
                                             group_scores, group_metric, grids)
             for j, i in enumerate(members):
                 kept[i], rows[i] = out[j], kept_rows[j]
+            if self.last_groups is not None:
+                traced = merge_groups(lambda ident: reduce_rows(self.method, self.options, ident, self.keep,
+                                                                protected[first], group_scores, group_metric,
+                                                                grids)[0], *x.shape[:2], x.device)
+                for j, i in enumerate(members):
+                    self.last_groups[i] = traced[j]
         return kept, rows
 
     def _relevance(self, features, members, metric, made):
@@ -322,6 +332,8 @@ class PreLLMReduction:
             "kept": rows,                   # per image: the feature rows kept (for plots of kept patches)
             "scores": self.last_scores,     # per image: the feature rows' scores, None for score-free methods
         }
+        if self.last_groups is not None:
+            stats["groups"] = self.last_groups      # per image: each feature row's output token, -1 dropped
         stats["flops"], stats["flops_unpatched"] = stats["prefill_flops"], stats["prefill_flops_unpatched"]
         self.patch.stats = stats
         self.capture.clear()
@@ -335,7 +347,7 @@ class PreLLMReduction:
             return
         B, L = tokens.shape[:2]
         lengths = [L] * B if mask is None or mask.dim() != 2 else mask.sum(dim=1).tolist()
-        self.last_scores = []
+        self.last_scores, self.last_groups = [], None
         self._record([], [], [], lengths, lengths)
 
 

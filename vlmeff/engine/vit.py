@@ -6,6 +6,7 @@ merges r tokens between the attention and MLP branches of every layer. Prefix to
 import torch
 
 from ..pruners import resolve_keep
+from ..pruners.reduce import merge_groups
 from ..pruners.tome import tome_merge
 from ..registry import score_layer_range
 from .capture import QKCapture
@@ -134,6 +135,11 @@ class ViTReduction:
         }
         # for inspection and plots: patch-token scores [B, N] and kept patch indices [B, K] of the last forward
         self.patch.stats.update({key: s[key] for key in ("scores", "kept") if key in s})
+        if "source" in s:                                  # ToMe: each token's output, composed over the merges
+            weight, output = s["source"].max(dim=1)
+            s["groups"] = torch.where(weight > 0, output, -1)
+        if "groups" in s:                                  # patches only: the prefix rows are never reduced
+            self.patch.stats["groups"] = s["groups"][:, self.prefix:]
         for capture in {id(c): c for c in (getattr(self, "scored", None), self.keys) if c is not None}.values():
             capture.clear()      # release the layer activations held for scoring
 
@@ -153,14 +159,27 @@ class ViTReduction:
         metric = self.keys.keys(self.layer).mean(dim=1, dtype=torch.float32) if merge else None
         self._release()
         grids = (self.adapter.patch_grid(N - p),) if self.method == "pool" else None
+        sizes = self.state["sizes"]
         x, self.state["sizes"], rows = reduce_rows(self.method, self.options, out, self.keep, p, scores,
-                                                   metric, grids, self.state["sizes"])
+                                                   metric, grids, sizes)
+        if self.patch.track_merges:
+            self.state["groups"] = merge_groups(lambda ident: reduce_rows(self.method, self.options, ident, self.keep,
+                                                                          p, scores, metric, grids, sizes)[0],
+                                                *out.shape[:2], out.device)
         if self.method != "pool":
             self.state["kept"] = rows[:, p:] - p if p else rows
         if scores is not None:
             self.state["scores"] = scores[:, p:]
         self._record(stage, x)
         return x
+
+    def _source(self, x):
+        """[B, N_now, N] which input tokens each current token holds (the identity before the first merge)."""
+        source = self.state.get("source")
+        if source is None:
+            B, N = x.shape[:2]
+            source = torch.eye(N, device=x.device).expand(B, N, N).contiguous()
+        return source
 
     def _release(self):
         """The captured q/k are consumed once per forward: release them as soon as the reduction has read them."""
@@ -174,7 +193,11 @@ class ViTReduction:
         """Layer i's forward: attention with the log-size bias of the latest merge (proportional attention), then
         r merges (ToMe's place, between attention and MLP), sizes tracked in `state`."""
         def merge(x):
-            x, sizes = tome_merge(x, self.state["sizes"], self.keys.keys(i).mean(dim=1), r, self.prefix, self.order)
+            metric = self.keys.keys(i).mean(dim=1)
+            if self.patch.track_merges:            # the same matching on the tokens' one-hot sources so far
+                self.state["source"] = tome_merge(self._source(x), self.state["sizes"], metric, r, self.prefix,
+                                                  self.order)[0]
+            x, sizes = tome_merge(x, self.state["sizes"], metric, r, self.prefix, self.order)
             self.state["sizes"] = sizes
             if self.prop_attn and sizes is not None:   # once per merge, reused by the layers up to the next merge
                 self.state["attn_bias"] = sizes[..., 0].log()[:, None, None, :]

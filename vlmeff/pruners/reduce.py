@@ -80,3 +80,12 @@ def contextual_merge(x, metric, contextual):
     counts = members.sum(dim=1, dtype=torch.float32).clamp_min(1)[..., None]
     mean = ((members.transpose(1, 2) @ x) / counts).to(x.dtype)                   # divided in float32
     return x[:, targets] + mean, step
+
+
+def merge_groups(reduce, n, N, device):
+    """Where each row went: `reduce(x)` -> x' [n, K, ...] the reduction to trace (its selection and assignment
+    fixed by its scores and metric, not by x), run on the identity block [n, N, N] (float32), whose outputs are then
+    positive combinations of their members' one-hot rows. -> [n, N] long: each input row's output, -1 if dropped."""
+    reduced = reduce(torch.eye(N, device=device).expand(n, N, N).contiguous())
+    weight, output = reduced.max(dim=1)
+    return torch.where(weight > 0, output, -1)

@@ -1,0 +1,82 @@
+"""`Patch.track_merges`: stats["groups"] says where each patch went (its output token, -1 dropped), traced by
+running the reduction on an identity block; checked against what drops and grid pooling do by construction, and
+ToMe's composed merges against the token counts; tracking changes no output."""
+import pytest
+import torch
+
+import vlmeff
+from lvlm_models import IMAGE, logits, setup_any
+from models import images, tiny_timm_vit
+from vlmeff.pruners.reduce import merge_groups
+
+
+def vit_groups(method, **options):
+    model, x = tiny_timm_vit(), images()
+    with torch.no_grad():
+        plain = model(x)
+    with vlmeff.patch(model, method, **options) as patch:
+        with torch.no_grad():
+            untracked = model(x)
+        assert "groups" not in patch.stats
+        patch.track_merges = True
+        with torch.no_grad():
+            tracked = model(x)
+        stats = dict(patch.stats)
+    assert torch.equal(tracked, untracked)
+    return stats, plain
+
+
+def test_merge_groups_of_a_drop_and_of_a_mean():
+    rows = torch.tensor([[2, 0]])
+    drop = merge_groups(lambda x: x[:, rows[0]], 1, 4, "cpu")
+    assert drop.tolist() == [[1, -1, 0, -1]]
+    pairs = merge_groups(lambda x: x.view(1, 2, 2, 4).mean(2), 1, 4, "cpu")
+    assert pairs.tolist() == [[0, 0, 1, 1]]
+
+
+def test_dropped_patches_are_minus_one_and_kept_ones_their_slot():
+    stats, _ = vit_groups("cls", keep=4)
+    groups, kept = stats["groups"], stats["kept"]
+    for b in range(groups.shape[0]):
+        expected = torch.full_like(groups[b], -1)
+        expected[kept[b]] = torch.arange(1, kept.shape[1] + 1)       # slot 0 is [CLS]
+        assert torch.equal(groups[b], expected)
+
+
+def test_pooled_patches_go_to_their_grid_cell():
+    stats, _ = vit_groups("pool", keep=4)                           # a 4 x 4 patch grid in 2 x 2 cells
+    groups = stats["groups"]
+    side = int(groups.shape[1] ** 0.5)
+    i, j = torch.arange(side).repeat_interleave(side), torch.arange(side).repeat(side)
+    cell = (i // (side // 2)) * 2 + j // (side // 2) + 1
+    assert torch.equal(groups, cell.expand_as(groups))
+
+
+def test_tome_sources_compose_over_the_merges():
+    stats, _ = vit_groups("tome", r=3)
+    groups = stats["groups"]
+    final = list(stats["visual_tokens"].values())[-1][0]
+    for b in range(groups.shape[0]):
+        assert (groups[b] >= 1).all()                               # nothing dropped, nothing in [CLS]
+        assert len(set(groups[b].tolist())) == final
+        assert sorted(torch.bincount(groups[b]).tolist())[-1] >= 2
+
+
+@pytest.mark.parametrize("method,options", [("cls", dict(keep=4)), ("pool", dict(keep=4)),
+                                            ("cls", dict(keep=4, reduce="merge")), ("visionzip", dict(keep=6))])
+def test_lvlm_groups_cover_each_image_and_tracking_changes_nothing(method, options):
+    model, inputs = setup_any("llava")
+    with vlmeff.patch(model, method, **options) as patch:
+        untracked = logits(model, inputs)
+        patch.track_merges = True
+        tracked = logits(model, inputs)
+        groups, kept = patch.stats["groups"], patch.stats["kept"]
+    assert torch.equal(tracked, untracked)
+    n_images = int((inputs["input_ids"] == IMAGE).sum()) // 16
+    assert len(groups) == n_images
+    for g, rows in zip(groups, kept):
+        assert g.shape == (16,)
+        if options.get("reduce") == "merge" or method == "pool":
+            assert (g >= 0).all()
+        if method == "cls" and "reduce" not in options:
+            assert torch.equal(torch.nonzero(g >= 0)[:, 0], rows.sort().values)
