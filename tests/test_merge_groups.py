@@ -80,3 +80,29 @@ def test_lvlm_groups_cover_each_image_and_tracking_changes_nothing(method, optio
             assert (g >= 0).all()
         if method == "cls" and "reduce" not in options:
             assert torch.equal(torch.nonzero(g >= 0)[:, 0], rows.sort().values)
+
+
+@pytest.mark.parametrize("family", ["next", "qwen2"])
+def test_views_split_each_image_into_its_grids_and_the_demo_draws_each(family):
+    """LLaVA-NeXT: the base view, then the unpadded crops (newline rows left out); Qwen2-VL: the merged grid."""
+    from PIL import Image
+
+    from vlmeff.demo.runner import DemoModel
+    model, inputs = setup_any(family)
+    with vlmeff.patch(model, "pool", keep=4) as patch:
+        patch.track_merges = True
+        logits(model, inputs)
+        stats = dict(patch.stats)
+    for groups, views in zip(stats["groups"], stats["views"]):
+        rows = torch.cat([r for _, r in views])
+        assert len(set(rows.tolist())) == rows.numel() and all(r.numel() == h * w for (h, w), r in views)
+        assert (groups[rows] >= 0).all()                      # pool merges every free row
+        others = torch.ones(groups.numel(), dtype=torch.bool)
+        others[rows] = False
+        if family == "next":
+            assert len(views) == 2 and others.any()           # the newline rows: protected, in no view
+    demo = DemoModel(model, None, "lvlm", family)
+    pictures, note = demo._overlays(Image.new("RGB", (40, 60)), stats)
+    assert note == "" and len(pictures) == len(stats["views"][0])
+    if family == "next":
+        assert [c.split(":")[0] for _, c in pictures] == ["before LLM, base view", "before LLM, crops"]

@@ -147,20 +147,29 @@ class DemoModel:
         if groups is None:
             return [], "this method records no kept or merged patches: no overlay"
         groups = groups[0].cpu().numpy()
-        n = groups.shape[0]
-        try:
-            grid = grid_of(n)
-        except ValueError:
-            return [], f"the {n} visual tokens of this model's image do not form one square patch grid: no overlay"
         stages = list(stats["visual_tokens"])
-        outputs = stats["visual_tokens"][stages[-1]][0]
-        merged = merged_patches(groups)
-        if not merged.any():
-            caption = f"{stages[-1]}: {int((groups >= 0).sum())} of {n} patches kept"
-            return [(overlay(image, (groups >= 0).reshape(grid)), caption)], ""
-        caption = (f"{stages[-1] if len(stages) == 2 else 'after ' + stages[-1]}: {n} patches -> {outputs} tokens, "
-                   f"{int(merged.sum())} merged, {int((groups < 0).sum())} dropped")
-        return [(merge_overlay(image, groups.reshape(grid)), caption)], ""
+        stage = stages[-1] if len(stages) == 2 else "after " + stages[-1]
+        # the image's views (LLaVA-NeXT: base view and crops); a ViT or a single-grid image: one square grid
+        try:
+            views = stats["views"][0] if "views" in stats else [(grid_of(groups.shape[0]), np.arange(groups.shape[0]))]
+        except ValueError:                                  # a ViT whose patches form no square grid
+            views = []
+        if not views:
+            return [], "this model's visual tokens form no patch grid: no overlay"
+        names = ["base view", "crops"] if len(views) == 2 else [f"view {v}" for v in range(len(views))]
+        out = []
+        for name, (grid, rows) in zip(names, views):
+            view = groups[np.asarray(rows)]
+            merged = merged_patches(view)
+            where = stage if len(views) == 1 else f"{stage}, {name}"
+            if not merged.any():
+                out.append((overlay(image, (view >= 0).reshape(grid)),
+                            f"{where}: {int((view >= 0).sum())} of {view.size} patches kept"))
+            else:
+                out.append((merge_overlay(image, view.reshape(grid)),
+                            f"{where}: {view.size} patches -> {len(set(view[view >= 0].tolist()))} tokens, "
+                            f"{int(merged.sum())} merged, {int((view < 0).sum())} dropped"))
+        return out, ""
 
     def _llm_overlays(self, image, stats):
         """Inside the LLM, the patches each stage keeps: the next stage's visual columns (mapped back to the

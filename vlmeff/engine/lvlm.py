@@ -334,9 +334,25 @@ class PreLLMReduction:
         }
         if self.last_groups is not None:
             stats["groups"] = self.last_groups      # per image: each feature row's output token, -1 dropped
+            stats["views"] = [self._views(i) for i in range(len(self.last_groups))]
         stats["flops"], stats["flops_unpatched"] = stats["prefill_flops"], stats["prefill_flops_unpatched"]
         self.patch.stats = stats
         self.capture.clear()
+
+    def _views(self, i):
+        """Image i's views for pictures of its rows: [((h, w), the feature rows of that grid in raster order)], the
+        unprotected rows split by `adapter.image_grids` (LLaVA-NeXT: the base view, then the unpadded crops)."""
+        protected = self.last_protected[i]
+        free = torch.nonzero(~protected)[:, 0]            # a CPU mask: no device read
+        try:
+            grids = self.adapter.image_grids(i, protected)
+        except ValueError:                                # rows in no grid (e.g. Gemma 3 reduced otherwise)
+            return []
+        views, start = [], 0
+        for h, w in grids:
+            views.append(((h, w), free[start:start + h * w]))
+            start += h * w
+        return views
 
     def _record_text_only(self, kwargs):
         """Stats of a call without images: no visual tokens, the prompt as the caller gave it."""
