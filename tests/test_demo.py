@@ -269,3 +269,27 @@ def test_cli_and_module_entry_points_take_the_documented_options():
     assert (args.model, args.host, args.port, args.share) == ("tiny-llava-evqa", "127.0.0.1", 7860, False)
     args = build_parser().parse_args(["demo", "--model", "tiny-vit-evqa", "--port", "9000", "--share"])
     assert (args.model, args.port, args.share) == ("tiny-vit-evqa", 9000, True)
+
+
+def test_a_timm_vit_runs_with_its_own_transform(image):
+    from models import tiny_timm_vit
+
+    from vlmeff.demo.runner import TimmPreprocess
+    model = tiny_timm_vit()                                 # 10 classes, 8 x 8 patches of 32 px
+    demo = DemoModel(model, TimmPreprocess(model), "vit", "tiny timm")
+    assert demo.processor.classes == [f"class {k}" for k in range(10)]
+    result = demo.ask(image, "", "cls", 16)
+    assert result.table[1] == ["visual tokens", "64", "64 -> 16"]
+    assert [c for _, c in result.overlays] == ["after layer 1: 16 of 64 patches kept"]
+    imagenet = TimmPreprocess(tiny_timm_vit(num_classes=1000))
+    assert len(imagenet.classes) == 1000 and imagenet.classes[0] != "class 0"
+
+
+def test_a_model_no_method_applies_to_is_a_clear_error(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+    ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                         num_attention_heads=4, intermediate_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(vlmeff.errors.UnsupportedModelError, match="the demo takes a vision-language model"):
+        DemoModel.load(str(tmp_path))
+    with pytest.raises(vlmeff.errors.UnsupportedModelError, match="no vlmeff method applies to Linear"):
+        DemoModel(torch.nn.Linear(2, 2), None, "vit")

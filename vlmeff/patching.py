@@ -15,8 +15,9 @@ class Patch:
 
     `track_merges = True` (for inspection, e.g. the demo; off by default) adds `stats["groups"]`: per image, the
     output token each input patch went into (-1: dropped), from the reduction run once more on an identity block
-    (merged tokens are positive combinations of their members). Methods inside the LLM keep or drop: they record
-    `llm_kept` instead.
+    (merged tokens are positive combinations of their members), and for LVLMs `stats["views"]`: per image, its grids
+    [((h, w), feature rows)] (LLaVA-NeXT: base view, then the crops). Methods inside the LLM keep or drop: they
+    record `llm_kept` instead.
     """
 
     ATTR = "_vlmeff_patch"

@@ -6,8 +6,8 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--model", default="tiny-llava-evqa",
                         help="an embedded model (tiny-llava-evqa, tiny-llava-scenes, tiny-llava-moe-evqa, "
-                             "tiny-vit-evqa), a local folder or a hub name of an LVLM or image classifier "
-                             "(default: %(default)s)")
+                             "tiny-vit-evqa), a transformers LVLM (local folder or hub name) or a timm ViT "
+                             "('timm/<name>', from the hub) (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio link")

@@ -32,19 +32,41 @@ class Result:
     note: str = ""                       # e.g. why no overlay is drawn
 
 
+class TimmPreprocess:
+    """A timm model's own eval transform: PIL images -> [B, 3, H, W]; `classes` its label names (ImageNet's for a
+    1,000-class head without names of its own)."""
+
+    def __init__(self, model):
+        import timm.data
+        config = timm.data.resolve_data_config({}, model=model)
+        config["input_size"] = (3, *model.patch_embed.img_size)    # the size it was built for, not its cfg's
+        self.transform = timm.data.create_transform(**config)
+        names = model.pretrained_cfg.get("label_names")
+        if names is None and model.num_classes == 1000:
+            names = timm.data.ImageNetInfo().label_descriptions()
+        self.classes = list(names) if names is not None else [f"class {k}" for k in range(model.num_classes)]
+
+    def __call__(self, images):
+        return torch.stack([self.transform(image) for image in images])
+
+
 def load(name_or_path: str):
-    """(model, processor, kind) of an embedded model name (`vlmeff.zoo`), a local folder or a hub name: an LVLM
-    (`AutoModelForImageTextToText`) or an image classifier (`AutoModelForImageClassification`)."""
+    """(model, processor, kind) of an embedded model name (`vlmeff.zoo`), a timm hub name ("timm/vit_..."), or a
+    transformers LVLM by local folder or hub name (`AutoModelForImageTextToText` + `AutoProcessor`)."""
     if name_or_path in vlmeff.zoo.names():
         model, processor = vlmeff.zoo.load(name_or_path)
         return model, processor, "vit" if name_or_path == "tiny-vit-evqa" else "lvlm"
+    if name_or_path.startswith("timm/"):
+        import timm
+        model = timm.create_model("hf-hub:" + name_or_path, pretrained=True).eval()
+        return model, TimmPreprocess(model), "vit"
     import transformers
     config = transformers.AutoConfig.from_pretrained(name_or_path)
-    if hasattr(config, "vision_config") and hasattr(config, "text_config"):
-        model = transformers.AutoModelForImageTextToText.from_pretrained(name_or_path).eval()
-        return model, transformers.AutoProcessor.from_pretrained(name_or_path), "lvlm"
-    model = transformers.AutoModelForImageClassification.from_pretrained(name_or_path).eval()
-    return model, transformers.AutoImageProcessor.from_pretrained(name_or_path), "vit"
+    if not (hasattr(config, "vision_config") and hasattr(config, "text_config")):
+        raise UnsupportedModelError(f"{name_or_path!r} is a {type(config).__name__}: the demo takes a vision-language "
+                                    "model (transformers) or a timm ViT ('timm/<name>')")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(name_or_path).eval()
+    return model, transformers.AutoProcessor.from_pretrained(name_or_path), "lvlm"
 
 
 class DemoModel:
@@ -54,6 +76,8 @@ class DemoModel:
         self.model, self.processor, self.kind, self.name = model, processor, kind, name
         self.lock = threading.Lock()
         self.methods = [m.name for m in methods() if site_of(m, kind) and self._patches(m.name)]
+        if not self.methods:
+            raise UnsupportedModelError(f"no vlmeff method applies to {type(model).__name__} ({name or 'this model'})")
 
     @classmethod
     def load(cls, name_or_path: str):
@@ -96,10 +120,8 @@ class DemoModel:
         return Result(comparison(base, pruned), overlays, note)
 
     def _inputs(self, image, question):
-        if self.kind == "vit":
-            if callable(self.processor) and not hasattr(self.processor, "image_processor_type"):
-                return {"x": self.processor([image])}                        # the zoo's ViTPreprocess
-            return dict(self.processor(images=image, return_tensors="pt"))
+        if self.kind == "vit":                  # the zoo's ViTPreprocess or TimmPreprocess
+            return {"x": self.processor([image])}
         messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         return dict(self.processor(images=[image], text=text, return_tensors="pt"))
@@ -107,7 +129,7 @@ class DemoModel:
     def _timed(self, inputs):
         start = time.perf_counter()
         if self.kind == "vit":
-            out = self.model(*inputs.values()) if "x" in inputs else self.model(**inputs).logits
+            out = self.model(inputs["x"])
         else:
             out = self.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         return out, time.perf_counter() - start
@@ -115,11 +137,7 @@ class DemoModel:
     def _tokens(self, inputs):
         """The visual tokens of the request's image at the model's input (the budget's range)."""
         if self.kind == "vit":
-            embed = getattr(self.model, "patch_embed", None)
-            if embed is not None:
-                return int(np.prod(embed.grid_size))
-            size, patch = self.model.config.image_size, self.model.config.patch_size
-            return (size // patch) ** 2
+            return int(np.prod(self.model.patch_embed.grid_size))
         image_token = self.model.config.image_token_id
         return int((inputs["input_ids"][0] == image_token).sum())
 
@@ -132,11 +150,7 @@ class DemoModel:
         return self.processor.batch_decode(new, skip_special_tokens=True)[0].strip()
 
     def _label(self, index):
-        classes = getattr(self.processor, "classes", None)
-        if classes is not None:
-            return classes[index]
-        labels = getattr(self.model.config, "id2label", None) or {}
-        return labels.get(index, f"class {index}")
+        return self.processor.classes[index]
 
     # -- which patches were kept ----------------------------------------------------------------------------------
     def _overlays(self, image, stats):
