@@ -383,9 +383,10 @@ def add_calibrate_parser(sub):
     cal.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     cal.add_argument("--plot", default=None, help="also draw the mean attention and its fitted trend to this PNG")
     cal.set_defaults(run=cmd_calibrate)
+    from .demo import DESCRIPTION, add_arguments, run as run_demo
     demo = sub.add_parser("demo", help="a Gradio page: the patches a method keeps, the answer with and without "
-                                       "pruning, tokens, FLOPs and latency (needs the demo extra)")
-    from .demo import add_arguments, run as run_demo
+                                       "pruning, tokens, FLOPs and latency (needs the demo extra)",
+                          description=DESCRIPTION)
     add_arguments(demo)
     demo.set_defaults(run=run_demo)
 

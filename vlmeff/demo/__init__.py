@@ -2,6 +2,9 @@
 (`vlmeff.demo.app`); the plain functions behind it are in `vlmeff.demo.core` and `vlmeff.demo.runner`."""
 import argparse
 
+DESCRIPTION = ("A Gradio page: the patches a method keeps (per stage and view), and the answer, visual tokens, FLOPs "
+               "and latency with and without pruning")
+
 
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--model", default="tiny-llava-evqa",
@@ -20,6 +23,6 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vlmeff.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vlmeff.demo", description=DESCRIPTION)
     add_arguments(parser)
     run(parser.parse_args(argv))
