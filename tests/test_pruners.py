@@ -48,7 +48,7 @@ def test_bipartite_matching_protects_prefix_and_merges_r():
     assert torch.equal(torch.cat([unm, src], 1).sort(1).values, torch.arange(5).expand(2, 5))
     assert torch.equal(unm, unm.sort(1).values)                                  # ToMe sorts the unmerged a
     x, sizes = torch.randn(2, 11, 4), torch.tensor([1.0, 1, 2, 1, 1, 3, 1, 1, 1, 1, 1]).expand(2, 11)[..., None]
-    out, new_sizes = merge_wavg(x, sizes, unm, src, dst, protected=2)
+    out, new_sizes, _ = merge_wavg(x, sizes, unm, src, dst, protected=2)
     assert out.shape == (2, 8, 4) and new_sizes.sum(1).flatten().tolist() == [14.0, 14.0]
     assert torch.equal(out[:, :2], x[:, :2])                                     # prefix first, untouched
     b5 = 2 + 2 + 1                                                               # slot of b-token 5: prefix, unm, b 0

@@ -197,10 +197,10 @@ class ViTReduction:
             if self.patch.track_merges:            # the same matching on the tokens' one-hot sources so far
                 self.state["source"] = tome_merge(self._source(x), self.state["sizes"], metric, r, self.prefix,
                                                   self.order)[0]
-            x, sizes = tome_merge(x, self.state["sizes"], metric, r, self.prefix, self.order)
-            self.state["sizes"] = sizes
-            if self.prop_attn and sizes is not None:   # once per merge, reused by the layers up to the next merge
-                self.state["attn_bias"] = sizes[..., 0].log()[:, None, None, :]
+            x, self.state["sizes"], log_sizes = tome_merge(x, self.state["sizes"], metric, r, self.prefix, self.order,
+                                                           with_log=self.prop_attn)
+            if log_sizes is not None:     # once per merge, reused by the layers up to the next merge
+                self.state["attn_bias"] = log_sizes[:, None, None, :]
             self._record(f"layer {i}", x)
             return x
 

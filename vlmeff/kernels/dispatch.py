@@ -1,42 +1,43 @@
-"""Which implementation runs a `gather_merge` call, as the custom op `vlmeff::gather_merge` (opaque to
-torch.compile).
+"""Which implementation runs a `gather_merge` / `tome_merge` call, as the custom ops `vlmeff::gather_merge` and
+`vlmeff::tome_merge` (opaque to torch.compile).
 
-CUDA tensors run the fused Triton kernel; CPU tensors run it in Triton's interpreter when TRITON_INTERPRET=1 was
+CUDA tensors run the fused Triton kernels; CPU tensors run them in Triton's interpreter when TRITON_INTERPRET=1 was
 set before `triton_gather_merge` was imported (lazily, by the first call that may use it; tests set it in
 conftest.py), else the PyTorch reference; without triton everything runs the reference. Autograd runs the
 (differentiable) reference. A kernel variant that fails to compile or launch is never retried: that call and every
 later one of the same variant run the reference, after one `KernelFallbackWarning` naming the Triton version.
 """
+import importlib
 import os
 import warnings
 from typing import Optional
 
 import torch
 
-from .reference import gather_merge_reference
+from .reference import gather_merge_reference, tome_merge_reference
 from .segments import check_layout, check_values
 
 # calls per backend ("triton", "triton-interpret", "reference") that produced a result: lets tests check which
 # path really ran
 BACKEND_CALLS = dict.fromkeys(("triton", "triton-interpret", "reference"), 0)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_triton_module = None      # the kernel module once imported, False when triton is not importable
-_failed_variants = set()   # (device, launch config) whose kernel raised: they run the reference from then on
+_triton_modules = {}       # kernel module name -> the module once imported, False when triton is not importable
+_failed_variants = set()   # (kernel, device, launch config) whose kernel raised: they run the reference from then on
 
 
 class KernelFallbackWarning(RuntimeWarning):
-    """The Triton kernel failed for one configuration; the PyTorch reference computes it instead."""
+    """A Triton kernel failed for one configuration; the PyTorch reference computes it instead."""
 
 
-def _kernels():
-    global _triton_module
-    if _triton_module is None:
+def _kernels(name="triton_gather_merge"):
+    """The kernel module `name` of this package, imported on first use (triton reads TRITON_INTERPRET then)."""
+    if name not in _triton_modules:
         try:
-            from . import triton_gather_merge as module
+            module = importlib.import_module(f"{__package__}.{name}")
         except ImportError:
             module = False
-        _triton_module = module
-    return _triton_module
+        _triton_modules[name] = module
+    return _triton_modules[name]
 
 
 def _backend(x):
@@ -46,25 +47,26 @@ def _backend(x):
     if x.is_cuda:
         module = _kernels()
         return ("triton-interpret" if module.INTERPRET else "triton") if module else "reference"
-    if x.device.type == "cpu" and (_triton_module or os.environ.get("TRITON_INTERPRET") == "1"):
+    if x.device.type == "cpu" and (_triton_modules.get("triton_gather_merge")
+                                   or os.environ.get("TRITON_INTERPRET") == "1"):
         module = _kernels()
         return "triton-interpret" if module and module.INTERPRET else "reference"
     return "reference"
 
 
-def _reference(x, index, offsets, weight):
+def _counted_reference(reference, *args):
     BACKEND_CALLS["reference"] += 1
-    return gather_merge_reference(x, index, offsets, weight)
+    return reference(*args)
 
 
-def _kernel_or_fallback(backend, x, index, offsets, weight):
-    """The Triton kernel's result, or the reference's when this variant failed (now or before)."""
-    module = _kernels()
-    variant = (str(x.device), module.launch_config(x.dtype, weight is not None, x.shape[2]))
+def _kernel_or_fallback(backend, kernel, config, launch, reference, args):
+    """launch(*args) of the Triton kernel module `kernel` in variant `config`, or reference(*args) when this
+    variant failed (now or before)."""
+    variant = (kernel, str(args[0].device), config)
     if variant in _failed_variants:
-        return _reference(x, index, offsets, weight)
+        return _counted_reference(reference, *args)
     try:
-        result = module.gather_merge_triton(x, index, offsets, weight)
+        result = launch(*args)
     except torch.OutOfMemoryError:
         raise   # not the kernel's fault, and the reference would need the memory too
     except Exception as error:   # noqa: BLE001 - a compiler or launch failure must never reach the user
@@ -72,11 +74,11 @@ def _kernel_or_fallback(backend, x, index, offsets, weight):
         import triton
         reason = next((line for line in str(error).splitlines() if line.strip()), "")[:200]
         warnings.warn(KernelFallbackWarning(
-            f"vlmeff: the Triton gather_merge kernel failed on Triton {triton.__version__} for variant {variant} "
+            f"vlmeff: the Triton kernel {kernel} failed on Triton {triton.__version__} for variant {variant[1:]} "
             f"({type(error).__name__}: {reason}); this variant runs the PyTorch reference from now on (slower, "
             f"same results). `python -m vlmeff.kernels.compile_check` checks every variant on this Triton."),
-            stacklevel=2)
-        return _reference(x, index, offsets, weight)
+            stacklevel=3)
+        return _counted_reference(reference, *args)
     BACKEND_CALLS[backend] += 1
     return result
 
@@ -87,9 +89,12 @@ def _gather_merge_op(x: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor
     if validate:
         check_values(x, index, offsets)
     backend = _backend(x)
+    args = (x, index, offsets, weight)
     if backend == "reference":
-        return _reference(x, index, offsets, weight)
-    return _kernel_or_fallback(backend, x, index, offsets, weight)
+        return _counted_reference(gather_merge_reference, *args)
+    module = _kernels()
+    return _kernel_or_fallback(backend, "gather_merge", module.launch_config(x.dtype, weight is not None, x.shape[2]),
+                               module.gather_merge_triton, gather_merge_reference, args)
 
 
 @_gather_merge_op.register_fake
@@ -113,5 +118,38 @@ def gather_merge(x, index, offsets, weight=None, validate=True):
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         if validate:
             check_values(x, index, offsets)
-        return _reference(x, index, offsets, weight)
+        return _counted_reference(gather_merge_reference, x, index, offsets, weight)
     return torch.ops.vlmeff.gather_merge(x, index, offsets, weight, validate)
+
+
+@torch.library.custom_op("vlmeff::tome_merge", mutates_args=())
+def _tome_merge_op(x: torch.Tensor, sizes: Optional[torch.Tensor], unm: torch.Tensor, src: torch.Tensor,
+                   dst: torch.Tensor, protected: int,
+                   with_log: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _backend(x)
+    args = (x, sizes, unm, src, dst, protected, with_log)
+    if backend == "reference":
+        return _counted_reference(tome_merge_reference, *args)
+    module = _kernels("triton_tome_merge")
+    return _kernel_or_fallback(backend, "tome_merge", module.launch_config(x.dtype, x.shape[2]),
+                               module.tome_merge_triton, tome_merge_reference, args)
+
+
+@_tome_merge_op.register_fake
+def _(x, sizes, unm, src, dst, protected, with_log):
+    # contiguous, as both real implementations return them
+    B, N, D = x.shape
+    n_out = N - src.shape[1]
+    return x.new_empty(B, n_out, D), x.new_empty(B, n_out), x.new_empty(B, n_out if with_log else 0)
+
+
+def tome_merge(x, sizes, unm, src, dst, protected, with_log=False):
+    """ToMe's size-weighted merge in one fused launch on CUDA; see `tome_merge_reference` for the contract.
+
+    x [B, N, D], sizes [B, N] in x's dtype or None, unm [B, U], src / dst [B, r] int64 indices into ToMe's a / b
+    sets. Returns (x' [B, N - r, D], sizes' [B, N - r], log(sizes') [B, N - r] or [B, 0] without with_log), in
+    x's dtype. When autograd needs gradients this runs the (differentiable) reference instead of the custom op.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or (sizes is not None and sizes.requires_grad)):
+        return _counted_reference(tome_merge_reference, x, sizes, unm, src, dst, protected, with_log)
+    return torch.ops.vlmeff.tome_merge(x, sizes, unm, src, dst, protected, with_log)

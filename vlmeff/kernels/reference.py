@@ -1,5 +1,7 @@
-"""Pure-PyTorch reference of the gather-and-merge op: the CPU path and the test oracle of the Triton kernel."""
+"""Pure-PyTorch references of the fused ops (gather-and-merge, ToMe's merge): their CPU path and the test oracles
+of the Triton kernels."""
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 
@@ -44,3 +46,32 @@ def gather_merge_reference(x, index, offsets, weight=None):
     out, total = out.view(B, K + 1, D)[:, :K], total[:, :K].contiguous()
     out = out / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
     return out.to(x.dtype), total
+
+
+def tome_sets(t, protected):
+    """(a, b) views of t [B, N, ...]: ToMe's alternating sets, the unprotected even and odd positions (the first
+    `protected` positions are in neither)."""
+    a_start, b_start = 2 * ((protected + 1) // 2), 2 * (protected // 2) + 1
+    return t[:, a_start::2], t[:, b_start::2]
+
+
+def tome_merge_reference(x, sizes, unm, src, dst, protected, with_log):
+    """ToMe's size-weighted merge: the reference of the fused kernel (`triton_tome_merge`), as ToMe writes it.
+
+    x: [B, N, D]; sizes: [B, N] patches each token stands for, in x's dtype (None: all 1); unm [B, U], src and
+    dst [B, r]: indices into the unprotected a / b sets (`tome_sets`) of the a-tokens that stay, the a-tokens
+    merged away and the b-token each joins. Each b-token becomes the size-weighted mean of itself and the
+    a-tokens merged into it. Returns (x' [B, N - r, D], sizes' [B, N - r], log(sizes') [B, N - r], or [B, 0]
+    without with_log), in x's dtype, in ToMe's order [protected, unmerged a, b]. Sizes ride along as an extra
+    channel so that one gather / scatter moves both.
+    """
+    xs = F.pad(x, (0, 1), value=1.0) if sizes is None else torch.cat([x * sizes[..., None], sizes[..., None]], -1)
+    a, b = tome_sets(xs, protected)
+
+    def rows(idx):
+        return idx[..., None].expand(-1, -1, xs.shape[-1])
+    b = b.scatter_add(1, rows(dst), a.gather(1, rows(src)))
+    out = torch.cat([xs[:, :protected], a.gather(1, rows(unm)), b], dim=1)
+    merged_sizes = out[..., -1]
+    log = merged_sizes.log() if with_log else merged_sizes.new_empty(out.shape[0], 0)
+    return out[..., :-1] / out[..., -1:], merged_sizes.contiguous(), log

@@ -4,21 +4,18 @@ Tokens alternate between set a (even positions) and set b (odd positions) of the
 `protected` positions ([CLS], registers, any prefix token) are sliced out of both sets: they neither merge nor
 receive, which is what ToMe's -inf scores do for its class and distillation tokens, without the fill.
 
-The merge runs ToMe's own gather / scatter structure on the token rows and bypasses `kernels.gather_merge`
-(`reduce_by_assignment` stays for the other methods): building its segments costs more launches than the merge.
+The merge is one fused launch on CUDA (`kernels.tome_merge`: the merged rows, their sizes and log-sizes), ToMe's
+own gather / scatter on a CPU (`kernels.reference.tome_merge_reference`).
 """
 import torch
-import torch.nn.functional as F
+
+from ..kernels import tome_merge as fused_merge
+from ..kernels.reference import tome_sets as _sets
+
 
 def max_merge(n_tokens, protected):
     """The most tokens one layer can merge (ToMe's cap: half of the unprotected tokens)."""
     return max(0, (n_tokens - protected) // 2)
-
-
-def _sets(t, protected):
-    """(a, b) views of t [B, N, ...]: the unprotected even and odd positions."""
-    a_start, b_start = 2 * ((protected + 1) // 2), 2 * (protected // 2) + 1
-    return t[:, a_start::2], t[:, b_start::2]
 
 
 def bipartite_soft_matching(metric, r, protected=1, sort_unmerged=True):
@@ -40,20 +37,16 @@ def bipartite_soft_matching(metric, r, protected=1, sort_unmerged=True):
     return unm, src, node_idx.gather(1, src)
 
 
-def merge_wavg(x, sizes, unm, src, dst, protected=1):
-    """ToMe's size-weighted merge of the matching (`bipartite_soft_matching`).
+def merge_wavg(x, sizes, unm, src, dst, protected=1, with_log=False):
+    """ToMe's size-weighted merge of the matching (`bipartite_soft_matching`), one fused launch on CUDA.
 
     x: [B, N, D]; sizes: [B, N, 1] patches each token stands for, in x's dtype (None: all 1). Each b-token
     becomes the size-weighted mean of itself and the a-tokens merged into it. Returns (x' [B, N - r, D],
-    sizes' [B, N - r, 1]) in ToMe's order: [protected tokens, unmerged a, b]. Sizes ride along as an extra channel
-    so that one gather / scatter moves both.
+    sizes' [B, N - r, 1], log(sizes') [B, N - r] with with_log, else None) in ToMe's order: [protected tokens,
+    unmerged a, b].
     """
-    xs = F.pad(x, (0, 1), value=1.0) if sizes is None else torch.cat([x * sizes, sizes], dim=-1)
-    a, b = _sets(xs, protected)
-    rows = lambda idx: idx[..., None].expand(-1, -1, xs.shape[-1])
-    b = b.scatter_add(1, rows(dst), a.gather(1, rows(src)))
-    out = torch.cat([xs[:, :protected], a.gather(1, rows(unm)), b], dim=1)
-    return out[..., :-1] / out[..., -1:], out[..., -1:]
+    out, sizes, log = fused_merge(x, None if sizes is None else sizes[..., 0], unm, src, dst, protected, with_log)
+    return out, sizes[..., None], log if with_log else None
 
 
 def raster_positions(unm, n_tokens, protected=1):
@@ -63,19 +56,21 @@ def raster_positions(unm, n_tokens, protected=1):
     return torch.cat([head, a_pos.expand(unm.shape[0], -1).gather(1, unm), b_pos.expand(unm.shape[0], -1)], dim=1)
 
 
-def tome_merge(x, sizes, metric, r, protected=1, order="tome"):
+def tome_merge(x, sizes, metric, r, protected=1, order="tome", with_log=False):
     """One ToMe step on x [B, N, D]: merge r tokens (capped at `max_merge`), protected tokens untouched.
 
     sizes: [B, N, 1] or None; metric: [B, N, C]. order "tome": [protected, unmerged a (ascending when there are
     protected tokens, as ToMe does with a class token), b], what the next layer's a/b split sees in ToMe;
-    "raster": survivors in their original order. Returns (x', sizes') with N - r tokens.
+    "raster": survivors in their original order. Returns (x', sizes', log(sizes') [B, N - r] with with_log, else
+    None) with N - r tokens; nothing changes (and the log is None) when no token merges.
     """
     r = min(r, max_merge(x.shape[1], protected))
     if r <= 0:
-        return x, sizes
+        return x, sizes, None
     unm, src, dst = bipartite_soft_matching(metric, r, protected, sort_unmerged=order == "tome" and protected > 0)
-    x, sizes = merge_wavg(x, sizes, unm, src, dst, protected)
+    x, sizes, log = merge_wavg(x, sizes, unm, src, dst, protected, with_log)
     if order == "raster":
-        order_idx = raster_positions(unm, metric.shape[1], protected).argsort(dim=1)[..., None]
-        x, sizes = x.gather(1, order_idx.expand_as(x)), sizes.gather(1, order_idx)
-    return x, sizes
+        order_idx = raster_positions(unm, metric.shape[1], protected).argsort(dim=1)
+        x, sizes = x.gather(1, order_idx[..., None].expand_as(x)), sizes.gather(1, order_idx[..., None])
+        log = None if log is None else log.gather(1, order_idx)
+    return x, sizes, log
