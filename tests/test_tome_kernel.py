@@ -1,7 +1,12 @@
 """ToMe's fused merge (`kernels.tome_merge`: Triton kernel, run by the interpreter on CPU; see conftest.py) against
 a loop oracle written from ToMe's definition and against the PyTorch reference; its custom op under
-torch.compile and opcheck, its gradients, its run-time fallback and its launcher's shapes-only grid."""
+torch.compile and opcheck, its gradients, its run-time fallback, its launcher's shapes-only grid and its sm90 PTX."""
+import os
+import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +210,26 @@ def test_cuda_matches_reference(dtype):
             torch.testing.assert_close(g, w, rtol=1e-6 if dtype == torch.float32 else 1e-2,
                                        atol=1e-6 if dtype == torch.float32 else 1e-2)
     assert kernels.BACKEND_CALLS["triton"] == before + 2
+
+
+def sm90_ptx(dtype):
+    """PTX of the 16 x 256 variant compiled ahead of time for an H100, as an aligned launch specialises it."""
+    from vlmeff.kernels.compile_check import compile_variant
+    return compile_variant((dtype, 16, 256), 90, "aligned", "tome_merge").asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype,vectors", [("bf16", 4), ("fp32", 8)])
+def test_kernel_compiles_for_sm90_with_16_byte_accesses(dtype, vectors):
+    # the 16 x 256 tile's own rows and the merged rows move as 16-byte vectors (4 loads and 4 stores per thread in
+    # bf16, 8 in fp32), the division is IEEE, and the merged rows add up in fp32 FMAs (IEEE dot, no TF32 mma).
+    # In a subprocess without TRITON_INTERPRET: the interpreter cannot compile (see test_kernels.py)
+    pytest.importorskip("triton")
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import test_tome_kernel as t; print(t.sm90_ptx({dtype!r}))")
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ptx = run.stdout
+    assert len(re.findall(r"ld\.global\S*\.v4", ptx)) == vectors
+    assert len(re.findall(r"st\.global\S*\.v4", ptx)) == vectors
+    assert "div.rn.f32" in ptx and "mma" not in ptx and len(re.findall(r"fma\.rn\.f32", ptx)) == 512
