@@ -1,5 +1,5 @@
-"""Ahead-of-time compile every variant of the Triton kernels (gather-merge, ToMe's merge) for real GPUs, without
-a GPU.
+"""Ahead-of-time compile every variant of the Triton kernels (gather-merge, ToMe's merge, the nearest-kept
+assignment) for real GPUs, without a GPU.
 
 Triton ships ptxas, so `triton.compile` of an `ASTSource` for a `GPUTarget` runs the whole pipeline (TTIR, TTGIR,
 LLVM, PTX, cubin) on a CPU. This proves that the launcher cannot pick a variant the installed Triton fails to
@@ -39,6 +39,18 @@ def _tome_merge_source(config):
     return kernel, NUM_WARPS, types, {"BLOCK_K": block_k, "BLOCK_D": block_d, "BLOCK_R": BLOCK_R}
 
 
+def _nearest_kept_source(config):
+    from .triton_nearest_kept import NUM_WARPS, _nearest_kept_kernel as kernel
+
+    block_n, block_j, block_c = config
+    types = {"metric_ptr": "*fp32", "keep_ptr": "*i64", "targets_ptr": "*u8", "dst_ptr": "*i64"}
+    return kernel, NUM_WARPS, types, {"BLOCK_N": block_n, "BLOCK_J": block_j, "BLOCK_C": block_c}
+
+
+SOURCES = {"gather_merge": _gather_merge_source, "tome_merge": _tome_merge_source,
+           "nearest_kept": _nearest_kept_source}
+
+
 def compile_variant(config, arch, specialisation, kernel_name="gather_merge"):
     """Compile one variant of a kernel (`launch_configs()` of its module) for sm<arch>; returns the compiled
     kernel. Raises whatever Triton raises when it fails."""
@@ -46,8 +58,7 @@ def compile_variant(config, arch, specialisation, kernel_name="gather_merge"):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source_of = {"gather_merge": _gather_merge_source, "tome_merge": _tome_merge_source}[kernel_name]
-    kernel, num_warps, types, constexprs = source_of(config)
+    kernel, num_warps, types, constexprs = SOURCES[kernel_name](config)
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     attrs = {}
     if specialisation == "aligned":
@@ -62,7 +73,7 @@ def compile_all(archs=(80, 90)):
     triton version and path, compiled count, seconds, failures [{kernel, config, arch, specialisation, error}]."""
     import triton
 
-    from . import triton_gather_merge, triton_tome_merge
+    from . import triton_gather_merge, triton_nearest_kept, triton_tome_merge
 
     if triton_gather_merge.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 makes interpreter kernels, which cannot be compiled: run with "
@@ -70,7 +81,8 @@ def compile_all(archs=(80, 90)):
     failures, count, t0 = [], 0, time.perf_counter()
     for arch in archs:
         for specialisation in SPECIALISATIONS:
-            for name, module in (("gather_merge", triton_gather_merge), ("tome_merge", triton_tome_merge)):
+            for name, module in (("gather_merge", triton_gather_merge), ("tome_merge", triton_tome_merge),
+                                 ("nearest_kept", triton_nearest_kept)):
                 for config in module.launch_configs():
                     count += 1
                     try:

@@ -1,5 +1,5 @@
-"""Which implementation runs a `gather_merge` / `tome_merge` call, as the custom ops `vlmeff::gather_merge` and
-`vlmeff::tome_merge` (opaque to torch.compile).
+"""Which implementation runs a `gather_merge` / `tome_merge` / `nearest_kept` call, as the custom ops
+`vlmeff::gather_merge`, `vlmeff::tome_merge` and `vlmeff::nearest_kept` (opaque to torch.compile).
 
 CUDA tensors run the fused Triton kernels; CPU tensors run them in Triton's interpreter when TRITON_INTERPRET=1 was
 set before `triton_gather_merge` was imported (lazily, by the first call that may use it; tests set it in
@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .reference import gather_merge_reference, tome_merge_reference
+from .reference import gather_merge_reference, nearest_kept_reference, tome_merge_reference
 from .segments import check_layout, check_values
 
 # calls per backend ("triton", "triton-interpret", "reference") that produced a result: lets tests check which
@@ -153,3 +153,28 @@ def tome_merge(x, sizes, unm, src, dst, protected, with_log=False):
     if torch.is_grad_enabled() and (x.requires_grad or (sizes is not None and sizes.requires_grad)):
         return _counted_reference(tome_merge_reference, x, sizes, unm, src, dst, protected, with_log)
     return torch.ops.vlmeff.tome_merge(x, sizes, unm, src, dst, protected, with_log)
+
+
+@torch.library.custom_op("vlmeff::nearest_kept", mutates_args=())
+def _nearest_kept_op(metric: torch.Tensor, keep_idx: torch.Tensor, fixed: int,
+                     targets: Optional[torch.Tensor]) -> torch.Tensor:
+    args = (metric, keep_idx, fixed, targets)
+    module = _kernels("triton_nearest_kept")
+    # the kernel holds a metric row in registers: wider metrics run the reference
+    backend = _backend(metric) if module and module.supports(metric.shape[-1]) else "reference"
+    if backend == "reference":
+        return _counted_reference(nearest_kept_reference, *args)
+    return _kernel_or_fallback(backend, "nearest_kept", module.launch_config(metric.shape[-1]),
+                               module.nearest_kept_triton, nearest_kept_reference, args)
+
+
+@_nearest_kept_op.register_fake
+def _(metric, keep_idx, fixed, targets):
+    return keep_idx.new_empty(metric.shape[:2])
+
+
+def nearest_kept(metric, keep_idx, fixed=0, targets=None):
+    """Each token's slot when every token merges into its most similar kept token, one fused launch on CUDA; see
+    `nearest_kept_reference`. metric [B, N, C] (float32 in the kernel), keep_idx [B, K] int64, targets [B, K] bool
+    or None. Returns dst [B, N] int64."""
+    return torch.ops.vlmeff.nearest_kept(metric.float(), keep_idx, fixed, targets)

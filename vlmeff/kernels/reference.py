@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
+from ..layout import slot_ranges
+
 
 def _host_reads_are_free(t):
     """Reading t's values on the host costs nothing: a real CPU tensor, outside torch.compile tracing. On CUDA
@@ -75,3 +77,26 @@ def tome_merge_reference(x, sizes, unm, src, dst, protected, with_log):
     merged_sizes = out[..., -1]
     log = merged_sizes.log() if with_log else merged_sizes.new_empty(out.shape[0], 0)
     return out[..., :-1] / out[..., -1:], merged_sizes.contiguous(), log
+
+
+def nearest_kept_reference(metric, keep_idx, fixed, targets):
+    """Each token's output slot when every token merges into its most similar kept token: the reference of the
+    fused kernel (`triton_nearest_kept`).
+
+    metric: [B, N, C]; keep_idx: [B, K] int64 the kept tokens, the first `fixed` of them a protected prefix that
+    receives nothing; targets: [B, K] bool, False for kept tokens that receive nothing (row separators), or None.
+    Similarity: cosine of `metric` rows (the source row left unnormalised: a positive factor per row, which the
+    argmax does not see); the first slot wins ties. Returns dst [B, N] int64: kept token k keeps slot k, every other
+    token the slot of its nearest receiving kept token.
+    """
+    C = metric.shape[-1]
+    metric = metric.float()
+    receivers = keep_idx[:, fixed:]
+    candidates = F.normalize(metric.gather(1, receivers[..., None].expand(-1, -1, C)), dim=-1)
+    sim = metric @ candidates.transpose(1, 2)                                    # [B, N, K - fixed]
+    if targets is not None:
+        sim = sim.masked_fill(~targets[:, None, fixed:], float("-inf"))
+    nearest = sim.argmax(dim=-1)
+    if fixed:
+        nearest = nearest + fixed
+    return nearest.scatter(1, keep_idx, slot_ranges(1, keep_idx.shape[1], keep_idx).expand_as(keep_idx))

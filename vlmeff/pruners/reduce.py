@@ -2,10 +2,8 @@
 `kernels.gather_merge` (one fused launch); a pure drop is one `gather`; VisionZip's contextual tokens are a dense
 one-hot product (`contextual_merge`); ToMe merges with its own gather / scatter (`pruners.tome`)."""
 import torch
-import torch.nn.functional as F
 
-from ..kernels import gather_merge, segments_from_assignment
-from ..layout import slot_ranges
+from ..kernels import gather_merge, nearest_kept, segments_from_assignment
 
 
 def reduce_by_assignment(x, dst, num_out, sizes=None, drops=True):
@@ -39,23 +37,10 @@ def merge_into_kept(x, keep_idx, metric, sizes=None, targets=None, fixed=0):
     [B, N, C]) by size-weighted average. Kept tokens that may not receive merges (prefix tokens such as [CLS],
     row separators): the first `fixed` ones (a protected prefix, sorted first in keep_idx), and, if given, those
     where `targets` [B, K] bool is False. Returns (x' [B, K, D], sizes' [B, K]).
-    Launches (float32 metric, no targets mask): gather, normalize (3), bmm, argmax, scatter, then
-    `reduce_by_assignment` (3), plus one add with `fixed`.
+    Launches: the assignment (`kernels.nearest_kept`, one fused launch on CUDA), then `reduce_by_assignment` (3).
     """
-    K, C = keep_idx.shape[1], metric.shape[-1]
-    metric = metric.float()
-    receivers = keep_idx[:, fixed:]
-    candidates = F.normalize(metric.gather(1, receivers[..., None].expand(-1, -1, C)), dim=-1)
-    # cosine up to the positive factor |metric_i| of each source row, which leaves its argmax unchanged
-    sim = metric @ candidates.transpose(1, 2)                                    # [B, N, K - fixed]
-    if targets is not None:
-        sim = sim.masked_fill(~targets[:, None, fixed:], float("-inf"))
-    nearest = sim.argmax(dim=-1)
-    if fixed:
-        nearest = nearest + fixed
-    # kept tokens keep their own slot
-    dst = nearest.scatter(1, keep_idx, slot_ranges(1, K, keep_idx).expand_as(keep_idx))
-    return reduce_by_assignment(x, dst, K, sizes, drops=False)
+    dst = nearest_kept(metric, keep_idx, fixed, targets)
+    return reduce_by_assignment(x, dst, keep_idx.shape[1], sizes, drops=False)
 
 
 def contextual_merge(x, metric, contextual):
