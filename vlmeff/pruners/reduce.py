@@ -1,6 +1,6 @@
 """Reducers: shrink a token sequence given what to keep. Merges by assignment (`merge_into_kept`, `pool`) end in
 `kernels.gather_merge` (one fused launch); a pure drop is one `gather`; VisionZip's contextual tokens are a dense
-one-hot product (`contextual_merge`); ToMe merges with its own gather / scatter (`pruners.tome`)."""
+one-hot product (`contextual_merge`); ToMe merges with its own fused op (`kernels.tome_merge`, `pruners.tome`)."""
 import torch
 
 from ..kernels import gather_merge, nearest_kept, segments_from_assignment
