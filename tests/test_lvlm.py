@@ -79,6 +79,20 @@ def test_reduced_prompt_reaches_the_llm_with_the_kept_tokens():
     assert seen["inputs_embeds"].shape[1] == max(int(m.sum()) for m in mask) - 13
 
 
+def test_a_forward_after_a_cache_numbers_the_kept_tokens_after_it():
+    # positions="original" without position_ids: a forward numbers the new tokens past_length .. past_length + L - 1
+    # (mutation survivor: `+ past_length` -> `- past_length` passed every test with an empty cache)
+    model = tiny_llava()
+    ids = torch.tensor([prompt([1, 5], 1, [7, 8])])
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([[1, 6, 9]]), use_cache=True).past_key_values
+    with vlmeff.patch(model, method="cls", keep=3, positions="original") as h, \
+            Recorder(model.model.language_model) as rec, torch.no_grad():
+        model(input_ids=ids, pixel_values=pixels(1), past_key_values=cache)
+    kept = torch.cat([2 + h.stats["kept"][0], torch.tensor([0, 1, 18, 19, 20])]).sort().values
+    assert torch.equal(rec.kwargs["position_ids"][0], 3 + kept)
+
+
 def test_multi_image_prompt_and_text_only_sample_in_one_batch():
     model = tiny_llava()
     ids, mask = batch([prompt([1, 5], 2, [7, 8]), [1, 5, 6, 7, 8, 9], prompt([1], 1, [9])])

@@ -207,6 +207,16 @@ def test_reduction_is_sync_free_with_pinned_op_count():
     assert counter.total <= 21, counter.ops           # 4 sorts, 3 gathers, 2 bmm, one-hot, mean, cat
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_full_budget_returns_every_block_unchanged_with_its_rows(n):
+    # k == F: the blocks as they are, every row kept, for any number of blocks (mutation survivor: a row table of
+    # 2 rows expanded to n passed with the usual 2)
+    x, metric, scores = torch.randn(n, 20, 8), torch.randn(n, 20, 4), torch.rand(n, 20)
+    options = dict(contextual=2, cls_token="keep", order="reference")
+    out, sizes, rows = _visionzip(x, scores, metric, torch.arange(0), torch.arange(20), 20, options)
+    assert out is x and sizes is None and torch.equal(rows, torch.arange(20).expand(n, 20))
+
+
 @pytest.mark.parametrize("options", CONVENTIONS)
 def test_llava_next_blocks_have_no_cls_slot(options):
     """LLaVA-NeXT's packed blocks carry newline rows and no [CLS]: keep - contextual dominant + contextual rows,

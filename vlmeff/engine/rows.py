@@ -216,7 +216,7 @@ def _visionzip(x, scores, metric, prot, free, k, options):
     return out, None, rows
 
 
-def visionzip_counts(k, options, cls_slot=True):
+def visionzip_counts(k, options, cls_slot):
     """(dominant rows, contextual tokens) for a budget of k tokens per image (the options were validated by the
     registry at patch time; a count above k - 1 is known only now when keep is a ratio, a ValueError).
 
