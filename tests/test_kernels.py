@@ -19,6 +19,7 @@ from vlmeff.kernels import (KernelFallbackWarning, gather_merge, segments_from_a
 from vlmeff.kernels import dispatch
 from vlmeff.kernels.attention_rows import attention_rows
 from vlmeff.kernels.reference import gather_merge_reference
+from kernel_checks import break_kernel, sm90_ptx
 from opcount import count_ops
 
 REPO = Path(__file__).resolve().parent.parent
@@ -247,19 +248,8 @@ def test_compile_failure_falls_back_to_reference_with_one_warning(monkeypatch):
     # the kernel variant with BLOCK_D = 256 fails as Triton 3.6 failed on GPUs; the others still compile
     from vlmeff.kernels import triton_gather_merge as module
     import triton
-    real_kernel, launches = module._gather_merge_kernel, []
-
-    class FailingForWideTiles:
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                launches.append(meta["BLOCK_D"])
-                if meta["BLOCK_D"] == 256:
-                    raise RuntimeError("PassManager::run failed")
-                return real_kernel[grid](*args, **meta)
-            return launch
-
-    monkeypatch.setattr(module, "_gather_merge_kernel", FailingForWideTiles())
-    monkeypatch.setattr(dispatch, "_failed_variants", set())
+    launches = break_kernel(monkeypatch, module, "_gather_merge_kernel", "BLOCK_D",
+                            fails=lambda meta: meta["BLOCK_D"] == 256)
     before = dict(kernels.BACKEND_CALLS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -388,27 +378,14 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_on_oldest_and_newest_tr
             f"Triton {version} sm{arch}: " + json.dumps(report["failures"][:5], indent=1)
 
 
-def sm90_ptx(dtype):
-    """PTX of the 16 x 256 weighted variant compiled ahead of time for an H100, specialised as a launch with
-    aligned pointers and D and the row strides divisible by 16 would be."""
-    from vlmeff.kernels.compile_check import compile_variant
-    return compile_variant((dtype, True, 16, 256), 90, "aligned").asm["ptx"]
-
-
 @pytest.mark.parametrize("dtype,vectors,loads", [("bf16", 4, 23), ("fp32", 8, 43)])
 def test_kernel_compiles_for_sm90_with_16_byte_accesses(dtype, vectors, loads):
     # each thread's 32 elements of the 16 x 256 tile must move as 16-byte vectors: 4 per load and per store in
     # bf16, 8 in fp32; and the per-row index / weight loads must not be duplicated across layouts (a [BLOCK_K, 1]
-    # formulation once made 69 global loads per member step instead of 13). In a subprocess without
-    # TRITON_INTERPRET: the interpreter patches triton.language while it runs kernels, which breaks compiling in
-    # the same process.
+    # formulation once made 69 global loads per member step instead of 13). The 16 x 256 weighted variant, as an
+    # aligned launch (pointers, D and the row strides divisible by 16) specialises it.
     pytest.importorskip("triton")
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"import test_kernels as t; print(t.sm90_ptx({dtype!r}))")
-    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"},
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ptx = run.stdout
+    ptx = sm90_ptx("gather_merge", (dtype, True, 16, 256))
     assert len(re.findall(r"ld\.global\S*\.v4", ptx)) == vectors
     assert len(re.findall(r"ld\.global", ptx)) == loads
     assert len(re.findall(r"st\.global\S*\.v4", ptx)) == vectors

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from kernel_checks import break_kernel
 from vlmeff import kernels
 from vlmeff.kernels import KernelFallbackWarning, dispatch, nearest_kept
 from vlmeff.kernels.reference import nearest_kept_reference
@@ -124,17 +125,7 @@ def test_custom_op_under_compile_and_opcheck(monkeypatch, backend):
 def test_compile_failure_falls_back_to_reference_with_one_warning(monkeypatch):
     from vlmeff.kernels import triton_nearest_kept as module
     import triton
-    launches = []
-
-    class Failing:
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                launches.append(meta["BLOCK_C"])
-                raise RuntimeError("PassManager::run failed")
-            return launch
-
-    monkeypatch.setattr(module, "_nearest_kept_kernel", Failing())
-    monkeypatch.setattr(dispatch, "_failed_variants", set())
+    launches = break_kernel(monkeypatch, module, "_nearest_kept_kernel", "BLOCK_C")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for seed in range(3):

@@ -1,17 +1,14 @@
 """ToMe's fused merge (`kernels.tome_merge`: Triton kernel, run by the interpreter on CPU; see conftest.py) against
 a loop oracle written from ToMe's definition and against the PyTorch reference; its custom op under
 torch.compile and opcheck, its gradients, its run-time fallback, its launcher's shapes-only grid and its sm90 PTX."""
-import os
 import re
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from kernel_checks import break_kernel, sm90_ptx
 from vlmeff import kernels
 from vlmeff.kernels import KernelFallbackWarning, dispatch, tome_merge
 from vlmeff.kernels.reference import tome_merge_reference
@@ -145,17 +142,7 @@ def test_custom_op_under_compile_and_opcheck(monkeypatch, backend):
 def test_compile_failure_falls_back_to_reference_with_one_warning(monkeypatch):
     from vlmeff.kernels import triton_tome_merge as module
     import triton
-    launches = []
-
-    class Failing:
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                launches.append(meta["BLOCK_D"])
-                raise RuntimeError("PassManager::run failed")
-            return launch
-
-    monkeypatch.setattr(module, "_tome_merge_kernel", Failing())
-    monkeypatch.setattr(dispatch, "_failed_variants", set())
+    launches = break_kernel(monkeypatch, module, "_tome_merge_kernel", "BLOCK_D")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for seed in range(3):
@@ -212,24 +199,12 @@ def test_cuda_matches_reference(dtype):
     assert kernels.BACKEND_CALLS["triton"] == before + 2
 
 
-def sm90_ptx(dtype):
-    """PTX of the 16 x 256 variant compiled ahead of time for an H100, as an aligned launch specialises it."""
-    from vlmeff.kernels.compile_check import compile_variant
-    return compile_variant((dtype, 16, 256), 90, "aligned", "tome_merge").asm["ptx"]
-
-
 @pytest.mark.parametrize("dtype,vectors", [("bf16", 4), ("fp32", 8)])
 def test_kernel_compiles_for_sm90_with_16_byte_accesses(dtype, vectors):
     # the 16 x 256 tile's own rows and the merged rows move as 16-byte vectors (4 loads and 4 stores per thread in
-    # bf16, 8 in fp32), the division is IEEE, and the merged rows add up in fp32 FMAs (IEEE dot, no TF32 mma).
-    # In a subprocess without TRITON_INTERPRET: the interpreter cannot compile (see test_kernels.py)
+    # bf16, 8 in fp32), the division is IEEE, and the merged rows add up in fp32 FMAs (IEEE dot, no TF32 mma)
     pytest.importorskip("triton")
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"import test_tome_kernel as t; print(t.sm90_ptx({dtype!r}))")
-    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"},
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ptx = run.stdout
+    ptx = sm90_ptx("tome_merge", (dtype, 16, 256))
     assert len(re.findall(r"ld\.global\S*\.v4", ptx)) == vectors
     assert len(re.findall(r"st\.global\S*\.v4", ptx)) == vectors
     assert "div.rn.f32" in ptx and "mma" not in ptx and len(re.findall(r"fma\.rn\.f32", ptx)) == 512

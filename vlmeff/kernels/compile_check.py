@@ -12,6 +12,7 @@ prints one JSON object (Triton version and path, number compiled, seconds, failu
 Run it in a process of its own: the interpreter (TRITON_INTERPRET=1) cannot compile.
 """
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -47,6 +48,7 @@ def _nearest_kept_source(config):
     return kernel, NUM_WARPS, types, {"BLOCK_N": block_n, "BLOCK_J": block_j, "BLOCK_C": block_c}
 
 
+# kernel name -> its compile source; the launcher module of kernel `name` is `triton_<name>`
 SOURCES = {"gather_merge": _gather_merge_source, "tome_merge": _tome_merge_source,
            "nearest_kept": _nearest_kept_source}
 
@@ -73,7 +75,7 @@ def compile_all(archs=(80, 90)):
     triton version and path, compiled count, seconds, failures [{kernel, config, arch, specialisation, error}]."""
     import triton
 
-    from . import triton_gather_merge, triton_nearest_kept, triton_tome_merge
+    from . import triton_gather_merge
 
     if triton_gather_merge.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 makes interpreter kernels, which cannot be compiled: run with "
@@ -81,9 +83,8 @@ def compile_all(archs=(80, 90)):
     failures, count, t0 = [], 0, time.perf_counter()
     for arch in archs:
         for specialisation in SPECIALISATIONS:
-            for name, module in (("gather_merge", triton_gather_merge), ("tome_merge", triton_tome_merge),
-                                 ("nearest_kept", triton_nearest_kept)):
-                for config in module.launch_configs():
+            for name in SOURCES:
+                for config in importlib.import_module(f"{__package__}.triton_{name}").launch_configs():
                     count += 1
                     try:
                         compile_variant(config, arch, specialisation, name)

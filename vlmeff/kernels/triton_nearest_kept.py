@@ -12,8 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gather_merge import INTERPRET  # noqa: F401 - dispatch reads it
-
 BLOCK_C_CHOICES = (16, 32, 64, 128, 256)    # metric width, padded; wider metrics run the reference
 TILE_ELEMENTS = 2048                        # BLOCK_N * BLOCK_C (and BLOCK_J * BLOCK_C) register tiles
 NUM_WARPS = 4

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gather_merge import INTERPRET, X_DTYPES, tile_shape   # noqa: F401 - INTERPRET: dispatch reads it
+from .triton_gather_merge import X_DTYPES, tile_shape
 
 BLOCK_R = 16       # merged tokens per dot: tl.dot's smallest inner dimension
 NUM_WARPS = 4
