@@ -47,10 +47,11 @@ def batched(hidden, key_norm, visual, text, budgets, image_pivots, text_pivots, 
 
 
 @pytest.mark.parametrize("split", ["exact", "reference"])
-@pytest.mark.parametrize("seed", range(6))
-def test_selection_equals_the_direct_oracle(seed, split):
+@pytest.mark.parametrize("seed,D", [(seed, 8) for seed in range(6)] + [(6, 2), (7, 2)])
+def test_selection_equals_the_direct_oracle(seed, D, split):
+    """D = 2: states narrower than the pivot slots (the sequence length, not the width, bounds the pivots)."""
     g = torch.Generator().manual_seed(seed)
-    B, L, D = 3, 40, 8
+    B, L = 3, 40
     hidden, key_norm = torch.randn(B, L, D, generator=g), torch.rand(B, L, generator=g)
     visual = torch.zeros(B, L, dtype=torch.bool)
     visual[0, 3:27], visual[1, 5:13], visual[1, 15:30], visual[2, 10:14] = True, True, True, True
@@ -66,6 +67,17 @@ def test_selection_equals_the_direct_oracle(seed, split):
         assert int(kept[b].sum()) == totals[b] == len(expected)
         if split == "exact":
             assert totals[b] == budgets[b]
+
+
+def test_the_selection_builds_every_tensor_on_the_states_device():
+    """On `meta` (a GPU stands in): a helper tensor made on the host would meet the device's tensors and fail."""
+    B, L, P = 2, 12, 5
+    visual = torch.zeros(B, L, dtype=torch.bool, device="meta")
+    kept = duplication_aware_keep(torch.empty(B, L, 4, device="meta"), torch.empty(B, L, device="meta"), visual,
+                                  visual, torch.ones(B, dtype=torch.long, device="meta"),
+                                  torch.ones(B, dtype=torch.long, device="meta"),
+                                  torch.ones(B, P, dtype=torch.long, device="meta"), [1] * P, 2)
+    assert kept.device.type == "meta" and kept.shape == (B, L) and kept.dtype == torch.bool
 
 
 def test_reference_split_keeps_dart_s_counts():

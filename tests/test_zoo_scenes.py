@@ -14,6 +14,18 @@ def small_splits(monkeypatch):
     monkeypatch.setitem(scenes.SPLIT_SIZES, "val", 8)
 
 
+def test_stage2_data_draws_more_train_images_than_the_split_holds(small_splits):
+    """`--scenes-train-images`: the first N generated train images (the default split's 32 among them, unchanged),
+    then the val split, whose questions stay those of `load_split`."""
+    images, qa, n_train = train.scenes_stage2_data(train_images=40)
+    default_images, default_qa, default_n = train.scenes_stage2_data()
+    assert (n_train, default_n, len(images), len(default_images)) == (40, 32, 48, 40)
+    assert [im.tobytes() for im in images[:32]] == [im.tobytes() for im in default_images[:32]]
+    assert qa[:32] == default_qa[:32] and qa[40:] == default_qa[32:]
+    scs, questions = scenes.load_split("train", 40)
+    assert qa[39] == [(q.question, q.answer) for q in questions if q.image_id == 39]
+    assert images[39].tobytes() == scs[39].render().tobytes()
+
 def test_scenes_vocabulary_and_model_shape():
     model, processor = build.build_llava(dataset="scenes")
     tok = processor.tokenizer

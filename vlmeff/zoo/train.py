@@ -280,22 +280,26 @@ def easyvqa_stage2_data() -> tuple[list, list[list[tuple[str, str]]], int]:
     return [images[i] for i in tr + va], [qa[i] for i in tr + va], len(tr)
 
 
-def scenes_stage2_data(train_per_kind: int = 2) -> tuple[list, list[list[tuple[str, str]]], int]:
-    """Same for scenes: the train split (with up to train_per_kind questions of each kind per image), then the val
-    split (as `scenes.load_split` makes it)."""
+def scenes_stage2_data(train_per_kind: int = 2, train_images: int | None = None
+                       ) -> tuple[list, list[list[tuple[str, str]]], int]:
+    """Same for scenes: the first train_images of the train split (None: its default size; image k is the same
+    whatever the number), with up to train_per_kind questions of each kind per image, then the val split (as
+    `scenes.load_split` makes it)."""
     images, qa = [], []
-    for split in ("train", "val"):
-        scs, questions = scenes.load_split(split, per_kind=train_per_kind if split == "train" else 2)
+    n_train = scenes.SPLIT_SIZES["train"] if train_images is None else train_images
+    for split, n in (("train", n_train), ("val", None)):
+        scs, questions = scenes.load_split(split, n, per_kind=train_per_kind if split == "train" else 2)
         per_image = [[] for _ in scs]
         for q in questions:
             per_image[q.image_id].append((q.question, q.answer))
         images += [sc.render() for sc in tqdm(scs, desc=f"rendering {split} scenes")]
         qa += per_image
-    return images, qa, scenes.SPLIT_SIZES["train"]
+    return images, qa, n_train
 
 
 def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch: int = 16,
-                 checkpoints: Path | None = None, lr: float = 1e-3, train_per_kind: int = 2) -> None:
+                 checkpoints: Path | None = None, lr: float = 1e-3, train_per_kind: int = 2,
+                 train_images: int | None = None) -> None:
     """Stage 2: trains projector + LM on cached frozen-tower features, saves model + processor to out/name (and, given
     checkpoints, every 200 steps to checkpoints/name-step<N>)."""
     seed_all(seed)
@@ -305,7 +309,7 @@ def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch
     model.model.vision_tower.requires_grad_(False)
     n_img = (processor.image_processor.crop_size["height"] // processor.patch_size) ** 2
     pad_id = processor.tokenizer.pad_token_id
-    images, qa, n_train = scenes_stage2_data(train_per_kind) if dataset == "scenes" else easyvqa_stage2_data()
+    images, qa, n_train = scenes_stage2_data(train_per_kind, train_images) if dataset == "scenes" else easyvqa_stage2_data()
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     feats = tower_features(model, pixels)  # (N,256,D), training images first
     packs = encode_packs(processor, qa, n_img)  # one pack per image, all its questions
@@ -402,6 +406,9 @@ def main(argv=None) -> None:
                    help="held-out accuracy still rises at the end: 0.66 / 0.75 / 0.77 at steps 1,000 / 1,400 / 1,800")
     p.add_argument("--scenes-stage2-lr", type=float, default=1e-3)
     p.add_argument("--scenes-questions-per-kind", type=int, default=2, help="per train image, in stage 2")
+    p.add_argument("--scenes-train-images", type=int, default=None,
+                   help="stage 2: the first N images of the train split, which is generated, so more than its 8,000 "
+                        "(default) can be drawn")
     p.add_argument("--threads", type=int, help="torch CPU threads; 1 is much faster on a CPU shared with other jobs")
     a = p.parse_args(argv)
     if a.threads:
@@ -414,7 +421,7 @@ def main(argv=None) -> None:
             tower = stage1_scenes_tower(a.work, a.scenes_stage1_steps, a.seed, shipped_tower("tiny-llava-evqa"),
                                         lr=a.scenes_stage1_lr)
             stage2_llava(name, tower, a.out, a.scenes_stage2_steps, a.seed, checkpoints=a.work / "checkpoints",
-                         lr=a.scenes_stage2_lr, train_per_kind=a.scenes_questions_per_kind)
+                         lr=a.scenes_stage2_lr, train_per_kind=a.scenes_questions_per_kind, train_images=a.scenes_train_images)
         else:
             stage2_llava(name, stage1_tower(a.work, a.stage1_steps, a.seed), a.out, a.stage2_steps, a.seed)
 
