@@ -7,7 +7,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import vlmeff
 from lvlm_models import IMAGE, language_model_inputs, logits, setup_any
 from test_llm_stage import oracle_logits
-from vlmeff.pruners.dart import duplication_aware_keep, pivot_shares
+from vlmeff.pruners.dart import _pivots, duplication_aware_keep, pivot_shares
 
 
 def direct_dart(hidden, key_norm, visual, text, budget, image_pivots, text_pivots, split):
@@ -87,6 +87,22 @@ def test_reference_split_keeps_dart_s_counts():
     assert pivot_shares(64, 576, 20, 4, 4, "exact")[1] == [8, 8, 8, 8, 7, 7, 7, 7]
     assert pivot_shares(10, 6, 20, 4, 4, "reference")[2] == 6          # no more than there are
     assert pivot_shares(0, 0, 3, 4, 4, "exact") == (0, [0] * 8, 0)
+    assert pivot_shares(1, 1, 3, 4, 4, "exact") == (1, [0] * 8, 1)      # one visual token: it is the pivot
+    # one text token: the three text slots without a pivot pick nothing, in both splits
+    assert pivot_shares(80, 100, 1, 4, 4, "reference") == (4, [10] * 5 + [0] * 3, 54)
+    assert pivot_shares(80, 100, 1, 4, 4, "exact") == (4, [16, 15, 15, 15, 15, 0, 0, 0], 80)
+
+
+def test_pivots_come_first_in_column_order_and_fillers_last():
+    """`_pivots`: the valid columns ascending, then fillers (column 0, invalid), even when a pivot is the last
+    column; a one-column sequence without pivots gives one filler."""
+    key_norm = torch.tensor([[0.5, 0.1, 0.9, 0.2, 0.3, 0.8, 0.1, 0.1, 0.1, 0.7]])
+    allowed = torch.zeros(1, 10, dtype=torch.bool)
+    allowed[0, [2, 9]] = True
+    columns, valid = _pivots(key_norm, allowed, 4, torch.tensor([2]))
+    assert columns.tolist() == [[2, 9, 0, 0]] and valid.tolist() == [[True, True, False, False]]
+    columns, valid = _pivots(torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.bool), 1, torch.tensor([0]))
+    assert columns.tolist() == [[0]] and valid.tolist() == [[False]]
 
 
 def model_keys_and_states(model, inputs, K):

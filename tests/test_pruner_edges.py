@@ -5,8 +5,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from vlmeff.pruners import pool_assignment, pool_views, resolve_keep
+from vlmeff.pruners import contextual_merge, pool_assignment, pool_views, reduce_by_assignment, resolve_keep
 from vlmeff.pruners.pool import pool_grid, split_budget
+from vlmeff.pruners.reduce import merge_groups
 
 
 def test_a_zero_ratio_is_rejected_not_rounded_up_to_one_token():
@@ -60,3 +61,39 @@ def test_pool_assignments_are_made_on_the_requested_device(grids, keep):
     dst, cells = pool_views(grids, keep, meta)
     assert dst.device == meta and dst.shape == (sum(h * w for h, w in grids),)
     assert cells == pool_views(grids, keep)[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])   # the fused kernel, and the reference
+def test_reduce_by_assignment_drops_the_rows_sent_to_minus_one(dtype):
+    """The default (drops=True): a row with slot -1 joins no output; the others are size-weighted means (loop oracle)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 3, generator=g, dtype=dtype)
+    sizes = torch.tensor([[1.0, 2, 1, 3, 1, 1, 2], [2.0, 1, 1, 1, 4, 1, 1]], dtype=dtype)
+    dst = torch.tensor([[0, -1, 1, 0, -1, 2, 1], [-1, 2, 2, 0, 1, -1, 0]])
+    out, new_sizes = reduce_by_assignment(x, dst, 3, sizes)
+    for b in range(2):
+        for slot in range(3):
+            rows = [i for i in range(7) if dst[b, i] == slot]
+            w = sizes[b, rows]
+            torch.testing.assert_close(out[b, slot], (x[b, rows] * w[:, None]).sum(0) / w.sum())
+            assert new_sizes[b, slot].item() == w.sum().item()
+
+
+def test_contextual_merge_in_bfloat16_counts_past_256_exactly():
+    """All keys tie, so the first target takes every member: 257 (and 598) of them, counts that are not bfloat16
+    numbers (256, 600), so they must be summed in float32; the tokens come back in bfloat16. x is 0 but for one
+    member (1), so the first contextual token is 1 / members, rounded once."""
+    for R, members in ((259, 257), (600, 598)):
+        x = torch.zeros(1, R, 1, dtype=torch.bfloat16)
+        x[0, 7] = 1.0
+        out, step = contextual_merge(x, torch.ones(1, R, 2), 2)
+        assert step == R // 2 and out.dtype == torch.bfloat16
+        assert out[0, 0, 0] == torch.tensor(1 / members, dtype=torch.bfloat16) and out[0, 1, 0] == 0
+
+
+def test_contextual_merge_and_merge_groups_build_on_the_tokens_device():
+    """On `meta` (a GPU stands in): a helper tensor made on the host would meet the device's tensors and fail."""
+    out, step = contextual_merge(torch.empty(2, 9, 4, device="meta"), torch.empty(2, 9, 3, device="meta"), 3)
+    assert out.device.type == "meta" and out.shape == (2, 3, 4) and step == 3
+    groups = merge_groups(lambda x: x[:, :3], 2, 5, "meta")
+    assert groups.device.type == "meta" and groups.shape == (2, 5)
