@@ -8,6 +8,7 @@ import torch
 from vlmeff.pruners import contextual_merge, pool_assignment, pool_views, reduce_by_assignment, resolve_keep
 from vlmeff.pruners.pool import pool_grid, split_budget
 from vlmeff.pruners.reduce import merge_groups
+from vlmeff.pruners.tome import max_merge, raster_positions, tome_merge
 
 
 def test_a_zero_ratio_is_rejected_not_rounded_up_to_one_token():
@@ -97,3 +98,57 @@ def test_contextual_merge_and_merge_groups_build_on_the_tokens_device():
     assert out.device.type == "meta" and out.shape == (2, 3, 4) and step == 3
     groups = merge_groups(lambda x: x[:, :3], 2, 5, "meta")
     assert groups.device.type == "meta" and groups.shape == (2, 5)
+
+
+def _representative(row, protected):
+    """The original position an output row of a merge of the identity stands at: the b-token (ToMe's b set: the odd
+    positions past the protected prefix) among its members when it has one, else its only member."""
+    members = row.nonzero()[:, 0].tolist()
+    b_members = [p for p in members if p >= protected and p % 2 == 1]
+    assert len(b_members) <= 1 and (b_members or len(members) == 1)
+    return b_members[0] if b_members else members[0]
+
+
+@pytest.mark.parametrize("protected", [0, 1, 2])
+def test_tome_merge_orders_by_the_reference_or_by_raster_position(protected):
+    """Merging the identity [B, N, N] shows where every output row stands. The defaults are ToMe's (one protected
+    [CLS], ToMe order, no log): [protected, unmerged a ascending when there is a prefix, b]. "raster": the same rows
+    sorted by position. B = 5 exceeds the unmerged a-tokens."""
+    B, N, r = 5, 11 + protected, 4
+    x = torch.eye(N).expand(B, N, N).contiguous()
+    metric = torch.randn(B, N, 6, generator=torch.Generator().manual_seed(protected))
+    tome_rows, sizes, log = tome_merge(x, None, metric, r, protected)
+    assert tome_rows.shape == (B, N - r, N) and log is None and sizes.shape == (B, N - r, 1)
+    raster_rows, raster_sizes, raster_log = tome_merge(x, None, metric, r, protected, order="raster")
+    assert raster_log is None
+    for b in range(B):
+        tome_pos = [_representative(row, protected) for row in tome_rows[b]]
+        raster_pos = [_representative(row, protected) for row in raster_rows[b]]
+        assert raster_pos == sorted(tome_pos)                                  # every row, by position
+        assert tome_pos[:protected] == list(range(protected))
+        a_set, b_set = [p for p in range(protected, N) if p % 2 == 0], [p for p in range(protected, N) if p % 2]
+        n_unmerged = len(a_set) - r
+        unmerged = tome_pos[protected:protected + n_unmerged]
+        assert set(unmerged) <= set(a_set)
+        assert unmerged == sorted(unmerged) or protected == 0                  # sorted only behind a prefix
+        assert tome_pos[protected + n_unmerged:] == b_set                      # every b, in order
+        for j, p in enumerate(raster_pos):                                     # the rows themselves moved with it
+            i = tome_pos.index(p)
+            assert torch.equal(raster_rows[b, j], tome_rows[b, i]) and raster_sizes[b, j] == sizes[b, i]
+    if protected == 1:          # the defaults are protected=1, order="tome", with_log=False
+        default = tome_merge(x, None, metric, r)
+        assert torch.equal(default[0], tome_rows) and default[2] is None
+
+
+def test_tome_merge_with_nothing_to_merge_returns_its_input():
+    """r = 0, or one unprotected token (nothing to pair it with): the input itself, and no log even if asked."""
+    x, metric = torch.randn(2, 6, 3), torch.randn(2, 6, 4)
+    for n_tokens, protected, r in ((6, 1, 0), (2, 1, 3), (1, 0, 1)):
+        out, sizes, log = tome_merge(x[:, :n_tokens], None, metric[:, :n_tokens], r, protected, with_log=True)
+        assert out is not None and torch.equal(out, x[:, :n_tokens]) and sizes is None and log is None
+    assert max_merge(2, 1) == 0 and max_merge(3, 1) == 1 and max_merge(1, 0) == 0
+
+
+def test_raster_positions_are_made_on_the_tokens_device():
+    unm = torch.empty(3, 2, dtype=torch.long, device="meta")
+    assert raster_positions(unm, 9, 2).device.type == "meta"
