@@ -8,7 +8,7 @@ import torch
 from vlmeff.pruners import contextual_merge, pool_assignment, pool_views, reduce_by_assignment, resolve_keep
 from vlmeff.pruners.pool import pool_grid, split_budget
 from vlmeff.pruners.reduce import merge_groups
-from vlmeff.pruners.tome import max_merge, raster_positions, tome_merge
+from vlmeff.pruners.tome import bipartite_soft_matching, max_merge, merge_wavg, raster_positions, tome_merge
 
 
 def test_a_zero_ratio_is_rejected_not_rounded_up_to_one_token():
@@ -135,9 +135,14 @@ def test_tome_merge_orders_by_the_reference_or_by_raster_position(protected):
         for j, p in enumerate(raster_pos):                                     # the rows themselves moved with it
             i = tome_pos.index(p)
             assert torch.equal(raster_rows[b, j], tome_rows[b, i]) and raster_sizes[b, j] == sizes[b, i]
-    if protected == 1:          # the defaults are protected=1, order="tome", with_log=False
+    if protected == 1:          # the defaults are ToMe's: protected=1, order="tome", sorted unmerged, no log
         default = tome_merge(x, None, metric, r)
         assert torch.equal(default[0], tome_rows) and default[2] is None
+        matching = bipartite_soft_matching(metric, r)
+        assert all(torch.equal(d, e) for d, e in zip(matching, bipartite_soft_matching(metric, r, 1, True)))
+        merged = merge_wavg(x, None, *matching)
+        assert torch.equal(merged[0], tome_rows) and merged[2] is None
+        assert torch.equal(raster_positions(matching[0], N), raster_positions(matching[0], N, 1))
 
 
 def test_tome_merge_with_nothing_to_merge_returns_its_input():
