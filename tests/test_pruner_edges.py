@@ -121,13 +121,13 @@ def test_tome_merge_orders_by_the_reference_or_by_raster_position(protected):
     assert tome_rows.shape == (B, N - r, N) and log is None and sizes.shape == (B, N - r, 1)
     raster_rows, raster_sizes, raster_log = tome_merge(x, None, metric, r, protected, order="raster")
     assert raster_log is None
+    a_set, b_set = [p for p in range(protected, N) if p % 2 == 0], [p for p in range(protected, N) if p % 2]
+    n_unmerged = len(a_set) - r
     for b in range(B):
         tome_pos = [_representative(row, protected) for row in tome_rows[b]]
         raster_pos = [_representative(row, protected) for row in raster_rows[b]]
         assert raster_pos == sorted(tome_pos)                                  # every row, by position
         assert tome_pos[:protected] == list(range(protected))
-        a_set, b_set = [p for p in range(protected, N) if p % 2 == 0], [p for p in range(protected, N) if p % 2]
-        n_unmerged = len(a_set) - r
         unmerged = tome_pos[protected:protected + n_unmerged]
         assert set(unmerged) <= set(a_set)
         assert unmerged == sorted(unmerged) or protected == 0                  # sorted only behind a prefix
@@ -150,7 +150,7 @@ def test_tome_merge_with_nothing_to_merge_returns_its_input():
     x, metric = torch.randn(2, 6, 3), torch.randn(2, 6, 4)
     for n_tokens, protected, r in ((6, 1, 0), (2, 1, 3), (1, 0, 1)):
         out, sizes, log = tome_merge(x[:, :n_tokens], None, metric[:, :n_tokens], r, protected, with_log=True)
-        assert out is not None and torch.equal(out, x[:, :n_tokens]) and sizes is None and log is None
+        assert torch.equal(out, x[:, :n_tokens]) and sizes is None and log is None
     assert max_merge(2, 1) == 0 and max_merge(3, 1) == 1 and max_merge(1, 0) == 0
 
 

@@ -286,15 +286,15 @@ def scenes_stage2_data(train_per_kind: int = 2, train_images: int | None = None
     whatever the number), with up to train_per_kind questions of each kind per image, then the val split (as
     `scenes.load_split` makes it)."""
     images, qa = [], []
-    n_train = scenes.SPLIT_SIZES["train"] if train_images is None else train_images
-    for split, n in (("train", n_train), ("val", None)):
-        scs, questions = scenes.load_split(split, n, per_kind=train_per_kind if split == "train" else 2)
+    splits = {"train": scenes.load_split("train", train_images, per_kind=train_per_kind),
+              "val": scenes.load_split("val")}
+    for split, (scs, questions) in splits.items():
         per_image = [[] for _ in scs]
         for q in questions:
             per_image[q.image_id].append((q.question, q.answer))
         images += [sc.render() for sc in tqdm(scs, desc=f"rendering {split} scenes")]
         qa += per_image
-    return images, qa, n_train
+    return images, qa, len(splits["train"][0])
 
 
 def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch: int = 16,
