@@ -41,7 +41,7 @@ def test_scenes_vocabulary_and_model_shape():
 
 
 def test_stage1_scenes_tower_learns_and_caches(tmp_path, small_splits):
-    init = train.shipped_tower("tiny-llava-evqa")
+    init = train.saved_tower(train.WEIGHTS / "tiny-llava-evqa")
     tower = train.stage1_scenes_tower(tmp_path, steps=3, seed=0, init_state=init, batch=8)
     assert tower.keys() == init.keys()
     assert any(not torch.equal(tower[k], init[k]) for k in init)  # the warm start was trained on
@@ -51,7 +51,7 @@ def test_stage1_scenes_tower_learns_and_caches(tmp_path, small_splits):
 
 def test_stage2_keeps_the_tower_and_checkpoints(tmp_path, small_splits):
     tower = train.stage1_scenes_tower(tmp_path / "work", steps=1, seed=0,
-                                      init_state=train.shipped_tower("tiny-llava-evqa"), batch=8)
+                                      init_state=train.saved_tower(train.WEIGHTS / "tiny-llava-evqa"), batch=8)
     train.stage2_llava("tiny-llava-scenes", tower, tmp_path, steps=2, seed=0, batch=4,
                        checkpoints=tmp_path / "checkpoints")
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "tiny-llava-scenes")
@@ -59,6 +59,16 @@ def test_stage2_keeps_the_tower_and_checkpoints(tmp_path, small_splits):
     assert all(torch.equal(saved[k], tower[k]) for k in tower)  # frozen: the stage-1 tower ships as it is
     assert (tmp_path / "checkpoints" / "tiny-llava-scenes-step2").is_dir()  # the last step is always evaluated
     assert zoo.evaluate("tiny-llava-scenes", split="val", limit=4, weights_dir=tmp_path)["n"] == 4
+
+    # `--scenes-stage2-init`: a continued run starts from the saved projector + LM (at lr 0 nothing moves)
+    train.stage2_llava("tiny-llava-scenes", tower, tmp_path / "continued", steps=1, seed=1, batch=4, lr=0.0,
+                       init=tmp_path / "tiny-llava-scenes")
+    start, continued = (LlavaForConditionalGeneration.from_pretrained(d / "tiny-llava-scenes").state_dict()
+                        for d in (tmp_path, tmp_path / "continued"))
+    assert start.keys() == continued.keys() and all(torch.equal(start[k], continued[k]) for k in start)
+    with pytest.raises(ValueError, match="tiny-llava-evqa: not a tiny-llava-scenes model"):  # a 2-layer LM
+        train.stage2_llava("tiny-llava-scenes", tower, tmp_path / "wrong", steps=1, seed=0, batch=4,
+                           init=train.WEIGHTS / "tiny-llava-evqa")
 
 
 def test_scenes_packs_equal_one_turn_prompts():

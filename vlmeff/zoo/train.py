@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-from transformers import CLIPVisionModel
+from transformers import CLIPVisionModel, LlavaForConditionalGeneration
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from vlmeff.data import easyvqa, scenes
@@ -143,9 +143,9 @@ def stage1_tower(work: Path, steps: int, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def shipped_tower(name: str) -> dict[str, torch.Tensor]:
-    """The vision tower of an embedded VLM shipped in the package: its stage-1 tower, which stage 2 kept frozen."""
-    state = load_file(WEIGHTS / name / "model.safetensors")
+def saved_tower(folder: Path) -> dict[str, torch.Tensor]:
+    """The vision tower of a VLM saved by stage 2 (shipped or a checkpoint): its stage-1 tower, kept frozen there."""
+    state = load_file(folder / "model.safetensors")
     prefix = "vision_tower."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -299,12 +299,23 @@ def scenes_stage2_data(train_per_kind: int = 2, train_images: int | None = None
 
 def stage2_llava(name: str, tower_state, out: Path, steps: int, seed: int, batch: int = 16,
                  checkpoints: Path | None = None, lr: float = 1e-3, train_per_kind: int = 2,
-                 train_images: int | None = None) -> None:
+                 train_images: int | None = None, init: Path | None = None) -> None:
     """Stage 2: trains projector + LM on cached frozen-tower features, saves model + processor to out/name (and, given
-    checkpoints, every 200 steps to checkpoints/name-step<N>)."""
+    checkpoints, every 200 steps to checkpoints/name-step<N>). Given init (a saved model of the same architecture, e.g.
+    a checkpoint or the shipped weights), projector + LM start from its weights instead of random ones, so a finished
+    run can be continued on a new schedule; the tower is always tower_state."""
     seed_all(seed)
     moe, dataset = "moe" in name, ("scenes" if "scenes" in name else "easyvqa")
     model, processor = build.build_llava(moe=moe, dataset=dataset)
+    if init is not None:
+        def trained(state):  # name -> shape of every weight stage 2 trains
+            return {k: v.shape for k, v in state.items() if not k.startswith("model.vision_tower.")}
+        start = LlavaForConditionalGeneration.from_pretrained(init).state_dict()
+        if trained(start) != trained(model.state_dict()):
+            wrong = sorted(set(trained(start).items()) ^ set(trained(model.state_dict()).items()))
+            raise ValueError(f"--scenes-stage2-init {init}: not a {name} model (weights that differ in name or "
+                             f"shape: {[k for k, _ in wrong[:3]]})")
+        model.load_state_dict({k: v for k, v in start.items() if k in trained(start)}, strict=False)
     model.model.vision_tower.load_state_dict(tower_state)
     model.model.vision_tower.requires_grad_(False)
     n_img = (processor.image_processor.crop_size["height"] // processor.patch_size) ** 2
@@ -409,6 +420,9 @@ def main(argv=None) -> None:
     p.add_argument("--scenes-train-images", type=int, default=None,
                    help="stage 2: the first N images of the train split, which is generated, so more than its 8,000 "
                         "(default) can be drawn")
+    p.add_argument("--scenes-stage2-init", type=Path, default=None,
+                   help="stage 2 starts from this saved model (a checkpoint, or the shipped weights' folder) to "
+                        "continue a run on a new schedule: its tower (stage 1 is skipped), projector and LM")
     p.add_argument("--threads", type=int, help="torch CPU threads; 1 is much faster on a CPU shared with other jobs")
     a = p.parse_args(argv)
     if a.threads:
@@ -418,10 +432,14 @@ def main(argv=None) -> None:
         if name == "tiny-vit-evqa":
             train_vit(a.out, a.vit_steps, a.seed)
         elif name == "tiny-llava-scenes":
-            tower = stage1_scenes_tower(a.work, a.scenes_stage1_steps, a.seed, shipped_tower("tiny-llava-evqa"),
-                                        lr=a.scenes_stage1_lr)
+            if a.scenes_stage2_init:  # a continued run keeps the tower it was trained on
+                tower = saved_tower(a.scenes_stage2_init)
+            else:
+                tower = stage1_scenes_tower(a.work, a.scenes_stage1_steps, a.seed, saved_tower(WEIGHTS / "tiny-llava-evqa"),
+                                            lr=a.scenes_stage1_lr)
             stage2_llava(name, tower, a.out, a.scenes_stage2_steps, a.seed, checkpoints=a.work / "checkpoints",
-                         lr=a.scenes_stage2_lr, train_per_kind=a.scenes_questions_per_kind, train_images=a.scenes_train_images)
+                         lr=a.scenes_stage2_lr, train_per_kind=a.scenes_questions_per_kind, train_images=a.scenes_train_images,
+                         init=a.scenes_stage2_init)
         else:
             stage2_llava(name, stage1_tower(a.work, a.stage1_steps, a.seed), a.out, a.stage2_steps, a.seed)
 
