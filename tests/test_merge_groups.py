@@ -56,10 +56,42 @@ def test_tome_sources_compose_over_the_merges():
     stats, _ = vit_groups("tome", r=3)
     groups = stats["groups"]
     final = list(stats["visual_tokens"].values())[-1][0]
+    assert groups.shape == (2, 64) and final == 64 - 4 * 3             # every input patch, after the 4 merges
     for b in range(groups.shape[0]):
         assert (groups[b] >= 1).all()                               # nothing dropped, nothing in [CLS]
         assert len(set(groups[b].tolist())) == final
         assert sorted(torch.bincount(groups[b]).tolist())[-1] >= 2
+
+
+@pytest.mark.parametrize("order", ["tome", "raster"])
+def test_tome_slots_after_one_merge_follow_the_order(order):
+    """One merge (layer 0): each group is one b-token (even patch: [CLS] is position 0, so b = odd positions) with
+    the a-tokens merged into it, or one unmerged a-token. The output slots (1 on: slot 0 is [CLS]) are ToMe's
+    [unmerged a ascending, b] or, in raster order, the survivors by position."""
+    stats, _ = vit_groups("tome", r=[5, 0, 0, 0], order=order)
+    for groups in stats["groups"].tolist():
+        members = {}
+        for patch, slot in enumerate(groups):
+            members.setdefault(slot, []).append(patch)
+        assert len(members) == 64 - 5 and sum(len(m) > 1 for m in members.values()) <= 5
+        def survivor(slot):
+            b = [p for p in members[slot] if p % 2 == 0]
+            assert len(b) == 1 or len(members[slot]) == 1               # one b-token, or a lone a-token
+            return b[0] if b else members[slot][0]
+        if order == "raster":
+            key = survivor
+        else:
+            key = lambda slot: (survivor(slot) % 2 == 0, survivor(slot))  # unmerged a first, then b
+        assert sorted(members, key=key) == list(range(1, 64 - 5 + 1))
+
+
+def test_tome_sources_are_built_on_the_tokens_device():
+    model = tiny_timm_vit().to("meta")
+    with vlmeff.patch(model, "tome", r=[3, 3, 0, 0]) as patch:
+        patch.track_merges = True
+        with torch.no_grad():
+            model(torch.empty(2, 3, 32, 32, device="meta"))
+        assert patch.stats["groups"].shape == (2, 64) and patch.stats["groups"].device.type == "meta"
 
 
 @pytest.mark.parametrize("method,options", [("cls", dict(keep=4)), ("pool", dict(keep=4)),

@@ -252,6 +252,25 @@ def test_keep_schedules_are_even_and_capped():
     assert tome_schedule(None, 4, 64, 4) == [32, 16, 8, 4]
 
 
+def test_fewest_tokens_halves_rounding_the_survivors_up():
+    from vlmeff.engine.vit import tome_fewest_tokens
+    assert tome_fewest_tokens(64, 7) == 1                              # 32 16 8 4 2 1 1: a lone token stays
+    assert tome_fewest_tokens(10, 2) == 3                              # 5, then 5 - 2
+    assert tome_fewest_tokens(64, 0) == 64
+
+
+def test_schedule_errors_outside_patch_name_what_is_missing():
+    from vlmeff.engine.vit import tome_schedule, tome_schedule_to_keep
+    with pytest.raises(ValueError, match=r"^method 'tome' needs r \(tokens merged per layer\) or keep \(tokens left "
+                                         r"at the end\)$"):
+        tome_schedule(None, None, 64, 4)
+    with pytest.raises(ValueError, match=r"^this model's token count is not fixed; give method 'tome' an explicit r$"):
+        tome_schedule(None, 16, None, 4)
+    assert tome_schedule(3, None, None, 2) == [3, 3]                   # an explicit r needs no token count
+    with pytest.raises(ValueError, match=r"^keep=1 asks method 'tome' for 1 of the 16 patch tokens, .* at least 2;"):
+        tome_schedule_to_keep(16, 1, 3)                                # a count, not a ratio: named as the count
+
+
 @pytest.mark.parametrize("keep,fewest", [(1, 4), (3, 4), (0.01, 4)])
 def test_unreachable_keep_names_the_fewest_tokens(keep, fewest):
     model = tiny_timm_vit()
