@@ -141,6 +141,27 @@ def eager_cls_indices(model, pixel_values, layer, k):
     return attn[:, :, 0, 1:].mean(dim=1).topk(k).indices.sort().values
 
 
+@pytest.mark.parametrize("options,hooked", [
+    (dict(method="random"), {}),
+    (dict(method="random", reduce="merge"), {1: "k"}),                 # the merge metric: keys of the feature layer
+    (dict(method="cls"), {1: "qk"}),
+    (dict(method="cls", reduce="merge"), {1: "qk"}),                   # the scores' keys are the metric's: one hook
+    (dict(method="cls", score_layers=0), {0: "qk", 1: "qk"}),
+    (dict(method="cls", reduce="merge", score_layers=(0, 0)), {0: "qk", 1: "k"}),
+])
+def test_the_tower_is_hooked_once_where_its_q_and_k_are_read(options, hooked):
+    """Forward hooks on the tower's q / k projections: only the layers whose queries (scores) or keys (scores, merge
+    metric) are read, one hook each; the forward runs and returns the budget."""
+    model, inputs = tiny_llava(), two_samples()
+    layers = model.model.vision_tower.encoder.layers
+    with vlmeff.patch(model, keep=4, **options) as h:
+        found = {i: "q" * len(a.q_proj._forward_hooks) + "k" * len(a.k_proj._forward_hooks)
+                 for i, a in enumerate(layer.self_attn for layer in layers)}
+        logits(model, inputs)
+        assert h.stats["visual_tokens"]["before LLM"] == [4, 4]
+    assert {i: v for i, v in found.items() if v} == hooked
+
+
 def test_cls_selection_matches_eager_oracle():
     model, inputs = tiny_llava(), two_samples()
     oracle = eager_cls_indices(model, inputs["pixel_values"], -2, 6)     # FasterVLM: layer of hidden_states[-2]

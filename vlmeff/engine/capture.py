@@ -5,7 +5,7 @@ import operator
 import torch
 
 from ..pruners.infoflow import context_attention
-from ..pruners.scores import cls_attention, received_attention
+from ..pruners.scores import received_attention
 
 
 class QKCapture:
@@ -33,12 +33,11 @@ class QKCapture:
     def keys(self, i):
         return self.store[("k", i)]
 
-    def cls_scores(self):
-        """[CLS] -> token attention [B, N], head-mean, summed over the captured layers (VTC-CLS ensemble)."""
-        return _total(cls_attention(self.store[("q", i)], self.store[("k", i)], self.scale[i]) for i in self.layers)
-
-    def received_scores(self):
-        """Mean attention received [B, N], summed over the captured layers."""
+    def attention_scores(self):
+        """Attention each token receives [B, N], averaged over heads and the captured queries, summed over the
+        captured layers (VTC-CLS's layer ensemble): the [CLS] row's attention with queries="cls", the mean attention
+        received (`received`) with "all". The captured queries decide which score it is, so one computation serves
+        both."""
         return _total(received_attention(self.store[("q", i)], self.store[("k", i)], self.scale[i])
                       for i in self.layers)
 
@@ -59,16 +58,16 @@ def _total(scores):
 
 class TowerCapture:
     """What the pre-LLM engine reads from a tower whose layers a ViT adapter describes: per-image scores of the
-    tower tokens at `layers` and the key metric at `metric_layer`, mapped to feature rows by `to_rows`
-    ([n_img, T, ...] -> [n_img, N, ...])."""
+    tower tokens at `layers` (empty for a score-free method, scorer None) and the key metric at `metric_layer`,
+    mapped to feature rows by `to_rows` ([n_img, T, ...] -> [n_img, N, ...])."""
 
     def __init__(self, patch, vit_adapter, scorer, layers, metric_layer, to_rows):
         self.scorer, self.metric_layer, self.to_rows = scorer, metric_layer, to_rows
         queries = {"cls": "cls", "received": "all", "context": "all"}.get(scorer)
-        self.qk = QKCapture(patch, vit_adapter, layers if scorer else [], queries=queries)
+        self.qk = QKCapture(patch, vit_adapter, layers, queries=queries)
         self.metric_qk = None
         if metric_layer is not None:
-            reuse = scorer and metric_layer in self.qk.layers
+            reuse = metric_layer in self.qk.layers
             self.metric_qk = self.qk if reuse else QKCapture(patch, vit_adapter, [metric_layer], queries=None)
 
     def scores(self, threshold=None):
@@ -78,7 +77,7 @@ class TowerCapture:
             return None
         if self.scorer == "context":
             return self.to_rows(self.qk.context_scores(threshold))
-        return self.to_rows(self.qk.cls_scores() if self.scorer == "cls" else self.qk.received_scores())
+        return self.to_rows(self.qk.attention_scores())
 
     def metric(self):
         """Per-image merge metric [n_img, N, C]: the metric layer's keys averaged over heads."""

@@ -154,7 +154,7 @@ class ViTReduction:
             self._release()
             self._record(stage, out)
             return None
-        scores = self._scores() if self.method in ("cls", "received") else None
+        scores = self.scored.attention_scores() if self.method in ("cls", "received") else None
         merge = self.options.get("reduce") == "merge"
         metric = self.keys.keys(self.layer).mean(dim=1, dtype=torch.float32) if merge else None
         self._release()
@@ -185,9 +185,6 @@ class ViTReduction:
         """The captured q/k are consumed once per forward: release them as soon as the reduction has read them."""
         self.scored.clear()
         self.keys.clear()
-
-    def _scores(self):
-        return self.scored.received_scores() if self.method == "received" else self.scored.cls_scores()
 
     def _tome_forward(self, i, r):
         """Layer i's forward: attention with the log-size bias of the latest merge (proportional attention), then
