@@ -162,6 +162,26 @@ def test_the_tower_is_hooked_once_where_its_q_and_k_are_read(options, hooked):
     assert {i: v for i, v in found.items() if v} == hooked
 
 
+def test_the_merge_metric_is_the_head_mean_of_the_keys_in_float32():
+    """On a bf16 tower the merge metric is still computed in float32 (the matching ranks cosine similarities, where
+    bf16 means would reorder near-ties): the head mean of the feature layer's keys, per feature row."""
+    model = tiny_llava().to(torch.bfloat16)
+    adapter, handle = find_adapter(model), Patch(model, {})
+    keys = {}
+    k_proj = model.model.vision_tower.encoder.layers[adapter.score_layer].self_attn.k_proj
+    handle.hook(k_proj.register_forward_hook(lambda m, args, out: keys.setdefault("k", out)))
+    capture = adapter.capture(handle, None, [], metric=True)
+    try:
+        with torch.no_grad():
+            model.model.vision_tower(pixels(2).to(torch.bfloat16))
+        metric = capture.metric()
+    finally:
+        handle.unpatch()
+    k = keys["k"].float().view(2, 17, 4, 8)                            # [images, tokens, heads, head dim]
+    assert metric.dtype == torch.float32 and metric.shape == (2, 16, 8)   # "default" features: [CLS] is no row
+    torch.testing.assert_close(metric, k.mean(dim=2)[:, 1:], rtol=0, atol=1e-6)
+
+
 def test_cls_selection_matches_eager_oracle():
     model, inputs = tiny_llava(), two_samples()
     oracle = eager_cls_indices(model, inputs["pixel_values"], -2, 6)     # FasterVLM: layer of hidden_states[-2]

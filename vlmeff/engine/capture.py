@@ -80,7 +80,8 @@ class TowerCapture:
         return self.to_rows(self.qk.attention_scores())
 
     def metric(self):
-        """Per-image merge metric [n_img, N, C]: the metric layer's keys averaged over heads."""
+        """Per-image merge metric [n_img, N, C] float32 (whatever the tower's dtype: the matching ranks its cosine
+        similarities): the metric layer's keys averaged over heads."""
         return self.to_rows(self.metric_qk.keys(self.metric_layer).mean(dim=1, dtype=torch.float32))
 
     def clear(self):
