@@ -139,6 +139,16 @@ def test_the_plots_draw_each_method_and_the_unpatched_line(reference, x_key):
             assert list(line.get_ydata()) == [r[key] for r in own]
 
 
+def test_up_to_thirty_methods_get_distinct_line_styles(reference):
+    """matplotlib's colour cycle repeats after 10: the sweep of every method (12 and more) must not draw two methods
+    alike."""
+    _, rows = reference
+    many = [rows[0]] + [dict(rows[1], method=f"m{i}") for i in range(30)]
+    lines = accuracy_figure(many, "accuracy", "visual_tokens", "x", "title").axes[0].get_lines()[2:]
+    styles = {(line.get_color(), line.get_marker(), line.get_linestyle()) for line in lines}
+    assert [line.get_label() for line in lines] == [f"m{i}" for i in range(30)] and len(styles) == 30
+
+
 # -- re-runs, interruptions, overwrite --------------------------------------------------------------------------
 def test_a_rerun_loads_the_finished_runs_and_computes_only_new_ones(reference, tmp_path, monkeypatch):
     out = tmp_path / "copy"

@@ -311,6 +311,7 @@ def panels(row, metric):
 def accuracy_figure(rows, metric, x_key, x_label, heading):
     """A matplotlib Figure: per panel (`panels`), each method's metric against row[x_key] over its budgets (a line), the
     unpatched row as a dashed horizontal line (and a cross at its own x). Up to 4 panels a line."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
@@ -323,9 +324,11 @@ def accuracy_figure(rows, metric, x_key, x_label, heading):
     for ax, (name, key, ylabel) in zip(axes, shown):
         ax.axhline(unpatched[key], ls="--", color="gray", label="unpatched")
         ax.plot([unpatched[x_key]], [unpatched[key]], "x", color="gray")
-        for method in dict.fromkeys(r["method"] for r in patched):
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in patched)):
             points = [(r[x_key], r[key]) for r in patched if r["method"] == method]
-            ax.plot(*zip(*points), marker="o", label=method)
+            # matplotlib's colours repeat after 10: methods 11-20 get squares on dashed lines, 21-30 triangles, dotted
+            ax.plot(*zip(*points), color=colormaps["tab10"].colors[i % 10], marker="os^"[i // 10 % 3],
+                    ls=("-", "--", ":")[i // 10 % 3], label=method)
         ax.set(xlabel=x_label, ylabel=ylabel, title=name)
         if x_key == "visual_tokens":          # budgets halve from one to the next: even steps on a log2 axis
             ax.set_xscale("log", base=2)
