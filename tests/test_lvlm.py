@@ -8,7 +8,7 @@ import vlmeff
 from opcount import OpCounter
 from vlmeff.models import find_adapter
 from vlmeff.patching import Patch
-from lvlm_models import IMAGE, Recorder, batch, generate, logits, pixels, prompt, tiny_llava
+from lvlm_models import IMAGE, PAD, Recorder, batch, generate, logits, pixels, prompt, tiny_llava
 
 METHODS = [("cls", {}), ("cls", dict(score_layers=0)), ("cls", dict(reduce="merge")), ("visionzip", {}),
            ("visionzip", dict(contextual=2)), ("received", {}), ("random", {}), ("pool", {}), ("divprune", {}),
@@ -131,6 +131,31 @@ def test_multi_turn_continuation_on_the_reduced_cache(positions):
             deprecated = generate(model, turn2, past_key_values=first.cache)
     assert torch.equal(continued, recomputed)
     assert torch.equal(deprecated, recomputed)
+
+
+@pytest.mark.parametrize("keep", [4, 1.0])
+@pytest.mark.parametrize("positions", ["compact", "original"])
+@pytest.mark.parametrize("masks", ["none", "first turn only", "follow-up only"])
+def test_multi_turn_continuation_with_and_without_attention_masks(keep, positions, masks):
+    """Two samples of one length, so a mask is optional, with 1 and 2 images, so their reduced prompts differ in
+    length and the shorter one is re-padded: the follow-up on the reduced cache equals recomputing it, whichever
+    turn passes a mask (the prefix swap takes the reduced prompt's mask, and the positions continue from it). The
+    follow-up's own mask is kept: its second sample starts with a pad."""
+    ids, mask = batch([prompt([1, 5, 6], 1, list(range(20, 36))), prompt([1], 2, [9])])
+    assert bool(mask.all())
+    inputs = dict(input_ids=ids, pixel_values=pixels(3))
+    model = tiny_llava()
+    model.generation_config.pad_token_id = None      # so generate cannot infer a missing mask from pad tokens
+    with vlmeff.patch(model, method="cls", keep=keep, positions=positions):
+        first = generate(model, dict(inputs, attention_mask=mask) if masks == "first turn only" else inputs,
+                         return_dict_in_generate=True)
+        turn2 = follow_up_turn(first.sequences, mask, torch.tensor([[11, 12], [PAD, 14]]))
+        turn2["attention_mask"][1, -2] = 0
+        if masks != "follow-up only":
+            turn2 = dict(input_ids=turn2["input_ids"].masked_fill(turn2["input_ids"] == PAD, 15))
+        continued = generate(model, turn2, cache=first.cache)
+        recomputed = generate(model, dict(turn2, pixel_values=inputs["pixel_values"]))
+    assert torch.equal(continued, recomputed)
 
 
 def eager_cls_indices(model, pixel_values, layer, k):
