@@ -259,16 +259,26 @@ def test_fewest_tokens_halves_rounding_the_survivors_up():
     assert tome_fewest_tokens(64, 0) == 64
 
 
-def test_schedule_errors_outside_patch_name_what_is_missing():
+def test_schedule_errors_name_what_is_missing():
     from vlmeff.engine.vit import tome_schedule, tome_schedule_to_keep
     with pytest.raises(ValueError, match=r"^method 'tome' needs r \(tokens merged per layer\) or keep \(tokens left "
                                          r"at the end\)$"):
         tome_schedule(None, None, 64, 4)
-    with pytest.raises(ValueError, match=r"^this model's token count is not fixed; give method 'tome' an explicit r$"):
-        tome_schedule(None, 16, None, 4)
     assert tome_schedule(3, None, None, 2) == [3, 3]                   # an explicit r needs no token count
     with pytest.raises(ValueError, match=r"^keep=1 asks method 'tome' for 1 of the 16 patch tokens, .* at least 2;"):
         tome_schedule_to_keep(16, 1, 3)                                # a count, not a ratio: named as the count
+
+
+def test_a_vit_of_any_image_size_needs_an_explicit_r():
+    """timm's dynamic_img_size: the patch count depends on the image, so no keep can be turned into a schedule; an
+    explicit r works on any size."""
+    model = tiny_timm_vit(dynamic_img_size=True)
+    with pytest.raises(ValueError, match=r"^this model's token count is not fixed; give method 'tome' an explicit r$"):
+        vlmeff.patch(model, method="tome", keep=16)
+    assert not hasattr(model, "_vlmeff_patch")
+    with vlmeff.patch(model, method="tome", r=2) as h:
+        run(model, torch.randn(2, 3, 24, 24))                          # 6 x 6 patches, not the 8 x 8 of 32 px
+    assert list(h.stats["visual_tokens"].values())[-1] == [36 - 4 * 2] * 2
 
 
 @pytest.mark.parametrize("keep,fewest", [(1, 4), (3, 4), (0.01, 4)])

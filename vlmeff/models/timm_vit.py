@@ -16,7 +16,7 @@ class TimmViTAdapter(ViTAdapter):
         swiglu = hasattr(mlp, "fc1_g")
         self.mlp_dim = (mlp.fc1_g if swiglu else mlp.fc1).out_features
         self.mlp_mats = 3 if swiglu else 2
-        if not getattr(model.patch_embed, "dynamic_img_size", False):
+        if not getattr(model, "dynamic_img_size", False):    # timm sets it on the model (its PatchEmbed only flattens)
             self.grid = tuple(model.patch_embed.grid_size)
         for block in self.layers:
             if type(block).__name__ != "Block" or type(block.attn).__name__ != "Attention":
